@@ -1370,3 +1370,25 @@ def test_a_redactor_given_twice_runs_once(twice: str) -> None:
         == end.message.content[0].text
         == f"Hello use key {REDACTED} and bye"
     )  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"(a+)+$", r"(\w+\s*)*=", r"(?:x|y+)+z", r"((a+)b?)+", re.compile(r"(a*)*$", re.IGNORECASE)]
+)
+def test_a_pattern_repeating_a_repeat_is_refused(pattern: str | re.Pattern[str]) -> None:
+    # Redactor(extra_patterns=[r"(a+)+$"]) and a tool argument "a" * 40 + "!" hung the
+    # agent: re backtracks exponentially, in C, holding the GIL, with no timeout.
+    with pytest.raises(
+        ps.InvalidArgument, match=r"^secret pattern .* repeats a repeat \(as \(a\+\)\+ does\)"
+    ):
+        Redactor(extra_patterns=[pattern])
+    with pytest.raises(ps.InvalidArgument, match="repeats a repeat"):
+        Redactor(patterns=[pattern])
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"(?:[a-z0-9]+-)+key", r"(\s*,)+", r"[a-z]+(?:\.[a-z]+)*@corp", r"(a|aa)+b", r"acct-\d{6}"]
+)
+def test_a_pattern_repeating_what_must_match_between_its_runs_is_taken(pattern: str) -> None:
+    redactor = Redactor(patterns=[*redactor_module.DEFAULT_SECRET_PATTERNS, pattern])  # the defaults pass too
+    assert redactor.redact_string("x" * 40 + "!") == "x" * 40 + "!"

@@ -140,7 +140,7 @@ def _alternation(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str]:
 
 def _custom_alternations(patterns: list[str | re.Pattern[str]]) -> tuple[re.Pattern[str], ...]:
     """A user's patterns as `_alternation`s, run one after another; `InvalidArgument` naming
-    one that does not compile.
+    one that does not compile or that backtracks catastrophically (`_backtracks`).
 
     A pattern with groups starts a new alternation: in one, groups are numbered across its
     patterns, and a backreference (``\\1``) in a later one would name an earlier one's group.
@@ -149,16 +149,21 @@ def _custom_alternations(patterns: list[str | re.Pattern[str]]) -> tuple[re.Patt
     """
     runs: list[list[str | re.Pattern[str]] | re.Pattern[str]] = []
     for pattern in patterns:
-        if isinstance(pattern, re.Pattern):
-            if pattern.flags & ~re.UNICODE:
-                runs.append(pattern)
-                continue
-            groups = pattern.groups
-        else:
-            try:
-                groups = re.compile(pattern).groups
-            except re.error as error:
-                raise InvalidArgument(f"secret pattern {pattern!r} does not compile: {error}") from None
+        try:
+            compiled = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+        except re.error as error:
+            raise InvalidArgument(f"secret pattern {pattern!r} does not compile: {error}") from None
+        if _backtracks(compiled):
+            raise InvalidArgument(
+                f"secret pattern {pattern!r} repeats a repeat (as (a+)+ does): text nearly matching it"
+                " would take exponential time to scan, holding up the agent; repeat something"
+                " it must match between the runs, or use an atomic group (?>...) or a possessive"
+                " repeat (a++) on Python 3.11+"
+            )
+        if isinstance(pattern, re.Pattern) and pattern.flags & ~re.UNICODE:
+            runs.append(compiled)
+            continue
+        groups = compiled.groups
         last = runs[-1] if runs else None
         if groups or not isinstance(last, list):
             runs.append([pattern])
@@ -306,6 +311,59 @@ def _match_width(pattern: re.Pattern[str]) -> int:
         return _STREAM_HOLD
 
 
+def _backtracks(pattern: re.Pattern[str]) -> bool:
+    """Whether `pattern` repeats without bound what may itself be an unbounded repeat
+    alone (``(a+)+``, ``(\\w+\\s*)*``, ``(x|y+)+``): a string nearly matching it takes time
+    exponential in its length, in C, holding the GIL (``re`` has no timeout). False when
+    its parsed form cannot be read (the parser is not a public interface)."""
+    try:
+        parsed = _sre_parse.parse(pattern.pattern, pattern.flags)
+        return _nests_a_repeat(parsed.state, parsed)
+    except Exception:
+        return False
+
+
+def _nests_a_repeat(state: Any, items: Any) -> bool:
+    for op, av in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT"):
+            if av[1] == _sre_parse.MAXREPEAT and _repeats_alone(state, av[2]):
+                return True
+            subs = [av[2]]
+        elif name == "POSSESSIVE_REPEAT":  # never backtracked into: only what it holds
+            subs = [av[2]]
+        elif name in ("SUBPATTERN", "ASSERT", "ASSERT_NOT"):
+            subs = [av[-1]]
+        elif name == "BRANCH":
+            subs = av[1]
+        elif name == "ATOMIC_GROUP":
+            subs = [av]
+        elif name == "GROUPREF_EXISTS":
+            subs = [sub for sub in av[1:] if sub is not None]
+        else:
+            continue
+        if any(_nests_a_repeat(state, sub) for sub in subs):
+            return True
+    return False
+
+
+def _repeats_alone(state: Any, items: Any) -> bool:
+    """Whether `items` may match as one unbounded repeat alone, all else matching empty
+    (then a repeat of it splits a run of text in exponentially many ways)."""
+    items = list(items)
+    for at, (op, av) in enumerate(items):
+        if _sre_parse.SubPattern(state, items[:at] + items[at + 1 :]).getwidth()[0]:
+            continue  # something else must match too, between two of its runs
+        name = str(op)
+        if (
+            (name in ("MAX_REPEAT", "MIN_REPEAT") and av[1] == _sre_parse.MAXREPEAT)
+            or (name == "SUBPATTERN" and _repeats_alone(state, av[-1]))
+            or (name == "BRANCH" and any(_repeats_alone(state, branch) for branch in av[1]))
+        ):
+            return True
+    return False
+
+
 _MISSING: Any = object()  # a memo miss (a remembered result is never this object)
 # Tool-call arguments of these types cannot change after a scan (None: not a tool call).
 _UNCHANGEABLE = frozenset({type(None), str, int, float, bool})
@@ -411,8 +469,10 @@ class Redactor:
     """The built-in secret scrubber: a processor (see the module docs for what it covers).
 
     `extra_patterns` and `extra_fields` add to the defaults; `patterns` and `fields`
-    replace them. A field match replaces the whole value; a pattern match replaces
-    only the secret (``Bearer [REDACTED]``). Streaming deltas (tool-call arguments, read
+    replace them (`InvalidArgument` for a pattern that repeats a repeat, ``(a+)+``:
+    it may backtrack catastrophically, and ``re`` has no timeout). A field match
+    replaces the whole value; a pattern match replaces only the secret
+    (``Bearer [REDACTED]``). Streaming deltas (tool-call arguments, read
     as JSON or a piece of it; text and thinking with `redact_text`) are scanned piece by
     piece, so a secret split across two deltas is not caught there (it is in the final
     message), except the text and thinking of a stream opened with `open_stream` (as a
