@@ -50,7 +50,11 @@ class Sink(Protocol):
     The contract:
 
     * ``sink(event)`` receives one event. It is called in whatever thread or task
-      the agent emits from, possibly concurrently: a sink is thread-safe.
+      the agent emits from, possibly concurrently: a sink is thread-safe. Each
+      thread's events reach every sink in the order it emitted them; events that
+      threads emit at the same moment (tools run in threads) may reach two sinks
+      in different orders, as each thread delivers its own event in its own call
+      (no lock held while a sink runs, so a slow sink never holds another thread).
     * It does not block the agent: work that may stall (the network, a full buffer)
       belongs behind a queue (`QueueSink`) or in another thread.
     * It never raises into the agent: if it raises anyway, `FanOut` isolates it
