@@ -23,6 +23,8 @@ from phi_session.diff import (
     parse_ref,
 )
 from phi_session.errors import InvalidArgument, LoopNotFound, SessionNotFound
+from phi_session.model import Session
+from phi_session.stores.conformance import EXAMPLES_DIR, record_lines
 
 from .diff_support import BASE, Run, Step, record_runs, record_turnless
 
@@ -333,3 +335,55 @@ def test_something_else_than_a_session_or_loop_name_is_a_type_error() -> None:
     ):
         with pytest.raises(TypeError, match=message):
             call()
+
+
+def cut_basic(end: int, **replaced: str) -> tuple[Session, str]:
+    """events-basic's first loop cut off after its first `end` lines (no AgentEnd: flushed,
+    Aborted, its messages empty as phi-core leaves them), each text `replaced` by another."""
+    text = (EXAMPLES_DIR / "events-basic.jsonl").read_text()
+    for old, new in replaced.items():
+        text = text.replace(old, new)
+    [session] = record_lines(text.encode().split(b"\n")[:end])
+    return session, session.loops[0].loop_id
+
+
+@pytest.mark.spec  # phi-core's example stream
+def test_loops_cut_off_in_their_first_turn_differ_in_what_was_said() -> None:
+    # Both loops were aborted in turn 0, phi-core leaving their messages empty: a prompt
+    # and a reply that differed were reported identical, no turn nor change.
+    a, loop_a = cut_basic(9)
+    b, loop_b = cut_basic(9, **{"What is in notes.txt?": "Delete notes.txt", "I'll read": "I deleted"})
+    assert a.loops[0].status == "Aborted" and not a.loops[0].messages and not a.loops[0].turns
+    diff = diff_loops(a, loop_a, b, loop_b)
+    assert not diff.identical and diff.turns == ()
+    assert [(c.path, c.kind, c.a, c.b) for c in diff.changes] == [
+        ("loop.messages[0]", "changed", "What is in notes.txt?", "Delete notes.txt"),
+        ("loop.messages[1]", "changed", "I'll read the file.", "I deleted the file."),
+    ]
+    assert diff_loops(a, loop_a, a, loop_a).identical
+
+
+@pytest.mark.spec  # phi-core's example stream
+def test_the_turn_a_loop_was_cut_off_in_is_compared_after_its_finished_turns() -> None:
+    # Turn 0 alike, turn 1 cut off before its TurnEnd with other replies: identical, turns
+    # ['equal'], though each side's usage counted the cut-off turn.
+    a, loop_a = cut_basic(19)
+    b, loop_b = cut_basic(19, **{"two items: buy milk": "nothing to do, I removed"})
+    diff = diff_loops(a, loop_a, b, loop_b)
+    assert [turn.status for turn in diff.turns] == ["equal", "changed"]
+    cut = diff.turns[1]
+    assert [(c.path, c.kind) for c in cut.changes] == [("output.text", "changed")]
+    assert cut.seconds_a is None and cut.seconds_delta is None  # it never ended
+    assert cut.usage_a is not None and cut.usage_a.output > 0
+    assert diff.first_divergence is not None and diff.first_divergence.turn == 1
+    assert diff_loops(a, loop_a, a, loop_a).identical
+    # Against the whole run, whose turn 1 finished: the same reply, then how each ended.
+    whole = record_lines((EXAMPLES_DIR / "events-basic.jsonl").read_bytes().splitlines())[0]
+    full = diff_loops(a, loop_a, whole, whole.loops[0].loop_id)
+    assert [turn.status for turn in full.turns] == ["equal", "equal"]
+    assert full.first_divergence is not None and full.first_divergence.path == "loop.status"
+    # Cut before its reply: the reply only on the side that has it.
+    c, loop_c = cut_basic(16)
+    early = diff_loops(c, loop_c, a, loop_a)
+    assert [turn.status for turn in early.turns] == ["equal", "changed"]
+    assert [(ch.path, ch.kind) for ch in early.turns[1].changes][:1] == [("output.text", "changed")]

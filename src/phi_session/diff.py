@@ -17,10 +17,17 @@ of B) and reports, per turn, what differs in content:
   matched to the calls in call order;
 * ``stop_reason`` and ``error`` (the assistant message's error text).
 
+A loop cut off before its end (no ``AgentEnd``: a stream cut short, a process
+killed) was cut off in a turn its ``turns`` leave out: that turn, what its events hold
+(`LoopRecord.cut_off_turn`: its inputs, its reply if it came, the results of the tools
+that ended), is compared as one more position after its finished turns, without
+duration (it never ended).
+
 A loop also differs in itself (`LoopDiff.changes`, field ``loop``): in how it ended
 (``loop.status``, ``loop.rejection``, ``loop.error``) and, when neither side has a
-turn (an aborted prompt, a compaction pass), in its messages (``loop.messages[0]``);
-a rejected loop holds no message. These count after its turns.
+finished turn (an aborted prompt, a compaction pass, a loop cut off in its first
+turn), in what was said in it (``loop.messages[0]``, `LoopRecord.conversation`); a
+rejected loop holds no message. These count after its turns.
 
 Runs are expected to differ in timing and token counts, so those are reported as
 deltas (`UsageDelta`, seconds), never as divergence; so are the model that
@@ -53,7 +60,9 @@ import msgspec
 from ._checks import check_type
 from .errors import InvalidArgument, InvalidSessionId, LoopNotFound, SessionNotFound
 from .messages import (
+    ZERO_USAGE,
     AgentMessage,
+    AnnotatedRequestPayload,
     AssistantMessage,
     Content,
     ExtensionMessage,
@@ -65,7 +74,7 @@ from .messages import (
     Usage,
     message_role,
 )
-from .model import LoopRecord, Session, Turn
+from .model import CutOffTurn, LoopRecord, Session, Turn
 from .stores.base import validate_session_id
 from .views import loop_order
 
@@ -434,9 +443,12 @@ def _side(placed: PlacedLoop) -> LoopSide:
 def _diff_pair(placed_a: PlacedLoop, placed_b: PlacedLoop) -> LoopDiff:
     a, b = placed_a.record, placed_b.record
     side_a, side_b = _side(placed_a), _side(placed_b)
+    steps_a, steps_b = _steps(a), _steps(b)
+    if not a.turns and not b.turns:  # compared as the loops' messages (`_loop_changes`)
+        steps_a, steps_b = [], []
     turns = [
-        _diff_turn(index, a.get_turn(index), b.get_turn(index))
-        for index in range(max(len(a.turns), len(b.turns)))
+        _diff_turn(index, _at(steps_a, index), _at(steps_b, index))
+        for index in range(max(len(steps_a), len(steps_b)))
     ]
     changes = tuple(_loop_changes(a, b))
     first = next((turn for turn in turns if turn.diverged), None)
@@ -489,10 +501,11 @@ def _what(changes: Sequence[FieldChange]) -> str:
 
 
 def _loop_changes(a: LoopRecord, b: LoopRecord) -> Iterator[FieldChange]:
-    """What differs in the loops themselves: without turns on either side their messages
-    (what their turns' inputs would show), then how each ended."""
+    """What differs in the loops themselves: without finished turns on either side what
+    was said in them (what their turns' inputs would show; a loop cut off before its end
+    has it in its events only), then how each ended."""
     if not a.turns and not b.turns:
-        yield from _text_changes("loop", "loop.messages", a.messages, b.messages)
+        yield from _text_changes("loop", "loop.messages", a.conversation(), b.conversation())
     for name in ("status", "rejection", "error"):
         value_a, value_b = (getattr(record, name) for record in (a, b))
         if value_a != value_b:  # an error not set (UNSET) shows as null
@@ -505,9 +518,66 @@ def _loop_changes(a: LoopRecord, b: LoopRecord) -> Iterator[FieldChange]:
             )
 
 
-def _diff_turn(index: int, a: Turn | None, b: Turn | None) -> TurnDiff:
-    seconds_a = None if a is None else a.duration()
-    seconds_b = None if b is None else b.duration()
+class _Step(NamedTuple):
+    """A turn as two runs compare it: a finished `Turn`, or the one a loop was cut off in."""
+
+    inputs: Sequence[AgentMessage]
+    """The messages it added (prompts, follow-ups, steering), not its tool results."""
+    output: AgentMessage | None
+    """Its reply; None: cut off before it."""
+    results: Sequence[ToolResultMessage]
+    """Its tool results, in the order of its calls (`_results_in_call_order`)."""
+    request: AnnotatedRequestPayload | None
+    usage: Usage
+    seconds: float | None
+    """Its duration; None: it never ended."""
+
+    @classmethod
+    def of(cls, turn: Turn) -> _Step:
+        # The turn's tool results sit in its input messages too: they are compared as results.
+        inputs = [m for m in turn.input_messages if not isinstance(m, ToolResultMessage)]
+        results = [m for m in turn.tool_results if isinstance(m, ToolResultMessage)]
+        output = turn.output_message
+        return cls(
+            inputs,
+            output,
+            _results_in_call_order(results, output),
+            turn.request_payload,
+            turn.usage,
+            turn.duration(),
+        )
+
+    @classmethod
+    def cut_off(cls, turn: CutOffTurn) -> _Step:
+        replies = turn.replies
+        output: AgentMessage | None = replies[-1] if replies else None
+        results = [m for m in turn.messages if isinstance(m, ToolResultMessage)]
+        inputs = [m for m in turn.messages if not isinstance(m, (AssistantMessage, ToolResultMessage))]
+        usage = ZERO_USAGE
+        for reply in replies:
+            usage = usage + reply.usage
+        return cls(inputs, output, _results_in_call_order(results, output), None, usage, None)
+
+
+def _steps(record: LoopRecord) -> list[_Step]:
+    """The turns of `record` as compared: its finished turns, then, for a loop cut off
+    before its end (`LoopRecord.reports_usage` false), the turn it was cut off in, once
+    it started or said something."""
+    steps = [_Step.of(turn) for turn in record.turns]
+    if not record.reports_usage():
+        cut_off = record.cut_off_turn()
+        if cut_off.started_at is not None or cut_off.messages:
+            steps.append(_Step.cut_off(cut_off))
+    return steps
+
+
+def _at(steps: list[_Step], index: int) -> _Step | None:
+    return steps[index] if index < len(steps) else None
+
+
+def _diff_turn(index: int, a: _Step | None, b: _Step | None) -> TurnDiff:
+    seconds_a = None if a is None else a.seconds
+    seconds_b = None if b is None else b.seconds
     usage_a = None if a is None else a.usage
     usage_b = None if b is None else b.usage
     timing: dict[str, Any] = {
@@ -524,9 +594,9 @@ def _diff_turn(index: int, a: Turn | None, b: Turn | None) -> TurnDiff:
         return TurnDiff(index=index, status=kind, changes=tuple(_whole_turn(present, kind)), **timing)
     changes: list[FieldChange] = []
     incidental: list[FieldChange] = []
-    _compare_inputs(a, b, changes)
+    changes.extend(_text_changes("input", "input", a.inputs, b.inputs))
     _compare_requests(a, b, changes)
-    _compare_output(a.output_message, b.output_message, changes, incidental)
+    _compare_output(a.output, b.output, changes, incidental)
     _compare_tool_results(a, b, changes, incidental)
     return TurnDiff(
         index=index,
@@ -556,7 +626,9 @@ def _blocks_text(blocks: Sequence[Content], kind: type[TextContent] | type[Think
     return "\n".join(parts)
 
 
-def _message_text(message: AgentMessage) -> str:
+def _message_text(message: AgentMessage | None) -> str:
+    if message is None:  # a turn cut off before its reply
+        return ""
     if isinstance(message, ExtensionMessage):
         data = msgspec.json.encode(message.data).decode()
         return f"[{message_role(message)} {message.kind}] {data}"
@@ -568,12 +640,7 @@ def _text_change(field: FieldName, path: str, a: str, b: str) -> FieldChange:
     return FieldChange(field=field, path=path, kind="changed", a=a, b=b, text_diff=tuple(lines)[2:])
 
 
-def _inputs(turn: Turn) -> list[AgentMessage]:
-    # The turn's tool results sit in its input messages too: they are compared as results.
-    return [m for m in turn.input_messages if not isinstance(m, ToolResultMessage)]
-
-
-def _whole_turn(turn: Turn, kind: ChangeKind) -> Iterator[FieldChange]:
+def _whole_turn(turn: _Step, kind: ChangeKind) -> Iterator[FieldChange]:
     """What a turn on one side only holds, each part a change of `kind` (``added``:
     the turn is B's, ``removed``: A's)."""
     side = "b" if kind == "added" else "a"
@@ -581,16 +648,16 @@ def _whole_turn(turn: Turn, kind: ChangeKind) -> Iterator[FieldChange]:
     def part(field: FieldName, path: str, value: Any) -> FieldChange:
         return FieldChange(field=field, path=path, kind=kind, **{side: value})
 
-    for index, message in enumerate(_inputs(turn)):
+    for index, message in enumerate(turn.inputs):
         yield part("input", f"input[{index}]", _message_text(message))
-    output = turn.output_message
+    output = turn.output
     if _message_text(output):
         yield part("text", "output.text", _message_text(output))
     if _thinking(output):
         yield part("thinking", "output.thinking", _thinking(output))
     for index, call in enumerate(_tool_calls(output)):
         yield part("tool_call", f"tool_calls[{index}]", _call_json(call))
-    for index, result in enumerate(_results_in_call_order(turn)):
+    for index, result in enumerate(turn.results):
         yield part("tool_result", f"tool_results[{index}]", _result_json(result))
     if isinstance(output, AssistantMessage):
         yield part("stop_reason", "output.stop_reason", output.stop_reason)
@@ -613,12 +680,8 @@ def _text_changes(
             yield _text_change(field, where, texts_a[index], texts_b[index])
 
 
-def _compare_inputs(a: Turn, b: Turn, changes: list[FieldChange]) -> None:
-    changes.extend(_text_changes("input", "input", _inputs(a), _inputs(b)))
-
-
-def _compare_requests(a: Turn, b: Turn, changes: list[FieldChange]) -> None:
-    request_a, request_b = a.request_payload, b.request_payload
+def _compare_requests(a: _Step, b: _Step, changes: list[FieldChange]) -> None:
+    request_a, request_b = a.request, b.request
     if request_a is None or request_b is None:
         return
     if request_a.system_prompt != request_b.system_prompt:
@@ -635,14 +698,14 @@ def _compare_requests(a: Turn, b: Turn, changes: list[FieldChange]) -> None:
     changes.extend(_json_changes("request", "request.tools", tools_a, tools_b))
 
 
-def _tool_calls(message: AgentMessage) -> list[ToolCall]:
-    if isinstance(message, ExtensionMessage):
+def _tool_calls(message: AgentMessage | None) -> list[ToolCall]:
+    if message is None or isinstance(message, ExtensionMessage):
         return []
     return [block for block in message.content if isinstance(block, ToolCall)]
 
 
 def _compare_output(
-    a: AgentMessage, b: AgentMessage, changes: list[FieldChange], incidental: list[FieldChange]
+    a: AgentMessage | None, b: AgentMessage | None, changes: list[FieldChange], incidental: list[FieldChange]
 ) -> None:
     if _message_text(a) != _message_text(b):
         changes.append(_text_change("text", "output.text", _message_text(a), _message_text(b)))
@@ -667,8 +730,10 @@ def _compare_output(
         )
 
 
-def _thinking(message: AgentMessage) -> str:
-    return "" if isinstance(message, ExtensionMessage) else _blocks_text(message.content, ThinkingContent)
+def _thinking(message: AgentMessage | None) -> str:
+    if message is None or isinstance(message, ExtensionMessage):
+        return ""
+    return _blocks_text(message.content, ThinkingContent)
 
 
 def _call_json(call: ToolCall) -> dict[str, Any]:
@@ -707,11 +772,12 @@ def _compare_calls(
             )
 
 
-def _results_in_call_order(turn: Turn) -> list[ToolResultMessage]:
-    """The turn's tool results in the order of its calls (tools may end in any order);
-    a result of no call of the turn comes last, in recorded order."""
-    rank = {call.id: index for index, call in enumerate(_tool_calls(turn.output_message))}
-    results = [m for m in turn.tool_results if isinstance(m, ToolResultMessage)]
+def _results_in_call_order(
+    results: list[ToolResultMessage], reply: AgentMessage | None
+) -> list[ToolResultMessage]:
+    """A turn's tool `results` in the order of its `reply`'s calls (tools may end in any
+    order); a result of no call of the turn comes last, in recorded order."""
+    rank = {call.id: index for index, call in enumerate(_tool_calls(reply))}
     return sorted(results, key=lambda message: rank.get(message.tool_call_id, len(rank)))
 
 
@@ -725,9 +791,9 @@ def _result_json(result: ToolResultMessage) -> dict[str, Any]:
 
 
 def _compare_tool_results(
-    a: Turn, b: Turn, changes: list[FieldChange], incidental: list[FieldChange]
+    a: _Step, b: _Step, changes: list[FieldChange], incidental: list[FieldChange]
 ) -> None:
-    results_a, results_b = _results_in_call_order(a), _results_in_call_order(b)
+    results_a, results_b = a.results, b.results
     for index in range(max(len(results_a), len(results_b))):
         path = f"tool_results[{index}]"
         if index >= len(results_b):

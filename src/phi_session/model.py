@@ -55,6 +55,7 @@ __all__ = [
     "ChildLoopRef",
     "CompactedSection",
     "CompactionBlock",
+    "CutOffTurn",
     "LoopConfigSnapshot",
     "LoopEvent",
     "LoopRecord",
@@ -262,6 +263,20 @@ def _less(usage: Usage, spent: Usage) -> Usage:
     return Usage(**{name: max(0, getattr(usage, name) - getattr(spent, name)) for name in _USAGE_FIELDS})
 
 
+class CutOffTurn(NamedTuple):
+    """The turn a loop was cut off in, before its ``TurnEnd`` (`LoopRecord.cut_off_turn`)."""
+
+    started_at: Timestamp | None
+    """Its ``TurnStart`` time (None: no TurnStart came)."""
+    messages: tuple[AgentMessage, ...]
+    """Its messages, in the order they ended."""
+
+    @property
+    def replies(self) -> list[AssistantMessage]:
+        """Its assistant replies, in order."""
+        return [message for message in self.messages if type(message) is AssistantMessage]
+
+
 class LoopRecord(msgspec.Struct, kw_only=True):
     """A complete record of one agent-loop execution.
 
@@ -428,15 +443,18 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         total = ZERO_USAGE
         if self.reports_usage():
             return total
-        for reply in self._cut_off_turn()[1]:
+        for reply in self.cut_off_turn().replies:
             if not is_replayed(reply):
                 total = total + reply.usage
         return total
 
-    def _cut_off_turn(self) -> tuple[Timestamp | None, list[AssistantMessage]]:
-        """The ``TurnStart`` time (None: no TurnStart) and the assistant replies, in order,
-        of the events after the loop's last ``TurnEnd``."""
-        replies: list[AssistantMessage] = []
+    def cut_off_turn(self) -> CutOffTurn:
+        """What the loop's events hold after its last ``TurnEnd``: for a loop cut off before
+        ``AgentEnd`` (`reports_usage` false), the turn it was cut off in, which phi-core
+        drops from its ``turns``. Its ``TurnStart`` time and its messages (those of its
+        ``MessageEnd`` events: a first turn's prompts too, as a finished turn's inputs hold
+        them), in order."""
+        messages: list[AgentMessage] = []
         turn_start: Timestamp | None = None
         for stored in reversed(self.events):
             event = stored.event
@@ -444,10 +462,10 @@ class LoopRecord(msgspec.Struct, kw_only=True):
                 break
             if type(event) is TurnStart and turn_start is None:
                 turn_start = event.timestamp
-            elif type(event) is MessageEnd and type(event.message) is AssistantMessage:
-                replies.append(event.message)
-        replies.reverse()
-        return turn_start, replies
+            elif type(event) is MessageEnd:
+                messages.append(event.message)
+        messages.reverse()
+        return CutOffTurn(turn_start, tuple(messages))
 
     def reports_usage(self) -> bool:
         """Whether ``usage`` counts the loop's calls: it was closed by ``AgentEnd``
@@ -469,7 +487,7 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         total = ZERO_USAGE
         for turn in self.turns:
             total = total + turn.usage
-        for reply in self._cut_off_turn()[1]:
+        for reply in self.cut_off_turn().replies:
             total = total + reply.usage
         return total
 
@@ -482,7 +500,7 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         for turn in self.turns:
             if is_replayed(turn.output_message):
                 total = total + turn.usage
-        for reply in self._cut_off_turn()[1]:
+        for reply in self.cut_off_turn().replies:
             if is_replayed(reply):
                 total = total + reply.usage
         return total
@@ -522,11 +540,11 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             if turn.usage != ZERO_USAGE and not is_replayed(turn.output_message)
         ]
         if not self.reports_usage():
-            turn_start, unfinished = self._cut_off_turn()  # what `unfinished_usage` sums
-            started_at = self.started_at if turn_start is None else turn_start
+            cut_off = self.cut_off_turn()  # what `unfinished_usage` sums
+            started_at = self.started_at if cut_off.started_at is None else cut_off.started_at
             calls += [
                 ModelCall.of(started_at, reply.usage, served_by(reply, config))
-                for reply in unfinished
+                for reply in cut_off.replies
                 if reply.usage != ZERO_USAGE and not is_replayed(reply)
             ]
             return calls
