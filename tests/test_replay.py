@@ -1922,3 +1922,74 @@ def test_a_loop_given_the_cursor_tags_each_reply_it_served_whenever_the_turn_sta
     (record,) = recorder.drain_completed()[0].loops
     assert [is_replayed(turn.output_message) for turn in record.turns] == [True, True, True, False]
     assert record.billed_usage() == Usage(input=7, output=1)
+
+
+# -- what prun and revert took out of the context ------------------------------------------------
+
+
+def forked_request(world: World, session: Session, loop_id: str, turn: int) -> RequestShape:
+    """What `fork` sends its model at `turn` of loop `loop_id` (recorded nowhere)."""
+    seen: list[RequestShape] = []
+    tracer = Tracer(world.agent, sinks=[], config=SNAP)
+    fork(session, loop_id, turn, model=counting_model(seen), tracer=tracer, max_turns=1)
+    return seen[0]
+
+
+def grep_and_prune(memo: str | None) -> Callable[[Tracer], None]:
+    """A loop whose turn 0 greps, then prunes the grep's output (by its timestamp, `memo`
+    or none), its turn 1 answering."""
+
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            loop.user("Where is main defined?")
+            with loop.turn() as turn:
+                with turn.assistant() as answer:
+                    answer.finish(message=reply("", [ToolCall(id="g1", name="grep", arguments={})]))
+                with turn.tool(turn.tool_calls[0]) as tool:
+                    tool.result("HUGE grep output")
+                loop.prun(5200, 1, pruned_timestamps=[turn.tool_results[0].timestamp], memo=memo)
+            with loop.turn() as turn, turn.assistant() as answer:
+                answer.finish(message=reply("In src/main.py."))
+
+    return body
+
+
+@pytest.mark.parametrize("memo", [None, "grep found main in src/main.py"])
+def test_a_pruned_tool_result_is_out_of_the_context_of_the_turns_after_it(
+    world: World, memo: str | None, tmp_path: Path
+) -> None:
+    # The grep's output pruned in turn 0 was still in turn 1's rebuilt context: in the
+    # script's request, in what fork() sent the other model and in 'phi-session fork --turn 1'.
+    session = world.record(grep_and_prune(memo), capture=False)
+    (loop,) = session.loops
+    script = ReplayScript.from_session(session)
+    grep_call = "assistant grep({}) [g1]"
+    kept = [f"user '[Pruned context summary: {memo}]'"] if memo else []
+    expected = ["user 'Where is main defined?'", grep_call, *kept]
+    assert [summarize(m) for m in script.turn(1).request.messages] == expected
+    assert summarize(script.turn(0).tool_results[0]) == "toolResult [g1] 'HUGE grep output'"  # kept
+    if memo:  # the memo stands where the result was, stamped as it was
+        memo_message = script.turn(1).request.messages[-1]
+        assert memo_message.timestamp == loop.turns[0].tool_results[0].timestamp  # type: ignore[union-attr]
+    assert [summarize(m) for m in forked_request(world, session, loop.loop_id, 1).messages] == expected
+
+    from click.testing import CliRunner
+
+    from phi_session.cli import main
+
+    shown = CliRunner().invoke(
+        main,
+        [
+            "fork",
+            session.session_id,
+            loop.loop_id,
+            "--turn",
+            "1",
+            "--json",
+            "--store",
+            str(tmp_path / "sessions"),
+        ],
+    )
+    assert shown.exit_code == 0, shown.output
+    sent = decode_messages(json.dumps(json.loads(shown.stdout)["messages"]).encode())
+    assert [summarize(m) for m in sent] == expected

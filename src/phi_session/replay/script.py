@@ -15,25 +15,43 @@ its tool results), each turn's tool results in the order of its reply's tool cal
 order they were emitted (the loop's event log): one injected during a turn after its
 reply (steering while its tools run) follows that reply, among its tool results where
 it was emitted, and so reaches the next turn's request, not its own.
+
+A rebuilt context is edited as the agent edited its own, by the loop's events before
+the turn (`_edit_context`): a ``PrunApplied`` hides the model's messages it names by
+timestamp from the turns after it (phi-core's context pruning: with a memo, each
+becomes a user message ``[Pruned context summary: MEMO]`` at its place). A captured
+request is what was sent: it is taken as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from operator import attrgetter
+from typing import NamedTuple
 
 import msgspec
 from msgspec.structs import replace
 
 from .._checks import check_index, check_type
 from ..errors import LoopNotFound, TurnNotFound
-from ..events import DEFAULT, ContinuationKind, MessageEnd, TurnEnd, TurnRequest, TurnStart
+from ..events import (
+    DEFAULT,
+    ContinuationKind,
+    MessageEnd,
+    PrunApplied,
+    TurnEnd,
+    TurnRequest,
+    TurnStart,
+)
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
+    TextContent,
     ToolCall,
     ToolResultMessage,
+    UserMessage,
     message_role,
 )
 from ..model import LoopRecord, Session, Turn
@@ -62,10 +80,17 @@ class SharedContext:
 
     __slots__ = ("inherited", "own", "past")
 
-    def __init__(self, past: list[AgentMessage]) -> None:
+    def __init__(self, past: list[AgentMessage], own: list[AgentMessage] | None = None) -> None:
         self.past = past
         self.inherited = len(past)
-        self.own: list[AgentMessage] = []
+        self.own: list[AgentMessage] = [] if own is None else own
+
+    def edited(self, edit: _ContextEdit) -> SharedContext:
+        """The context `edit` leaves of all of this one (`_edit_context`), in a new one: the
+        turns before it keep theirs."""
+        kept = _edit_context(self.messages(len(self.own)), edit.event, edit.turn)
+        inherited = [message for position, message in kept if position < self.inherited]
+        return SharedContext(inherited, [message for position, message in kept if position >= self.inherited])
 
     def messages(self, end: int) -> tuple[AgentMessage, ...]:
         """The inherited messages, then the first `end` of the loop's own."""
@@ -166,29 +191,75 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
         return None
 
 
+def _edit_context(
+    messages: Sequence[AgentMessage], event: PrunApplied, turn: int
+) -> list[tuple[int, AgentMessage]]:
+    """What the context `messages` is after `event`, recorded in turn `turn`: each message
+    kept (or standing in for one) with the position in `messages` of the one it keeps.
+
+    ``PrunApplied``: the model's messages (assistant replies, tool results) whose
+    timestamp it names are gone (one a timestamp listed, the latest first), the user's
+    never pruned; with a memo each becomes a user message ``[Pruned context summary:
+    MEMO]`` of its timestamp, at its place (as phi-core's
+    ``AgentContext::build_working_context`` renders a pruned entry).
+    """
+    return _pruned(messages, event)
+
+
+def _pruned(messages: Sequence[AgentMessage], event: PrunApplied) -> list[tuple[int, AgentMessage]]:
+    # phi-core prunes from the latest message back, one message a timestamp listed: of a
+    # reply and its tool result stamped in one millisecond, the result goes.
+    pruned = Counter(event.pruned_timestamps)
+    kept: list[tuple[int, AgentMessage]] = []
+    for position in range(len(messages) - 1, -1, -1):
+        message = messages[position]
+        if not isinstance(message, (AssistantMessage, ToolResultMessage)) or not pruned[message.timestamp]:
+            kept.append((position, message))
+            continue
+        pruned[message.timestamp] -= 1
+        if event.memo is not None:
+            memo = TextContent(text=f"[Pruned context summary: {event.memo}]")
+            kept.append((position, UserMessage(content=(memo,), timestamp=message.timestamp)))
+    kept.reverse()
+    return kept
+
+
+class _ContextEdit(NamedTuple):
+    """A ``PrunApplied`` of a loop's events: the first turn whose
+    context it edits (the one after the turn it was recorded in), and that turn."""
+
+    first_turn: int
+    turn: int
+    event: PrunApplied
+
+
 class _EventLog:
     """What a replay reads from a loop's events, in one pass: each turn's captured
-    request (``TurnRequest``) and how many of its inputs were emitted before its reply
+    request (``TurnRequest``), how many of its inputs were emitted before its reply
     (the recorder's turn inputs are the messages other than the assistant's that end
-    within the turn, in the order they end)."""
+    within the turn, in the order they end) and the edits of its context (`edits`)."""
 
-    __slots__ = ("before_reply", "requests")
+    __slots__ = ("before_reply", "edits", "requests")
 
     def __init__(self, record: LoopRecord) -> None:
         self.requests: dict[int, AnnotatedRequestPayload] = {}
         self.before_reply: dict[int, int] = {}
+        self.edits: list[_ContextEdit] = []
         turn: int | None = None
+        started = -1  # the last turn started: an edit between turns edits the next one's
         ended = 0
         for stored in sorted(record.events, key=_SEQUENCE):
             event = stored.event
-            if type(event) is MessageEnd:
+            if type(event) is PrunApplied:
+                self.edits.append(_ContextEdit(started + 1, max(started, 0), event))
+            elif type(event) is MessageEnd:
                 if turn is not None:
                     if message_role(event.message) == "assistant":
                         self.before_reply[turn] = ended
                     else:
                         ended += 1
             elif type(event) is TurnStart:
-                turn, ended = event.turn_index, 0
+                turn, ended, started = event.turn_index, 0, event.turn_index
             elif type(event) is TurnEnd:
                 turn = None
             elif type(event) is TurnRequest:
@@ -233,7 +304,13 @@ def _recorded_turns(record: LoopRecord, past: list[AgentMessage]) -> Iterator[Re
     log = _EventLog(record)
     context = SharedContext(past)
     local = context.own
+    edits = iter(log.edits)
+    edit = next(edits, None)
     for turn in record.turns:
+        while edit is not None and edit.first_turn <= turn.index:
+            context = context.edited(edit)
+            local = context.own
+            edit = next(edits, None)
         output = turn.output_message
         if not isinstance(output, AssistantMessage):
             raise TurnNotFound(f"turn {turn.index} of loop {record.loop_id} has no assistant reply to replay")
