@@ -45,6 +45,7 @@ from phi_session.messages import (
     AnnotatedRequestPayload,
     AssistantMessage,
     ExtensionMessage,
+    NodeTag,
     TextContent,
     ThinkingContent,
     ToolCall,
@@ -1993,3 +1994,43 @@ def test_a_pruned_tool_result_is_out_of_the_context_of_the_turns_after_it(
     assert shown.exit_code == 0, shown.output
     sent = decode_messages(json.dumps(json.loads(shown.stdout)["messages"]).encode())
     assert [summarize(m) for m in sent] == expected
+
+
+def test_a_reverted_span_is_out_of_the_context_of_the_turns_after_it(world: World) -> None:
+    # Turn 1 reverted to node 10 (the prompt), abandoning the failed bubble sort: turn 2's
+    # rebuilt context still held the abandoned replies and their tool results.
+    def body(tracer: Tracer, *, applied: bool = True) -> None:
+        with tracer.loop() as loop:
+            loop.user(UserMessage(content=(TextContent(text="Write a fast sort"),), timestamp=1, node_id=10))
+            for node, call in ((11, "test"), (13, "revert_to_state")):
+                with loop.turn() as turn:
+                    with turn.assistant() as answer:
+                        calls = [ToolCall(id=f"c{node}", name=call, arguments={})]
+                        answer.finish(
+                            message=msgspec.structs.replace(reply("", calls), node_id=node, parent_id=10)
+                        )
+                    with turn.tool(turn.tool_calls[0]) as tool:
+                        tool.result("timed out" if node == 11 else "reverted")
+            loop.revert(
+                "failure",
+                target=10,
+                abandoned_node_ids=[11, 13],
+                summary="bubble sort timed out",
+                applied=applied,
+            )
+            with loop.turn() as turn, turn.assistant() as answer:
+                answer.finish(message=reply("Quicksort."))
+
+    session = world.record(body, capture=False)
+    (loop,) = session.loops
+    script = ReplayScript.from_session(session)
+    assert len(script.turn(1).request.messages) == 3  # before the revert: as recorded
+    (prompt,) = script.turn(2).request.messages
+    assert summarize(prompt) == "user 'Write a fast sort'"
+    assert prompt.tags == (  # type: ignore[union-attr]
+        NodeTag(kind="lesson", text="bubble sort timed out", created_at_turn=1, abandoned_node_ids=(11, 13)),
+    )
+    assert forked_request(world, session, loop.loop_id, 2).messages == (prompt,)
+    # A revert refused (applied false) left the context as it was.
+    refused = world.record(lambda tracer: body(tracer, applied=False), capture=False)
+    assert len(ReplayScript.from_session(refused).turn(2).request.messages) == 5

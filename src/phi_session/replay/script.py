@@ -19,8 +19,11 @@ it was emitted, and so reaches the next turn's request, not its own.
 A rebuilt context is edited as the agent edited its own, by the loop's events before
 the turn (`_edit_context`): a ``PrunApplied`` hides the model's messages it names by
 timestamp from the turns after it (phi-core's context pruning: with a memo, each
-becomes a user message ``[Pruned context summary: MEMO]`` at its place). A captured
-request is what was sent: it is taken as it is.
+becomes a user message ``[Pruned context summary: MEMO]`` at its place), and an
+applied ``RevertApplied`` leaves the turns after it the messages reached walking
+``parentId`` back from its target, the abandoned span gone and the revert's tag
+(`NodeTag`) on the target (phi-core's Composition I). A captured request is what
+was sent: it is taken as it is.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..events import (
     ContinuationKind,
     MessageEnd,
     PrunApplied,
+    RevertApplied,
     TurnEnd,
     TurnRequest,
     TurnStart,
@@ -48,6 +52,8 @@ from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
+    NodeTag,
+    TagKind,
     TextContent,
     ToolCall,
     ToolResultMessage,
@@ -191,8 +197,17 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
         return None
 
 
+_TAG_KINDS: dict[str, TagKind] = {
+    "failure": "lesson",
+    "tangent": "finding",
+    "completion": "outcome",
+    "step-summary": "checkpoint",
+}
+"""The `NodeTag` kind a revert of each category leaves on its target (phi-core's Composition I)."""
+
+
 def _edit_context(
-    messages: Sequence[AgentMessage], event: PrunApplied, turn: int
+    messages: Sequence[AgentMessage], event: PrunApplied | RevertApplied, turn: int
 ) -> list[tuple[int, AgentMessage]]:
     """What the context `messages` is after `event`, recorded in turn `turn`: each message
     kept (or standing in for one) with the position in `messages` of the one it keeps.
@@ -202,8 +217,18 @@ def _edit_context(
     never pruned; with a memo each becomes a user message ``[Pruned context summary:
     MEMO]`` of its timestamp, at its place (as phi-core's
     ``AgentContext::build_working_context`` renders a pruned entry).
+
+    ``RevertApplied`` that was applied: the messages of the conversation tree are those
+    reached walking ``parentId`` back from its target (the abandoned span is off that
+    path), none of its ``abandoned_node_ids``; the target carries the revert's tag, of
+    the kind its category gives (failure: lesson, tangent: finding, completion: outcome,
+    step-summary: checkpoint), its summary as text (empty without one), created at
+    `turn`. A message without a node id is in no tree: it stays, but for a tool result
+    whose call went (the plain results of a ``TurnEnd`` carry no node id).
     """
-    return _pruned(messages, event)
+    if isinstance(event, PrunApplied):
+        return _pruned(messages, event)
+    return _reverted(messages, event, turn)
 
 
 def _pruned(messages: Sequence[AgentMessage], event: PrunApplied) -> list[tuple[int, AgentMessage]]:
@@ -224,13 +249,57 @@ def _pruned(messages: Sequence[AgentMessage], event: PrunApplied) -> list[tuple[
     return kept
 
 
+def _reverted(
+    messages: Sequence[AgentMessage], event: RevertApplied, turn: int
+) -> list[tuple[int, AgentMessage]]:
+    if not event.applied or event.target is None:  # refused: the context is as it was
+        return list(enumerate(messages))
+    nodes: dict[int, AgentMessage] = {}
+    for message in messages:
+        if (node_id := getattr(message, "node_id", None)) is not None:
+            nodes[node_id] = message
+    trunk: set[int] = set()
+    step: int | None = event.target
+    while step is not None and step in nodes and step not in trunk:
+        trunk.add(step)
+        step = getattr(nodes[step], "parent_id", None)
+    abandoned = set(event.abandoned_node_ids)
+    if not trunk:  # a target not in the context: only what it abandoned is gone
+        trunk = set(nodes) - abandoned
+    tag = NodeTag(
+        kind=_TAG_KINDS[event.category],
+        text=event.summary or "",
+        created_at_turn=turn,
+        abandoned_node_ids=event.abandoned_node_ids,
+    )
+    kept: list[tuple[int, AgentMessage]] = []
+    dropped_calls: set[str] = set()  # a result goes with its call (a turn's results lack node ids)
+    for position, message in enumerate(messages):
+        node = getattr(message, "node_id", None)
+        if node is not None and (node not in trunk or node in abandoned):
+            if isinstance(message, AssistantMessage):
+                dropped_calls.update(block.id for block in message.content if type(block) is ToolCall)
+            continue
+        if isinstance(message, ToolResultMessage) and node is None and message.tool_call_id in dropped_calls:
+            continue
+        if node == event.target and isinstance(message, (UserMessage, AssistantMessage, ToolResultMessage)):
+            if not any(_same_tag(tag, other) for other in message.tags):  # a producer may have tagged it
+                message = replace(message, tags=(*message.tags, tag))
+        kept.append((position, message))
+    return kept
+
+
+def _same_tag(a: NodeTag, b: NodeTag) -> bool:
+    return (a.kind, a.text, a.abandoned_node_ids) == (b.kind, b.text, b.abandoned_node_ids)
+
+
 class _ContextEdit(NamedTuple):
-    """A ``PrunApplied`` of a loop's events: the first turn whose
+    """A ``PrunApplied`` or ``RevertApplied`` of a loop's events: the first turn whose
     context it edits (the one after the turn it was recorded in), and that turn."""
 
     first_turn: int
     turn: int
-    event: PrunApplied
+    event: PrunApplied | RevertApplied
 
 
 class _EventLog:
@@ -250,7 +319,7 @@ class _EventLog:
         ended = 0
         for stored in sorted(record.events, key=_SEQUENCE):
             event = stored.event
-            if type(event) is PrunApplied:
+            if type(event) is PrunApplied or type(event) is RevertApplied:
                 self.edits.append(_ContextEdit(started + 1, max(started, 0), event))
             elif type(event) is MessageEnd:
                 if turn is not None:
