@@ -535,7 +535,7 @@ def test_an_exception_whose_str_fails_is_recorded_by_its_type() -> None:
     [record] = h.session().loops
     assert record.status == "Aborted" and record.error == described
     assert record.turns[0].tool_results[0].content == (  # type: ignore[union-attr]
-        ps.TextContent(text=f"read_file failed: {described}"),
+        ps.TextContent(text=f"read_file failed: {__name__}.{described}"),  # no builtin: qualified
     )
 
 

@@ -462,6 +462,10 @@ class OwnError(Exception):
     pass
 
 
+# Named like the builtin but no subclass of it (as redis.exceptions.TimeoutError).
+SameName = type("TimeoutError", (Exception,), {"__module__": "redis.exceptions"})
+
+
 @pytest.mark.parametrize(
     ("raised", "again"),
     [
@@ -469,6 +473,7 @@ class OwnError(Exception):
         (KeyError("k"), KeyError),
         (RuntimeError("kaboom"), None),  # a RecordedToolError is one already
         (OwnError("mine"), None),  # not a builtin: not made again
+        (SameName("redis timed out"), None),  # nor a class only named like one
         (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), UnicodeDecodeError),
         *(  # not made from a text
             [(builtins.ExceptionGroup("both", [ValueError("a")]), None)]
@@ -487,9 +492,12 @@ def test_a_recorded_tool_error_is_raised_again_as_its_builtin_type(
     (result,) = recorder.sessions()[0].loops[0].turns[0].tool_results
     error = recorded_tool_error(result)
     assert isinstance(error, RecordedToolError) and str(error) == result_text(result)
-    assert str(error).startswith("fetch failed: " + type(raised).__name__)
+    builtin = getattr(builtins, type(raised).__name__, None) is type(raised)
+    # A class not the builtin one is recorded by its qualified name: its bare name is the builtin's.
+    name = type(raised).__name__ if builtin else f"{type(raised).__module__}.{type(raised).__qualname__}"
+    assert str(error).startswith(f"fetch failed: {name}: ")
     if again is None:
-        assert type(error) is RecordedToolError
+        assert type(error) is RecordedToolError and not isinstance(error, TimeoutError)
     else:
         assert isinstance(error, again)
         assert type(recorded_tool_error(result)) is type(error)  # one class a type

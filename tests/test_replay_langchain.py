@@ -498,6 +498,35 @@ def test_a_tool_retried_after_an_error_replays_the_retry(
     assert turns(the_other(store.load(THREAD), first)) == turns(first)
 
 
+def test_a_tool_error_only_named_like_a_builtin_is_not_retried_in_the_replay(store: SqliteStore) -> None:
+    # redis.exceptions.TimeoutError is no builtin TimeoutError: the original run did not
+    # retry it, nor does the replay (it stopped there, not after 3 attempts).
+    same_name = type("TimeoutError", (Exception,), {"__module__": "redis.exceptions"})
+
+    @tool
+    def fetch(x: str) -> str:
+        """Fetches from the cache."""
+        RUNS.append("fetch")
+        raise same_name("redis timed out")
+
+    def retry() -> list[Any]:
+        return [ToolRetryMiddleware(max_retries=2, initial_delay=0.0, jitter=False, retry_on=(TimeoutError,))]
+
+    steps = [reply("", ("c1", "fetch", {"x": "a"})), reply("done")]
+    with pytest.raises(same_name):
+        run_agent(ScriptedChat(messages=iter(steps)), [fetch], store, middleware=retry())
+    (first,) = store.load(THREAD).loops
+    assert first.status == "Aborted" and RUNS == ["fetch"]
+    RUNS.clear()
+    model = ReplayChatModel(store.load(THREAD))
+    with model.recording(), pytest.raises(RecordedToolError) as raised:
+        run_agent(model, model.wrap_tools([fetch]), store, middleware=retry())
+    assert str(raised.value) == "fetch failed: redis.exceptions.TimeoutError: redis timed out"
+    assert not isinstance(raised.value, TimeoutError)
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    assert turns(the_other(store.load(THREAD), first)) == turns(first)
+
+
 def test_a_model_failure_that_ended_the_run_fails_the_replay_there(store: SqliteStore) -> None:
     class Failing(ScriptedChat):
         def _generate(self, *args: Any, **kwargs: Any) -> Any:

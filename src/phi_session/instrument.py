@@ -54,6 +54,7 @@ tracer's `_Outlet` (processors, then sinks) only.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import json
 import logging
@@ -618,12 +619,19 @@ def _checked_each(name: str, records: tuple[_R, ...]) -> tuple[_R, ...]:
 _R = TypeVar("_R", bound=msgspec.Struct)
 
 
-def _describe(error: BaseException | str) -> str:
+def _describe(error: BaseException | str, *, qualified: bool = False) -> str:
+    """`error` as recorded: ``"TimeoutError: slow"``. `qualified` (a tool's failure, which
+    a replay raises again as its builtin class, `recorded_tool_error`): a class that is
+    not the builtin of its name by its qualified name (``"redis.exceptions.TimeoutError:
+    slow"``), so that a bare name is always the builtin's."""
     if isinstance(error, str):
         return plain_text(error)
     if isinstance(error, RecordedModelError):
         return str(error)  # a replay raising a recorded failure: recorded as the original was
-    name = type(error).__name__
+    kind = type(error)
+    name = kind.__name__
+    if qualified and getattr(builtins, name, None) is not kind:
+        name = f"{kind.__module__}.{kind.__qualname__}"
     try:
         text = str(error)
     except Exception as failure:  # the agent's own exception must stay the one it sees
@@ -635,7 +643,11 @@ def tool_failure_text(tool_name: str, error: BaseException | str) -> str:
     """The result text of tool `tool_name` failing with `error`, as `ToolScope.end` records
     it (an adapter recording a tool outside any turn writes the same)."""
     # A replay raising a recorded failure: recorded as the original was.
-    return str(error) if isinstance(error, RecordedToolError) else f"{tool_name} failed: {_describe(error)}"
+    return (
+        str(error)
+        if isinstance(error, RecordedToolError)
+        else f"{tool_name} failed: {_describe(error, qualified=True)}"
+    )
 
 
 def _stop_reason(error: BaseException | str) -> StopReason:

@@ -77,7 +77,10 @@ def recorded_tool_error(result: ToolResultMessage) -> RecordedToolError:
     (``"fetch failed: TimeoutError: slow"``, as a tool's exception is recorded), so that
     what caught that type in the original run (a retry on ``TimeoutError`` only) catches
     it again. The agent's own exception classes are not made again (the recording has
-    their name only): a plain `RecordedToolError`, which such a handler does not catch."""
+    their name only): a plain `RecordedToolError`, which such a handler does not catch.
+    A class not the builtin is recorded by its qualified name (``"fetch failed:
+    redis.exceptions.TimeoutError: slow"``), so a bare name is the builtin's; a recording
+    made before that rule names such a class bare too, and is taken for the builtin."""
     text = result_text(result)
     prefix = f"{result.tool_name} failed: "
     if text.startswith(prefix):
