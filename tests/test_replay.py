@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import threading
+import traceback
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -474,8 +475,15 @@ SameName = type("TimeoutError", (Exception,), {"__module__": "redis.exceptions"}
         (RuntimeError("kaboom"), None),  # a RecordedToolError is one already
         (OwnError("mine"), None),  # not a builtin: not made again
         (SameName("redis timed out"), None),  # nor a class only named like one
-        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), UnicodeDecodeError),
-        *(  # not made from a text
+        # Not made again: raised in a coroutine or generator, a StopIteration turns into
+        # RuntimeError('coroutine raised StopIteration'); the others are not made from a
+        # text (their fields None: a UnicodeDecodeError's, a SyntaxError's).
+        (StopIteration("exhausted"), None),
+        (StopAsyncIteration("exhausted"), None),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), None),
+        (SyntaxError("bad syntax"), None),
+        (TabError("tabs"), None),
+        *(
             [(builtins.ExceptionGroup("both", [ValueError("a")]), None)]
             if sys.version_info >= (3, 11)
             else []
@@ -501,6 +509,26 @@ def test_a_recorded_tool_error_is_raised_again_as_its_builtin_type(
     else:
         assert isinstance(error, again)
         assert type(recorded_tool_error(result)) is type(error)  # one class a type
+
+
+def _builtin_exceptions() -> list[type[Exception]]:
+    return [
+        kind for kind in vars(builtins).values() if isinstance(kind, type) and issubclass(kind, Exception)
+    ]
+
+
+@pytest.mark.parametrize("builtin", _builtin_exceptions(), ids=lambda kind: kind.__name__)
+def test_a_builtin_tool_error_made_again_behaves_as_one(builtin: type[Exception]) -> None:
+    # Each builtin class is made again whole (its str() and traceback the recorded text),
+    # or not at all.
+    text = f"fetch failed: {builtin.__name__}: slow upstream"
+    result = ToolResultMessage(
+        tool_call_id="c1", tool_name="fetch", content=(TextContent(text=text),), is_error=True, timestamp=1
+    )
+    error = recorded_tool_error(result)
+    assert isinstance(error, RecordedToolError) and str(error) == text
+    assert isinstance(error, builtin) or type(error) is RecordedToolError
+    assert "".join(traceback.format_exception_only(error)).rstrip().endswith(text)
 
 
 # -- scripts -------------------------------------------------------------------------------------

@@ -527,6 +527,27 @@ def test_a_tool_error_only_named_like_a_builtin_is_not_retried_in_the_replay(sto
     assert turns(the_other(store.load(THREAD), first)) == turns(first)
 
 
+def test_a_recorded_stop_iteration_fails_an_async_replay_as_a_recorded_tool_error(store: SqliteStore) -> None:
+    # Not made again as a StopIteration: raised in the replayed tool's coroutine, that
+    # would turn into RuntimeError('coroutine raised StopIteration').
+    @tool
+    def nxt(x: str) -> str:
+        """Next item."""
+        RUNS.append("nxt")
+        raise StopIteration("exhausted")
+
+    steps = [reply("", ("c1", "nxt", {"x": "a"})), reply("done")]
+    with pytest.raises(RuntimeError):
+        run_agent(ScriptedChat(messages=iter(steps)), [nxt], store)
+    (first,) = store.load(THREAD).loops
+    RUNS.clear()
+    model = ReplayChatModel(store.load(THREAD))
+    with model.recording(), pytest.raises(RecordedToolError, match=r"^nxt failed: StopIteration: exhausted"):
+        run_agent(model, model.wrap_tools([nxt]), store, mode="ainvoke")
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    assert turns(the_other(store.load(THREAD), first)) == turns(first)
+
+
 def test_a_model_failure_that_ended_the_run_fails_the_replay_there(store: SqliteStore) -> None:
     class Failing(ScriptedChat):
         def _generate(self, *args: Any, **kwargs: Any) -> Any:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import sys
 import threading
 from bisect import bisect_left
 from typing import Literal
@@ -76,23 +77,41 @@ def recorded_tool_error(result: ToolResultMessage) -> RecordedToolError:
     also the builtin exception class the tool raised, named in the recorded text
     (``"fetch failed: TimeoutError: slow"``, as a tool's exception is recorded), so that
     what caught that type in the original run (a retry on ``TimeoutError`` only) catches
-    it again. The agent's own exception classes are not made again (the recording has
-    their name only): a plain `RecordedToolError`, which such a handler does not catch.
+    it again (but for `_NOT_REMADE`: a StopIteration, say, which a coroutine would turn
+    into a RuntimeError). The agent's own exception classes are not made again (the
+    recording has their name only): a plain `RecordedToolError`, which such a handler
+    does not catch.
     A class not the builtin is recorded by its qualified name (``"fetch failed:
     redis.exceptions.TimeoutError: slow"``), so a bare name is the builtin's; a recording
     made before that rule names such a class bare too, and is taken for the builtin."""
     text = result_text(result)
     prefix = f"{result.tool_name} failed: "
     if text.startswith(prefix):
-        name = text[len(prefix) :].partition(":")[0]
-        builtin = getattr(builtins, name, None) if name.isidentifier() else None
-        if isinstance(builtin, type) and issubclass(builtin, Exception):
-            try:
-                return _as_builtin(builtin)(text)
-            except TypeError:  # a class not made from one text (ExceptionGroup)
-                pass
+        builtin = _REMADE.get(text[len(prefix) :].partition(":")[0])
+        if builtin is not None:
+            return _as_builtin(builtin)(text)
     return RecordedToolError(text)
 
+
+_NOT_REMADE: tuple[type[Exception], ...] = (
+    # Raised in a coroutine or generator (a replayed tool's), it turns into a RuntimeError.
+    StopIteration,
+    StopAsyncIteration,
+    # Not made from one text: their fields would be None (a traceback shows a SyntaxError
+    # as '<no detail available>'), an ExceptionGroup needs its exceptions.
+    UnicodeDecodeError,
+    UnicodeEncodeError,
+    UnicodeTranslateError,
+    SyntaxError,
+)
+if sys.version_info >= (3, 11):
+    _NOT_REMADE += (builtins.ExceptionGroup,)
+_REMADE: dict[str, type[Exception]] = {
+    name: kind
+    for name, kind in vars(builtins).items()
+    if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, _NOT_REMADE)
+}
+"""The builtin exception classes a recorded tool failure is raised again as, by name."""
 
 _AS_BUILTIN: dict[type[Exception], type[RecordedToolError]] = {}
 
