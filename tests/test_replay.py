@@ -8,9 +8,11 @@ prompt, a tool, a tool's result) and forked at turn 2 with another model.
 from __future__ import annotations
 
 import builtins
+import copy
 import itertools
 import json
 import logging
+import pickle
 import sys
 import threading
 import traceback
@@ -529,6 +531,9 @@ def test_a_builtin_tool_error_made_again_behaves_as_one(builtin: type[Exception]
     assert isinstance(error, RecordedToolError) and str(error) == text
     assert isinstance(error, builtin) or type(error) is RecordedToolError
     assert "".join(traceback.format_exception_only(error)).rstrip().endswith(text)
+    error.__notes__ = ["a note"]  # as langgraph adds one (add_note, Python 3.11)
+    for again in (pickle.loads(pickle.dumps(error)), copy.deepcopy(error)):  # a process pool's, say
+        assert type(again) is type(error) and str(again) == text and again.__notes__ == ["a note"]
 
 
 # -- scripts -------------------------------------------------------------------------------------

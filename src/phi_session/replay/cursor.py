@@ -124,10 +124,25 @@ def _as_builtin(builtin: type[Exception]) -> type[RecordedToolError]:
     if issubclass(RecordedToolError, builtin):
         made = RecordedToolError
     else:
-        # Its text as it was recorded (KeyError's own str() would quote it).
-        namespace = {"__str__": BaseException.__str__, "__module__": __name__}
+        namespace = {
+            "__str__": BaseException.__str__,  # its text as recorded (KeyError's would quote it)
+            "__reduce__": _reduce,
+            "__module__": __name__,
+        }
         made = type(f"Recorded{builtin.__name__}", (RecordedToolError, builtin), namespace)
     return _AS_BUILTIN.setdefault(builtin, made)  # one class, whichever thread made it first
+
+
+def _reduce(error: RecordedToolError) -> tuple[object, ...]:
+    """A made class is no attribute of its module: it pickles (a process pool's, a deep
+    copy) as the builtin's name, made again when loaded (`_remade`)."""
+    builtin = type(error).__bases__[1]  # (RecordedToolError, builtin), as `_as_builtin` makes it
+    return _remade, (builtin.__name__, *error.args), error.__dict__ or None
+
+
+def _remade(name: str, *args: object) -> RecordedToolError:
+    """A pickled `RecordedToolError` that is also the builtin `name` (`_reduce`)."""
+    return _as_builtin(_REMADE[name])(*args)
 
 
 _Messages = tuple[AgentMessage, ...]
