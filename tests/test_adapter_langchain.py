@@ -997,6 +997,52 @@ def test_a_resumed_run_records_only_the_interrupted_calls_result(
     assert [(m.tool_call_id, m.content[0].text) for m in again] == [("c2", "booked Oslo: yes")]  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("handlers", ["one", "one per run, closed between"])
+def test_a_tool_error_cut_short_by_an_interrupt_is_an_input_of_the_resumed_run(
+    handlers: str, tmp_path: Any
+) -> None:
+    # c1 fails and c2 interrupts in one tool node step: the node ends with the interrupt,
+    # not its output, so the interrupted loop has c1's exception; the model is sent the
+    # tool node's answer to it by the resumed run, which records that answer as an input.
+    failed = threading.Event()
+
+    @tool
+    def ask(x: str) -> str:
+        """Asks a human."""
+        failed.wait(10)  # c1's failure first: its end is held when the interrupt comes
+        return f"human said {interrupt({'q': x})}"
+
+    class Failed(BaseCallbackHandler):
+        def on_tool_error(self, error: BaseException, **kwargs: Any) -> None:
+            failed.set()
+
+    store = SqliteStore(tmp_path / "s.db")
+    first = PhiCallbackHandler(store=store)
+    app = tool_node_graph(
+        chat(reply("", ("c1", "refuse", {"x": "b"}), ("c2", "ask", {"x": "q"})), reply("done")), [refuse, ask]
+    )
+    config: Any = {"callbacks": [first, Failed()], "configurable": {"thread_id": "t"}}
+    app.invoke({"messages": [("user", "go")]}, config)
+    if handlers != "one":
+        first.close()
+        config["callbacks"] = [PhiCallbackHandler(store=store)]
+    out = app.invoke(Command(resume="yes"), config)
+    config["callbacks"][0].close()
+    sent = [(m.tool_call_id, m.content) for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert sent == [
+        ("c1", "Error: ValueError('bad b')\n Please fix your mistakes."),
+        ("c2", "human said yes"),
+    ]
+    interrupted, resumed = store.load("t").loops
+    store.close()
+    results = [(m.tool_call_id, m.content[0].text) for m in interrupted.turns[0].tool_results]  # type: ignore[union-attr]
+    assert sorted(results) == [("c1", "refuse failed: ValueError: bad b"), ("c2", "[interrupted]")]
+    again = [
+        (m.tool_call_id, m.content[0].text) for m in resumed.messages if isinstance(m, ToolResultMessage)
+    ]  # type: ignore[union-attr]
+    assert again == sent
+
+
 def test_an_interrupt_in_a_subgraph_is_recorded_once() -> None:
     inner = approval_graph(chat(reply("draft")))  # model, then interrupt(), in a subgraph
     graph = StateGraph(State)

@@ -59,7 +59,15 @@ from .lineage import answered
 from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
 from .script import RecordedTurn, ReplayScript
 
-__all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request", "recorded_tool_error", "result_text"]
+__all__ = [
+    "OnDivergence",
+    "ReplayCursor",
+    "ToolsMode",
+    "check_request",
+    "recorded_exception",
+    "recorded_tool_error",
+    "result_text",
+]
 
 logger = logging.getLogger("phi_session.replay")
 
@@ -85,12 +93,18 @@ def recorded_tool_error(result: ToolResultMessage) -> RecordedToolError:
     redis.exceptions.TimeoutError: slow"``), so a bare name is the builtin's; a recording
     made before that rule names such a class bare too, and is taken for the builtin."""
     text = result_text(result)
+    raised = recorded_exception(result)
+    builtin = None if raised is None else _REMADE.get(raised.partition(":")[0])
+    return RecordedToolError(text) if builtin is None else _as_builtin(builtin)(text)
+
+
+def recorded_exception(result: ToolResultMessage) -> str | None:
+    """The exception a failed tool's result was recorded as (`ToolScope.end` with one:
+    ``"fetch failed: TimeoutError: slow"``), as its text names it (``"TimeoutError:
+    slow"``); None for another result (a success, a framework's answer to the failure)."""
+    text = result_text(result)
     prefix = f"{result.tool_name} failed: "
-    if text.startswith(prefix):
-        builtin = _REMADE.get(text[len(prefix) :].partition(":")[0])
-        if builtin is not None:
-            return _as_builtin(builtin)(text)
-    return RecordedToolError(text)
+    return text[len(prefix) :] if result.is_error and text.startswith(prefix) else None
 
 
 _NOT_REMADE: tuple[type[Exception], ...] = (

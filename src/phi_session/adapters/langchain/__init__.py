@@ -78,6 +78,7 @@ from ...messages import (
     Usage,
     UserMessage,
 )
+from ...replay.cursor import recorded_exception
 from ...replay.lineage import calling
 from ...replay.script import HANDOFF_KEY
 from .._core import (
@@ -566,6 +567,9 @@ class _Run:
                 held.answered = True
             elif rest:
                 held.answered = True
+                # Recorded as its exception: a ToolMessage the model is sent for it later (the
+                # resumed run's, after an interrupt cut the tool node short) is a new input.
+                self.recorded.discard(held.tool.tool_call_id)
         self._end_held()
 
     def _end_held(self) -> None:
@@ -672,10 +676,14 @@ class _Mapper:
         ):
             return None
         stopped = (TextContent(text=_INTERRUPTED),)
+        # As the note (`_end`): neither an interrupted call nor a failure recorded as its
+        # exception (the tool node's answer to it comes with the resumed run).
         answered = frozenset(
             result.tool_call_id
             for result in loop.turns[-1].tool_results
-            if isinstance(result, ToolResultMessage) and result.content != stopped
+            if isinstance(result, ToolResultMessage)
+            and result.content != stopped
+            and recorded_exception(result) is None
         )
         return loop.loop_id, answered
 
