@@ -30,6 +30,7 @@ from phi_session.instrument import InstrumentationError, LoopScope, Tracer, Turn
 from phi_session.messages import JsonSchemaFormat, TextFormat
 from phi_session.recorder import SessionRecorder
 from phi_session.sinks import JsonlSink
+from phi_session.views import timeline
 
 from .test_identity import rotating
 
@@ -2153,11 +2154,17 @@ def test_a_tool_ended_with_a_timestamp_records_its_result_at_that_time() -> None
     # A result known after the tool finished (an adapter waiting for the framework's answer
     # to an error) keeps the time the tool finished; a timestamp phi-core cannot hold is refused.
     h = Harness(redact=False)
+    last = ps.Timestamp.parse("+262143-12-31T23:59:59.999Z").ns // 1_000_000  # chrono's last year
+    before = h.clock.peek().ns // 1_000_000 - 1
     with h.tracer.loop() as loop, loop.turn() as turn:
-        answer(turn, "go")
-        tool = turn.tool(id="c1", name="q", args={}).start()
-        with pytest.raises(ps.InvalidArgument):
-            tool.end(timestamp=-1)
-        tool.end(ValueError("no"), timestamp=1234)
-    (result,) = [m for m in h.session().loops[0].messages if isinstance(m, ps.ToolResultMessage)]
-    assert (result.timestamp, result.is_error) == (1234, True)
+        answer(turn, "go", calls=(call(1),))
+        tool = turn.tool(call(1)).start()
+        for wrong in (-1, before, last + 1, 2**63):  # nor before its turn started
+            with pytest.raises(ps.InvalidArgument):
+                tool.end(timestamp=wrong)
+        at = h.clock.peek().ns // 1_000_000
+        tool.end(ValueError("no"), timestamp=at)
+    session = h.session()
+    (result,) = [m for m in session.loops[0].messages if isinstance(m, ps.ToolResultMessage)]
+    assert (result.timestamp, result.is_error) == (at, True)
+    assert [bar.end.ns // 1_000_000 for bar in timeline(session) if bar.kind == "tool"] == [at]

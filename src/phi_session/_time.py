@@ -16,6 +16,7 @@ from typing import Any
 from .errors import InvalidArgument
 
 _NS_PER_S = 1_000_000_000
+NS_PER_MS = 1_000_000  # epoch milliseconds: message timestamps
 _MAX_YEAR = 262_143  # chrono's range: what phi-core can read back
 _SECONDS_PER_DAY = 86_400
 
@@ -65,6 +66,10 @@ def _civil_from_days(z: int) -> tuple[int, int, int]:
     d = doy - (153 * mp + 2) // 5 + 1
     m = mp + (3 if mp < 10 else -9)
     return y + (m <= 2), m, d
+
+
+MAX_MILLIS = _days_from_civil(_MAX_YEAR + 1, 1, 1) * _SECONDS_PER_DAY * 1000 - 1
+"""The last epoch millisecond a `Timestamp` holds (a message's timestamp is one)."""
 
 
 def _epoch_seconds(y: int, mo: int, d: int, h: int, mi: int, s: int) -> int:

@@ -85,7 +85,7 @@ from ._checks import (
 )
 from ._failures import FailureTally
 from ._strict import MAX_VALUE_DEPTH, clip_depth, read_as_integer
-from ._time import Timestamp
+from ._time import MAX_MILLIS, NS_PER_MS, Timestamp
 from .codec import (
     EVENT_CLASSES,
     HOOKED_ONLY_AS_KEYS,
@@ -1123,11 +1123,14 @@ class _TurnState:
         "message",
         "results",
         "scope",
+        "started",
         "usage",
     )
 
     def __init__(self, scope: TurnScope, loop: _LoopState) -> None:
         self.scope: TurnScope | None = scope
+        self.started: Timestamp | None = None
+        """When the turn started (``TurnStart``): none of its tools ended earlier."""
         self.message: AssistantMessage | None = None
         """The (last) assistant message as recorded, its tool calls copies of their own."""
         self.given: AssistantMessage | None = None
@@ -1822,6 +1825,7 @@ class TurnScope(_Scope):
             loop_id=loop.loop_id, turn_index=self.index, timestamp=loop.now(), triggered_by=self.trigger
         )
         self._running = True
+        self._turn.started = start.timestamp
         loop.emit(start)
         loop.emit_waiting(None if self.index == 0 else self.turn_id)
         if self._request is not None:
@@ -2360,12 +2364,20 @@ class ToolScope(_Scope):
         """Emit ``ToolExecutionEnd`` and the ``toolResult`` message; with `error`, as a failure.
 
         `timestamp`: the message's (epoch milliseconds; default now), for a tool that
-        finished earlier than its result was known. Error texts (exception messages)
-        reach sinks through the redactor like any failed tool's result. After the turn
-        cut the tool short, a no-op (logged).
+        finished earlier than its result was known: `InvalidArgument` for one before its
+        turn started (the tool's own start is not timed) or past the years phi-core reads
+        (`Timestamp`). Error texts (exception messages) reach sinks through the redactor
+        like any failed tool's result. After the turn cut the tool short, a no-op (logged).
         """
         if timestamp is not None:
             check_unsigned("timestamp", timestamp)
+            started = self._turn.started
+            if timestamp > MAX_MILLIS:
+                raise InvalidArgument(f"timestamp {timestamp} ms is past the years a Timestamp holds")
+            if started is not None and timestamp < started.ns // NS_PER_MS:
+                raise InvalidArgument(
+                    f"timestamp {timestamp} ms is before the tool's turn started ({started})"
+                )
         with self._loop.lock:  # atomic with the turn's end: each tool ends once
             if not self._running and not self._still_open("end"):
                 return
