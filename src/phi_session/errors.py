@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -183,6 +184,42 @@ class RecordedToolError(PhiSessionError, RuntimeError):
     recorded error text (e.g. ``"boom failed: RuntimeError: kaboom"``). One raised for a
     builtin exception class the tool raised is also of that class (a ``TimeoutError``,
     say: `phi_session.replay.cursor.recorded_tool_error`)."""
+
+    @staticmethod
+    def also_of(builtin: type[Exception]) -> type[RecordedToolError]:
+        """The `RecordedToolError` class that is also `builtin`, one per class, made on
+        first use; its text is the recorded one (a ``KeyError``'s is not quoted)."""
+        made = _RECORDED_AS.get(builtin)
+        if made is not None:
+            return made
+        if issubclass(RecordedToolError, builtin):
+            made = RecordedToolError
+        else:
+            namespace = {
+                "__str__": BaseException.__str__,
+                "__reduce__": _reduce_recorded,
+                "__module__": __name__,
+            }
+            made = type(f"Recorded{builtin.__name__}", (RecordedToolError, builtin), namespace)
+        return _RECORDED_AS.setdefault(builtin, made)  # one class, whichever thread made it first
+
+
+_RECORDED_AS: dict[type[Exception], type[RecordedToolError]] = {}
+
+
+def _reduce_recorded(error: RecordedToolError) -> tuple[object, ...]:
+    """A made class is no attribute of this module: it pickles (a process pool's, a deep
+    copy) as the builtin's name, made again when loaded (`_remade_recorded`)."""
+    builtin = type(error).__bases__[1]  # (RecordedToolError, builtin), as `also_of` makes it
+    return _remade_recorded, (builtin.__name__, *error.args), error.__dict__ or None
+
+
+def _remade_recorded(name: str, *args: object) -> RecordedToolError:
+    """A pickled `RecordedToolError` that is also the builtin `name` (`_reduce_recorded`)."""
+    builtin = getattr(builtins, name)
+    if not (isinstance(builtin, type) and issubclass(builtin, Exception)):
+        raise TypeError(f"{name!r} is no builtin exception class")
+    return RecordedToolError.also_of(builtin)(*args)
 
 
 class RecordedModelError(PhiSessionError, RuntimeError):

@@ -95,7 +95,7 @@ def recorded_tool_error(result: ToolResultMessage) -> RecordedToolError:
     text = result_text(result)
     raised = recorded_exception(result)
     builtin = None if raised is None else _REMADE.get(raised.partition(":")[0])
-    return RecordedToolError(text) if builtin is None else _as_builtin(builtin)(text)
+    return RecordedToolError(text) if builtin is None else RecordedToolError.also_of(builtin)(text)
 
 
 def recorded_exception(result: ToolResultMessage) -> str | None:
@@ -126,38 +126,6 @@ _REMADE: dict[str, type[Exception]] = {
     if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, _NOT_REMADE)
 }
 """The builtin exception classes a recorded tool failure is raised again as, by name."""
-
-_AS_BUILTIN: dict[type[Exception], type[RecordedToolError]] = {}
-
-
-def _as_builtin(builtin: type[Exception]) -> type[RecordedToolError]:
-    """The `RecordedToolError` that is also `builtin` (one class a type)."""
-    made = _AS_BUILTIN.get(builtin)
-    if made is not None:
-        return made
-    if issubclass(RecordedToolError, builtin):
-        made = RecordedToolError
-    else:
-        namespace = {
-            "__str__": BaseException.__str__,  # its text as recorded (KeyError's would quote it)
-            "__reduce__": _reduce,
-            "__module__": __name__,
-        }
-        made = type(f"Recorded{builtin.__name__}", (RecordedToolError, builtin), namespace)
-    return _AS_BUILTIN.setdefault(builtin, made)  # one class, whichever thread made it first
-
-
-def _reduce(error: RecordedToolError) -> tuple[object, ...]:
-    """A made class is no attribute of its module: it pickles (a process pool's, a deep
-    copy) as the builtin's name, made again when loaded (`_remade`)."""
-    builtin = type(error).__bases__[1]  # (RecordedToolError, builtin), as `_as_builtin` makes it
-    return _remade, (builtin.__name__, *error.args), error.__dict__ or None
-
-
-def _remade(name: str, *args: object) -> RecordedToolError:
-    """A pickled `RecordedToolError` that is also the builtin `name` (`_reduce`)."""
-    return _as_builtin(_REMADE[name])(*args)
-
 
 _Messages = tuple[AgentMessage, ...]
 _Matched = tuple[_Messages, _Messages]
