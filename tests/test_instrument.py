@@ -2155,11 +2155,10 @@ def test_a_tool_ended_with_a_timestamp_records_its_result_at_that_time() -> None
     # to an error) keeps the time the tool finished; a timestamp phi-core cannot hold is refused.
     h = Harness(redact=False)
     last = ps.Timestamp.parse("+262143-12-31T23:59:59.999Z").ns // 1_000_000  # chrono's last year
-    before = h.clock.peek().ns // 1_000_000 - 1
     with h.tracer.loop() as loop, loop.turn() as turn:
         answer(turn, "go", calls=(call(1),))
         tool = turn.tool(call(1)).start()
-        for wrong in (-1, before, last + 1, 2**63):  # nor before its turn started
+        for wrong in (-1, last + 1, 2**63):
             with pytest.raises(ps.InvalidArgument):
                 tool.end(timestamp=wrong)
         at = h.clock.peek().ns // 1_000_000

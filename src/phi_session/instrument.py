@@ -85,7 +85,7 @@ from ._checks import (
 )
 from ._failures import FailureTally
 from ._strict import MAX_VALUE_DEPTH, clip_depth, read_as_integer
-from ._time import MAX_MILLIS, NS_PER_MS, Timestamp
+from ._time import MAX_MILLIS, Timestamp
 from .codec import (
     EVENT_CLASSES,
     HOOKED_ONLY_AS_KEYS,
@@ -2364,20 +2364,16 @@ class ToolScope(_Scope):
         """Emit ``ToolExecutionEnd`` and the ``toolResult`` message; with `error`, as a failure.
 
         `timestamp`: the message's (epoch milliseconds; default now), for a tool that
-        finished earlier than its result was known: `InvalidArgument` for one before its
-        turn started (the tool's own start is not timed) or past the years phi-core reads
-        (`Timestamp`). Error texts (exception messages) reach sinks through the redactor
+        finished earlier than its result was known: `InvalidArgument` for one past the
+        years phi-core reads (`Timestamp`); one before the turn started is taken as given,
+        as a clock set back would give it (an adapter's reading must not lose the result).
+        Error texts (exception messages) reach sinks through the redactor
         like any failed tool's result. After the turn cut the tool short, a no-op (logged).
         """
         if timestamp is not None:
             check_unsigned("timestamp", timestamp)
-            started = self._turn.started
             if timestamp > MAX_MILLIS:
                 raise InvalidArgument(f"timestamp {timestamp} ms is past the years a Timestamp holds")
-            if started is not None and timestamp < started.ns // NS_PER_MS:
-                raise InvalidArgument(
-                    f"timestamp {timestamp} ms is before the tool's turn started ({started})"
-                )
         with self._loop.lock:  # atomic with the turn's end: each tool ends once
             if not self._running and not self._still_open("end"):
                 return
