@@ -362,18 +362,23 @@ def test_arguments_streamed_as_partial_args_are_tool_call_deltas() -> None:
     assert call.arguments == {"label": "hello", "n": 2.0, "loud": True, "note": None}  # type: ignore[union-attr]
 
 
-def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:
-    h = Harness()
-    helper = LlmAgent(name="helper", model=ScriptedLlm.of(["helped"]), description="helps")
+def _transfer_to(h: Harness, helper: LlmAgent) -> list[LoopRecord]:
+    """The loops of agent root transferring to `helper` at once."""
     root = LlmAgent(
         name="root",
-        model=ScriptedLlm.of([("transfer_to_agent", {"agent_name": "helper"})]),
+        model=ScriptedLlm.of([("transfer_to_agent", {"agent_name": helper.name})]),
         sub_agents=[helper],
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # ADK's advice on context caching
         h.run(root)
-    first, second = h.session().loops
+    return h.session().loops
+
+
+def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:
+    h = Harness()
+    helper = LlmAgent(name="helper", model=ScriptedLlm.of(["helped"]), description="helps")
+    first, second = _transfer_to(h, helper)
     assert first.turns[-1].output_message.stop_reason == "handoff"
     assert first.turns[-1].tool_results[0].tool_name == "transfer_to_agent"
     assert second.parent_loop_id == first.loop_id and second.continuation_kind.kind == "Default"
@@ -800,6 +805,22 @@ def test_an_agent_callback_answering_for_the_next_agent_is_its_loops_turn() -> N
     assert texts(one) == [("user", "hello"), ("assistant", "one")]
     assert two.config is not None and two.config.name == "second"
     assert texts(two) == [("assistant", "skipped")]
+
+
+def test_an_agent_transferred_to_answering_by_its_callback_is_the_handed_over_loops_turn() -> None:
+    # root's turn (its transfer call) is still open as helper's callback answers.
+    h = Harness()
+    helper = LlmAgent(
+        name="helper",
+        model=ScriptedLlm.of(),
+        description="helps",
+        before_agent_callback=_says("helper cached"),
+    )
+    first, second = _transfer_to(h, helper)
+    assert first.turns[-1].output_message.stop_reason == "handoff"
+    assert second.parent_loop_id == first.loop_id and second.config.name == "helper"
+    assert texts(second) == [("assistant", "helper cached")]
+    assert h.plugin.fault_count == 0
 
 
 def test_a_call_an_agents_before_model_callback_asks_for_is_recorded_with_its_result() -> None:

@@ -825,11 +825,13 @@ class PhiPlugin(BasePlugin):
                 return
             lane = self._lanes.get((invocation_context.invocation_id, event.branch))
             reply = lane.reply if lane is not None else None
-            # Cheapest checks first: most events (tool responses, other agents') are not it.
-            if lane is not None and reply is not None:
-                if reply.waiting and event.author == lane.agent and not event.get_function_responses():
+            # Cheapest checks first: most events (tool responses) are not it.
+            if lane is not None and reply is not None and event.author == lane.agent:
+                if reply.waiting and not event.get_function_responses():
                     reply.event(event)
-            elif _is_answer(event):  # no turn open
+            elif _is_answer(event):
+                # No turn open, or another agent's (an agent transferred to answering by
+                # its callback while the transfer's turn is still open): a turn of its own.
                 self._agent_answered(invocation_context, event)
         except Exception as caught:
             self.core.fault(caught)
