@@ -881,6 +881,30 @@ def test_each_run_of_a_parallel_agent_forks_branches_of_its_own(between: bool) -
     assert all(r.status == "Completed" for r in loops)
 
 
+def test_an_answer_an_after_agent_callback_gives_in_a_branch_is_in_that_branchs_loop() -> None:
+    # ADK calls the plugin's after_agent_callback before the agent's, whose answer follows.
+    h = Harness()
+    fan = ParallelAgent(
+        name="fan",
+        sub_agents=[
+            LlmAgent(
+                name="l", model=ScriptedLlm.of(["L1"], ["L2"]), after_agent_callback=_says("(disclaimer)")
+            ),
+            LlmAgent(name="r", model=ScriptedLlm.of(["R1"], ["R2"])),
+        ],
+    )
+    h.run(LoopAgent(name="again", max_iterations=2, sub_agents=[fan]))
+    loops = sorted(h.session().loops, key=lambda r: r.started_at.ns)
+    branches = [(r.continuation_kind.tag, texts(r)) for r in loops if r.continuation_kind.kind == "Branch"]
+    assert branches == [
+        ("fan.l", [("assistant", "L1"), ("assistant", "(disclaimer)")]),
+        ("fan.r", [("assistant", "R1")]),
+        ("fan.l", [("assistant", "L2"), ("assistant", "(disclaimer)")]),
+        ("fan.r", [("assistant", "R2")]),
+    ]
+    assert all(r.status == "Completed" for r in loops) and h.plugin.fault_count == 0
+
+
 class SlowlyFailingLlm(BaseLlm):
     """A model that fails after its sibling branches had time to finish."""
 

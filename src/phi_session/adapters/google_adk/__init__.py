@@ -36,8 +36,10 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   agent calling its model first (that one skipped, by its ``before_agent_callback``
   say) takes over from it the same way;
 * each agent of a ``ParallelAgent`` runs in a loop of its own, a ``Branch`` (tagged
-  with the ADK branch) of the loop before it, which ends when that agent does (each
-  run of the ``ParallelAgent``, in a ``LoopAgent`` say, forks anew). ADK picks no
+  with the ADK branch) of the loop before it, done when that agent is (its
+  after_agent_callback's answer still its turn, a sibling's later failure not its
+  own), ending with the invocation or as the branch forks anew (each run of the
+  ``ParallelAgent``, in a ``LoopAgent`` say, forks anew). ADK picks no
   winner, so none is recorded: the next loop of the invocation continues the loop
   the branches left;
 * an ``AgentTool`` runs its agent in a nested invocation: that is a sub-agent, in a
@@ -388,6 +390,11 @@ def _is_answer(event: Event) -> bool:
     )
 
 
+def _runs_branch(agent: BaseAgent, branch: str | None) -> bool:
+    """Whether `agent` is the one a parallel branch runs (ADK names the branch after it)."""
+    return branch is not None and branch.rpartition(".")[2] == agent.name
+
+
 def _new_message(ic: InvocationContext) -> types.Content | None:
     """The message the invocation was started with, if any: ADK appends it to the session,
     as the user's event of the invocation, just before the run starts. Not ``user_content``:
@@ -589,6 +596,7 @@ class _Lane:
     tools: dict[str, tuple[ToolScope | _ToolOutsideTurn, Token[RunningTool | None] | None]] = field(
         default_factory=dict
     )
+    done: bool = False  # the agent of its parallel branch is done: the loop ends completed
 
     def open_turn(self, agent: str, model: str | None, request: AnnotatedRequestPayload | None) -> _Reply:
         """End the turn open, if any, and open the next, for `agent`; returns its reply."""
@@ -766,19 +774,30 @@ class PhiPlugin(BasePlugin):
         except Exception as caught:
             self.core.fault(caught)
 
+    async def before_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
+        try:
+            branch = callback_context.branch
+            if _runs_branch(agent, branch):
+                # A later run of the ParallelAgent (in a LoopAgent): the branch forks anew.
+                lane = self._lanes.get((callback_context.invocation_id, branch))
+                if lane is not None:
+                    self._end_branch(lane)
+        except Exception as caught:
+            self.core.fault(caught)
+
     async def after_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
         try:
             if _cancelled(self._invocations.get(callback_context.invocation_id)):
                 return  # the agent is stopped, not done: its invocation's end tells which
-            branch = callback_context.branch
-            lane = self._lanes.get((callback_context.invocation_id, branch))
+            lane = self._lanes.get((callback_context.invocation_id, callback_context.branch))
             if lane is None:
                 return
-            if branch is not None and branch.rpartition(".")[2] == agent.name:
+            if _runs_branch(agent, callback_context.branch):
                 # The agent a parallel branch runs is done, and so is its loop: a
-                # sibling's later failure is not its own, and a later run of the
-                # ParallelAgent (in a LoopAgent) forks branches of its own.
-                self._end_branch(lane)
+                # sibling's later failure is not its own. The loop stays open for the
+                # answer the agent's own after_agent_callback (run after this) may give.
+                lane.done = True
+                lane.end_turn()
             elif lane.agent == agent.name:
                 lane.end_turn()
         except Exception as caught:
@@ -1038,8 +1057,9 @@ class PhiPlugin(BasePlugin):
             core.safely(root.tracer.agent.set_last_loop, root.loop.loop_id)
         # Branches first, deepest first: a branch's loop ends before the loop it forked from.
         for _, lane in sorted(invocation.lanes.items(), key=lambda item: -len(item[0] or "")):
-            core.safely(lane.close, error)
-            core.safely(core.end_run, lane.key, error)
+            ending = None if lane.done else error
+            core.safely(lane.close, ending)
+            core.safely(core.end_run, lane.key, ending)
         if close:
             core.close()
 
