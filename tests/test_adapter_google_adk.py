@@ -256,6 +256,33 @@ def test_a_confirmed_tool_resumes_with_the_approval_and_the_tools_run() -> None:
     assert resumed.messages[1].tool_call_id == call.id and resumed.messages[1].tool_name == "transfer"
 
 
+def test_a_tool_confirmed_in_a_parallel_branch_runs_in_that_branchs_resumed_loop() -> None:
+    # Resumed, ADK runs the tool in its branch before that branch's model is called.
+    def transfer(amount: int) -> str:
+        """Transfers money."""
+        return f"sent {amount}"
+
+    h = Harness()
+    payer = LlmAgent(
+        name="pay",
+        model=ScriptedLlm.of([("transfer", {"amount": 5})], ["paid"]),
+        tools=[FunctionTool(transfer, require_confirmation=True)],
+    )
+    runner = h.runner(
+        ParallelAgent(name="fan", sub_agents=[payer, LlmAgent(name="other", model=ScriptedLlm.of(["O"]))])
+    )
+
+    async def approve() -> None:
+        events = await h.ask(runner, "send 5")
+        (ask,) = [c for e in events for c in e.get_function_calls() if c.name == "adk_request_confirmation"]
+        await _resume(runner, _answer(ask, {"confirmed": True}))
+
+    asyncio.run(approve())
+    *_, resumed = sorted(h.session().loops, key=lambda r: r.started_at.ns)
+    assert resumed.continuation_kind.tag == "fan.pay" and h.plugin.fault_count == 0
+    assert texts(resumed) == [("toolResult", "result:sent 5"), ("assistant", "paid")]
+
+
 def test_a_long_running_tools_result_sent_later_is_the_resumed_loops_input() -> None:
     def ask_manager(amount: int) -> dict[str, str]:
         """Asks a manager to approve a refund."""

@@ -859,7 +859,14 @@ class PhiPlugin(BasePlugin):
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
     ) -> None:
         try:
-            lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
+            branch = tool_context.branch
+            lane = self._lanes.get((tool_context.invocation_id, branch))
+            if lane is None and branch is not None:
+                # A tool of a resumed invocation's branch, run before its model is called
+                # (the confirmed one): the branch forks as a model call would fork it.
+                lane = self._lane_of(
+                    tool_context.invocation_id, branch, tool_context.agent_name, lambda: _agent(tool_context)
+                )
             if lane is not None:
                 lane.start_tool(tool_context.function_call_id or tool.name, tool.name, tool_args)
         except Exception as caught:
