@@ -802,6 +802,22 @@ def test_an_answer_a_plugin_gives_before_the_model_is_the_turns_message() -> Non
     assert texts(record) == [("user", "hi"), ("assistant", "cached")]
 
 
+def test_an_answer_a_plugin_gives_before_the_run_is_a_turn_of_the_invocations_loop() -> None:
+    class Early(BasePlugin):  # listed after PhiPlugin: ADK runs no agent, the author is 'model'
+        async def before_run_callback(self, *, invocation_context: Any) -> types.Content:
+            return types.Content(role="model", parts=[types.Part(text="maintenance: try later")])
+
+    h = Harness()
+    agent = LlmAgent(name="a", model=ScriptedLlm.of())
+    asyncio.run(
+        h.ask(InMemoryRunner(agent=agent, app_name="app", plugins=[h.plugin, Early(name="early")]), "hi")
+    )
+    (record,) = h.session().loops
+    assert record.config is not None and (record.config.name, record.config.model) == ("a", "scripted-1")
+    assert texts(record) == [("user", "hi"), ("assistant", "maintenance: try later")]
+    assert record.turns[0].output_message.usage.total_tokens == 0 and h.plugin.fault_count == 0
+
+
 def _says(text: str) -> Callable[[Any], types.Content]:
     """An agent callback answering `text`."""
     return lambda callback_context: types.Content(role="model", parts=[types.Part(text=text)])

@@ -28,6 +28,8 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   The turn ends at the next model call, or when its agent or the invocation ends. An
   answer an agent callback gives (before the agent, its model never called; after it,
   added to the model's) is a turn of its own, that answer its message, with no usage;
+  so is one a plugin listed after this one gives before the run (no agent runs), in
+  the invocation's loop;
 * tool callbacks are tool executions; a tool error is a failed result;
 * another agent taking over within the invocation (``transfer_to_agent``, the next
   agent of a ``SequentialAgent``) ends the loop and starts a loop continuing it; a
@@ -598,8 +600,11 @@ class _Lane:
     )
     done: bool = False  # the agent of its parallel branch is done: the loop ends completed
 
-    def open_turn(self, agent: str, model: str | None, request: AnnotatedRequestPayload | None) -> _Reply:
-        """End the turn open, if any, and open the next, for `agent`; returns its reply."""
+    def open_turn(
+        self, agent: str | None, model: str | None, request: AnnotatedRequestPayload | None
+    ) -> _Reply:
+        """End the turn open, if any, and open the next, for `agent` (None: no agent has
+        acted yet); returns its reply."""
         self.end_turn()
         self.agent = agent
         loop = self.run.loop
@@ -950,16 +955,20 @@ class PhiPlugin(BasePlugin):
     def _agent_answered(self, ic: InvocationContext, event: Event) -> None:
         """An agent's answer outside any model call (its before- or after-agent callback's):
         a turn of its own, the answer its message (no usage: no model was called)."""
-        name = event.author
+        name: str | None = event.author
         root = ic.agent  # the invocation's: the agent answering is found by its name
-        lane = self._lane_of(
-            ic.invocation_id,
-            event.branch,
-            name,
-            lambda: root.root_agent.find_agent(name) if isinstance(root, BaseAgent) else None,
-        )
-        if lane is None:
-            return
+        found = root.root_agent.find_agent(event.author) if isinstance(root, BaseAgent) else None
+        if found is None:
+            # No agent of the tree (a plugin's before_run_callback answers as 'model'):
+            # nobody takes over, the answer is a turn of the loop as it is.
+            lane = self._lanes.get((ic.invocation_id, event.branch))
+            if lane is None or not lane.run.loop.running:
+                return
+            name = lane.agent
+        else:
+            lane = self._lane_of(ic.invocation_id, event.branch, event.author, lambda: found)
+            if lane is None:
+                return
         lane.open_turn(name, None, None).event(event)
         lane.end_turn()
 
