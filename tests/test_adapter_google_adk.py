@@ -20,6 +20,7 @@ pytest.importorskip("google.adk", reason="needs the google-adk extra: pip instal
 
 from google.adk.agents import LlmAgent, LoopAgent, ParallelAgent, RunConfig, SequentialAgent
 from google.adk.agents.run_config import StreamingMode
+from google.adk.apps import App, ResumabilityConfig
 from google.adk.models.base_llm import BaseLlm
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
@@ -693,6 +694,48 @@ class HangingLlm(ScriptedLlm):
             await asyncio.Event().wait()
         async for response in super().generate_content_async(llm_request, stream):
             yield response
+
+
+@pytest.mark.filterwarnings("ignore:.*ResumabilityConfig:UserWarning")
+def test_an_invocation_resumed_after_its_task_was_cancelled_does_not_record_its_prompt_again() -> None:
+    called = asyncio.Event()
+
+    class Signalling(HangingLlm):
+        async def generate_content_async(
+            self, llm_request: LlmRequest, stream: bool = False
+        ) -> AsyncGenerator[LlmResponse, None]:
+            called.set()
+            async for response in super().generate_content_async(llm_request, stream):
+                yield response
+
+    h = Harness()
+    model = Signalling(model="scripted-1")
+    app = App(
+        name="app",
+        root_agent=LlmAgent(name="a", model=model),
+        plugins=[h.plugin],
+        resumability_config=ResumabilityConfig(is_resumable=True),
+    )
+    runner = InMemoryRunner(app=app)
+
+    async def cancel_then_resume() -> None:
+        first = asyncio.create_task(h.ask(runner, "question?"))
+        await called.wait()
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        session = await runner.session_service.get_session(app_name="app", user_id="u", session_id="s1")
+        assert session is not None and [e.author for e in session.events] == ["user"]
+        model.script.append(["answer"])
+        async for _ in runner.run_async(
+            user_id="u", session_id="s1", invocation_id=session.events[0].invocation_id
+        ):
+            pass
+
+    asyncio.run(cancel_then_resume())
+    first, resumed = sorted(h.session().loops, key=lambda r: r.started_at.ns)
+    assert first.status == "Aborted" and resumed.parent_loop_id == first.loop_id
+    assert texts(resumed) == [("assistant", "answer")] and h.plugin.fault_count == 0
 
 
 @pytest.mark.parametrize("how", ["task cancelled", "events abandoned"])

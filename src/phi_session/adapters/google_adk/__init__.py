@@ -67,7 +67,7 @@ import base64
 import sys
 import threading
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
@@ -137,6 +137,7 @@ __all__ = ["ABANDONED", "PhiPlugin", "ReplayLlm"]
 
 FRAMEWORK = "google-adk"
 _TRANSFER_TOOL = "transfer_to_agent"  # ADK's agent-transfer tool: its call is a handoff
+_TOLD_KEPT = 4096  # invocations whose message `PhiPlugin._first_told` remembers
 # Finish reasons that end a response normally (anything else is recorded as an error).
 _NORMAL_FINISH = {None, "STOP", "FINISH_REASON_UNSPECIFIED"}
 
@@ -397,18 +398,19 @@ def _runs_branch(agent: BaseAgent, branch: str | None) -> bool:
     return branch is not None and branch.rpartition(".")[2] == agent.name
 
 
-def _new_message(ic: InvocationContext) -> types.Content | None:
-    """The message the invocation was started with, if any: ADK appends it to the session,
-    as the user's event of the invocation, just before the run starts. Not ``user_content``:
-    an invocation ADK resumes (a confirmation, a long-running tool's result sent back)
-    reuses its id and puts its first prompt back there, and one resumed without a new
-    message has none to record."""
+def _new_message(ic: InvocationContext) -> tuple[str, types.Content] | None:
+    """The message the invocation was started with, if any, and its event's id: ADK
+    appends it to the session, as the user's event of the invocation, just before the
+    run starts. Not ``user_content``: an invocation ADK resumes (a confirmation, a
+    long-running tool's result sent back) reuses its id and puts its first prompt back
+    there, and one resumed without a new message has none to record (its last event may
+    still be the message of its start, recorded then)."""
     events = ic.session.events
     last = events[-1] if events else None
     if last is None or last.author != "user" or last.invocation_id != ic.invocation_id:
         return None
     content = last.content
-    return content if content is not None and content.parts else None
+    return (last.id, content) if content is not None and content.parts else None
 
 
 def _agent(cc: CallbackContext) -> BaseNode | None:
@@ -752,6 +754,9 @@ class PhiPlugin(BasePlugin):
         # finalizer (in whatever thread frees it, so nothing is done there but this append).
         self._abandoned: deque[str] = deque()
         self._closing = False  # closed while invocations ran: the last to end closes the core
+        # The user's event last recorded as an invocation's message, by invocation id
+        # (the most recent `_TOLD_KEPT`, least recently started first).
+        self._told: OrderedDict[str, str] = OrderedDict()
 
     @property
     def fault_count(self) -> int:
@@ -940,10 +945,24 @@ class PhiPlugin(BasePlugin):
             self._invocations[ic.invocation_id] = invocation
             self._lanes[key] = lane
         message = _new_message(ic)
-        if message is not None:
+        if message is not None and self._first_told(ic.invocation_id, message[0]):
             # Its function responses (a confirmation, a long-running tool's result) as tool results.
-            for recorded in _request_messages(message, self.core.agent.millis()):
+            for recorded in _request_messages(message[1], self.core.agent.millis()):
                 run.loop.user(recorded)
+
+    def _first_told(self, invocation_id: str, event_id: str) -> bool:
+        """Whether the user's event `event_id` starting invocation `invocation_id` is not
+        recorded yet: an invocation resumed without a new message (its first run's task
+        cancelled, say) finds the message of its first run still the session's last."""
+        with self._lock:
+            told = self._told
+            if told.get(invocation_id) == event_id:
+                return False
+            told[invocation_id] = event_id
+            told.move_to_end(invocation_id)
+            if len(told) > _TOLD_KEPT:
+                told.popitem(last=False)
+            return True
 
     def _model_started(self, cc: CallbackContext, request: LlmRequest) -> None:
         lane = self._lane_of(cc.invocation_id, cc.branch, cc.agent_name, lambda: _agent(cc))
