@@ -248,13 +248,14 @@ def test_a_confirmed_tool_resumes_with_the_approval_and_the_tools_run() -> None:
     asked, resumed = h.session().loops
     assert texts(asked)[0] == ("user", "send 5")
     assert h.plugin.fault_count == 0
-    assert texts(resumed) == [
-        ("toolResult", 'result:{"confirmed":true}'),
-        ("toolResult", "result:sent 5"),
-        ("assistant", "all done"),
-    ]
+    # The approval answers ADK's own call (adk_request_confirmation), which no loop holds
+    # and the model is never sent: it is the loop's metadata, naming the call approved.
+    assert texts(resumed) == [("toolResult", "result:sent 5"), ("assistant", "all done")]
     (call,) = [b for b in asked.turns[0].output_message.content if type(b).__name__ == "ToolCall"]
-    assert resumed.messages[1].tool_call_id == call.id and resumed.messages[1].tool_name == "transfer"
+    assert resumed.messages[0].tool_call_id == call.id and resumed.messages[0].tool_name == "transfer"
+    assert resumed.metadata["adk_tool_confirmations"] == [
+        {"tool_call_id": call.id, "tool_name": "transfer", "confirmation": {"confirmed": True}}
+    ]
 
 
 def test_a_tool_confirmed_in_a_parallel_branch_runs_in_that_branchs_resumed_loop() -> None:

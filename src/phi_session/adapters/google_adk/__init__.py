@@ -16,8 +16,11 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   (the ADK session id, or its UUIDv5 when no store accepts it); a later invocation of
   the session continues its last loop. The invocation's user message is the loop's
   prompt, its function responses tool results: an invocation ADK resumes (a tool
-  confirmed, a long-running tool's result sent back) records what was sent, then the
-  result of a tool ADK runs before calling the model (the confirmed one);
+  confirmed, a long-running tool's result sent back) records what was sent (an answer
+  to ADK's own confirmation request, which no loop holds and the model is not sent, as
+  metadata ``adk_tool_confirmations``), then the result of a tool ADK runs before
+  calling the model (the confirmed one; the answer ADK gave it while it awaited
+  confirmation stays the asking loop's result, a second result of its call);
 * a model call (``before_model_callback``) opens a turn; streamed partial responses
   are ``MessageUpdate`` deltas (text, thoughts, function-call arguments); the final
   response is the assistant message, finished when ADK emits its event, so the
@@ -137,6 +140,7 @@ __all__ = ["ABANDONED", "PhiPlugin", "ReplayLlm"]
 
 FRAMEWORK = "google-adk"
 _TRANSFER_TOOL = "transfer_to_agent"  # ADK's agent-transfer tool: its call is a handoff
+_CONFIRMATION_TOOL = "adk_request_confirmation"  # ADK's call asking the user to confirm a tool
 _TOLD_KEPT = 4096  # invocations whose message `PhiPlugin._first_told` remembers
 # Finish reasons that end a response normally (anything else is recorded as an error).
 _NORMAL_FINISH = {None, "STOP", "FINISH_REASON_UNSPECIFIED"}
@@ -411,6 +415,38 @@ def _new_message(ic: InvocationContext) -> tuple[str, types.Content] | None:
         return None
     content = last.content
     return (last.id, content) if content is not None and content.parts else None
+
+
+def _confirmations(content: types.Content, events: Sequence[Event]) -> tuple[types.Content, list[Any]]:
+    """`content` without its answers to ADK's own confirmation requests, and those answers,
+    each naming the tool call it approves or rejects. ADK makes the request call itself
+    (``adk_request_confirmation``): no loop holds it, and the model is sent neither it
+    nor its answer, only the confirmed tool's result."""
+    parts = content.parts or []
+    answers = {
+        answer.id: answer
+        for answer in (part.function_response for part in parts)
+        if answer is not None and answer.name == _CONFIRMATION_TOOL
+    }
+    if not answers:
+        return content, []
+    asked = {call.id: call for event in events for call in event.get_function_calls() if call.id in answers}
+    confirmations: list[Any] = []
+    for call_id, answer in answers.items():
+        call = asked.get(call_id)
+        original = (call.args or {}).get("originalFunctionCall") if call is not None else None
+        tool = original if isinstance(original, dict) else {}
+        confirmations.append(
+            {
+                "tool_call_id": tool.get("id", ""),
+                "tool_name": tool.get("name", ""),
+                "confirmation": jsonable(answer.response or {}),
+            }
+        )
+    rest = [
+        part for part in parts if part.function_response is None or part.function_response.id not in answers
+    ]
+    return content.model_copy(update={"parts": rest}), confirmations
 
 
 def _agent(cc: CallbackContext) -> BaseNode | None:
@@ -933,21 +969,24 @@ class PhiPlugin(BasePlugin):
         watch.atexit = False
         invocation = _Invocation(ic.invocation_id, watch)
         key = (ic.invocation_id, None)
+        metadata: dict[str, Any] = {"adk_invocation_id": ic.invocation_id}
+        message = _new_message(ic)
+        content = None
+        if message is not None and self._first_told(ic.invocation_id, message[0]):
+            content, confirmations = _confirmations(message[1], ic.session.events)
+            if confirmations:
+                metadata["adk_tool_confirmations"] = confirmations
         run = self.core.start_run(
-            key,
-            _config(ic.agent),
-            framework_session_id=ic.session.id,
-            metadata={"adk_invocation_id": ic.invocation_id},
+            key, _config(ic.agent), framework_session_id=ic.session.id, metadata=metadata
         )
         lane = _Lane(key, run)
         invocation.lanes[None] = lane
         with self._lock:
             self._invocations[ic.invocation_id] = invocation
             self._lanes[key] = lane
-        message = _new_message(ic)
-        if message is not None and self._first_told(ic.invocation_id, message[0]):
-            # Its function responses (a confirmation, a long-running tool's result) as tool results.
-            for recorded in _request_messages(message[1], self.core.agent.millis()):
+        if content is not None:
+            # Its function responses (a long-running tool's result) as tool results.
+            for recorded in _request_messages(content, self.core.agent.millis()):
                 run.loop.user(recorded)
 
     def _first_told(self, invocation_id: str, event_id: str) -> bool:
