@@ -417,7 +417,8 @@ def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:
     assert second.metadata["adk_invocation_id"] == first.metadata["adk_invocation_id"]
 
 
-def test_sequential_agents_continue_each_other() -> None:
+@pytest.mark.parametrize("in_branch", [False, True])
+def test_sequential_agents_continue_each_other(in_branch: bool) -> None:
     h = Harness()
     steps = SequentialAgent(
         name="steps",
@@ -426,11 +427,18 @@ def test_sequential_agents_continue_each_other() -> None:
             LlmAgent(name="polish", model=ScriptedLlm.of(["polished"])),
         ],
     )
-    h.run(steps)
-    first, second = h.session().loops
-    assert texts(first) == [("user", "hello"), ("assistant", "draft")]
+    if in_branch:  # of a ParallelAgent: the loop taking over is the branch's too
+        h.run(ParallelAgent(name="fan", sub_agents=[steps, LlmAgent(name="r", model=ScriptedLlm.of(["R"]))]))
+    else:
+        h.run(steps)
+    (first,) = [r for r in h.session().loops if ("assistant", "draft") in texts(r)]
+    (second,) = [r for r in h.session().loops if r.parent_loop_id == first.loop_id]
+    assert texts(first) == [*([] if in_branch else [("user", "hello")]), ("assistant", "draft")]
     assert second.parent_loop_id == first.loop_id and texts(second) == [("assistant", "polished")]
+    assert second.continuation_kind.kind == "Default"
     assert second.metadata["adk_invocation_id"] == first.metadata["adk_invocation_id"]
+    assert second.metadata.get("adk_branch") == first.metadata.get("adk_branch")
+    assert first.metadata.get("adk_branch") == ("fan.steps" if in_branch else None)
 
 
 def test_parallel_agents_are_branches_without_a_winner() -> None:

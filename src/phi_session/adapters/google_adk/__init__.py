@@ -449,6 +449,14 @@ def _confirmations(content: types.Content, events: Sequence[Event]) -> tuple[typ
     return content.model_copy(update={"parts": rest}), confirmations
 
 
+def _metadata(invocation_id: str, branch: str | None) -> dict[str, Any]:
+    """The metadata of a loop of invocation `invocation_id`, in its parallel `branch`."""
+    metadata: dict[str, Any] = {"adk_invocation_id": invocation_id}
+    if branch is not None:
+        metadata["adk_branch"] = branch
+    return metadata
+
+
 def _agent(cc: CallbackContext) -> BaseNode | None:
     """The agent running (looked up only when needed: ADK copies its context to give it)."""
     return cc.get_invocation_context().agent
@@ -969,7 +977,7 @@ class PhiPlugin(BasePlugin):
         watch.atexit = False
         invocation = _Invocation(ic.invocation_id, watch)
         key = (ic.invocation_id, None)
-        metadata: dict[str, Any] = {"adk_invocation_id": ic.invocation_id}
+        metadata = _metadata(ic.invocation_id, None)
         message = _new_message(ic)
         content = None
         if message is not None and self._first_told(ic.invocation_id, message[0]):
@@ -1056,7 +1064,7 @@ class PhiPlugin(BasePlugin):
             # the lane's loop was ended by branches forking from it: a continuation.
             lane.end_turn()
             run = self.core.handoff(
-                lane.key, config or _config(agent()), metadata={"adk_invocation_id": invocation_id}
+                lane.key, config or _config(agent()), metadata=_metadata(invocation_id, branch)
             )
             if run is None:
                 return None
@@ -1075,7 +1083,7 @@ class PhiPlugin(BasePlugin):
             parent.key,
             _config(agent),
             branch,
-            metadata={"adk_invocation_id": invocation.id, "adk_branch": branch},
+            metadata=_metadata(invocation.id, branch),
         )
         if run is None:
             return None
