@@ -1019,6 +1019,53 @@ def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tm
     assert stored(store) == recorded(group + others + [winner])
 
 
+def test_a_group_whose_session_never_started_a_loop_lets_the_journal_go_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """An agent killed between announcing a parallel group and starting its branches: its
+    session, waiting for a first loop, pinned the journal from the announcement on for
+    ever (20,000 sessions later: 299 segments of 64 KiB, against 3 without it). Now the
+    checkpoint after ``group_end_timeout`` of stream time gives the group up: its Aborted
+    branches are saved and the segment holding the announcement is removed."""
+    start = Timestamp.now()
+    group = ParallelLoopStart(session_id="dead", loop_ids=("dead.a.1", "dead.b.2"), timestamp=start)
+
+    def session(i: int) -> list[AgentEvent]:  # 10 s of stream time apart
+        at = Timestamp.from_ns(start.ns + i * 10**10)
+        return [
+            AgentStart(agent_id="x", session_id=f"s{i}", loop_id=f"s{i}.c.1", timestamp=at),
+            AgentEnd(loop_id=f"s{i}.c.1", messages=(), usage=Usage(input=1, output=1), timestamp=at),
+        ]
+
+    journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
+    store = SqliteStore(tmp_path / "s.db")
+    with AutoPersistingRecorder(
+        store,
+        journal=journal,
+        config=SessionRecorderConfig(group_end_timeout=60),
+        checkpoint_every=10**9,
+        checkpoint_interval=None,
+    ) as persisting:
+        persisting.on_event(group)
+        for i in range(1, 7):  # 60 s: not yet
+            persisting.record_all(session(i))
+        persisting.checkpoint()
+        assert persisting.wait_saved(timeout=10)
+        first = journal.segments()[0]
+        assert b'"session_id":"dead"' in first.read_bytes()
+        for i in range(7, 80):  # enough to fill more segments than the first
+            persisting.record_all(session(i))
+        persisting.checkpoint()
+        assert persisting.wait_saved(timeout=10)
+        assert not first.exists() and len(journal.segments()) == 1
+        assert persisting._pins == {} and persisting.recorder.stats()["open_loops"] == 0
+        dead = store.load("dead")
+        assert [(loop.loop_id, loop.status) for loop in dead.loops] == [
+            ("dead.a.1", "Aborted"),
+            ("dead.b.2", "Aborted"),
+        ]
+
+
 def test_a_hub_s_sub_agents_checkpointed_per_loop_are_not_asked_about_per_sibling(tmp_path: Path) -> None:
     """Sub-agents each checkpointed as their loop ended, drained while the hub's tool calls
     that spawned them ran (owed them: their journal records pinned): every checkpoint asked

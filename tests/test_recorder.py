@@ -1481,6 +1481,41 @@ def test_a_group_that_never_ends_is_given_up_after_the_timeout(caplog: pytest.Lo
     assert [orphan.event for orphan in recorder.orphans()] == [late]
 
 
+def test_a_group_announced_by_an_agent_that_died_before_its_branches_is_given_up_after_the_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An agent killed between its ParallelLoopStart and its first branch: the group, its
+    Pending branches and the announcement waiting for the session's first loop were kept
+    until flush (20,000 sessions later: 2 open loops, 2 groups, 1 early event, and an
+    AutoPersistingRecorder's journal pinned from the announcement on). Now the checkpoint
+    after ``group_end_timeout`` of stream time gives it up as `abort_session` would: its
+    branches Aborted in a session of their own, drained; a later end is an orphan."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    group = ps.ParallelLoopStart(session_id="dead", loop_ids=("dead.a.1", "dead.b.2"), timestamp=ts(0))
+    recorder.on_event(group)
+    recorder.record_all([start("t.c.1", "t", at=59_000), end("t.c.1", at=59_001)])
+    assert recorder.checkpoint() == 1
+    recorder.drain_completed()
+    assert recorder.has_early_events("dead") and recorder.stats()["open_loops"] == 2  # within the timeout
+    recorder.record_all([start("t.c.2", "t", at=61_000), end("t.c.2", at=61_001)])
+    with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
+        assert recorder.checkpoint() == 2  # t, and dead with its branches that never started
+    assert [record.getMessage() for record in caplog.records] == [
+        "session dead: parallel group without ParallelLoopEnd after 60 s given up"
+    ]
+    dead = {session.session_id: session for session in recorder.drain_completed()}["dead"]
+    assert [(loop.loop_id, loop.status) for loop in dead.loops] == [
+        ("dead.a.1", "Aborted"),
+        ("dead.b.2", "Aborted"),
+    ]
+    assert recorder.session_events("dead") == [] and recorder.orphans() == []
+    assert not recorder.has_early_events("dead") and recorder.stats()["open_loops"] == 0
+    assert (recorder._groups, recorder._open_groups, recorder._early_events) == ({}, {}, {})
+    late = group_end("dead", "dead.a.1", at=62_000)
+    recorder.on_event(late)
+    assert [orphan.event for orphan in recorder.orphans()] == [late]
+
+
 def test_abort_session_is_flush_for_one_session_alone() -> None:
     """A broker worker ends the session of an agent that died mid-loop (no event for its
     idle timeout) while others keep recording: as `flush` would, for that session only."""

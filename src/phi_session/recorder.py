@@ -42,7 +42,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable
 from functools import partial
 from itertools import count, repeat
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import msgspec
 from msgspec.structs import replace
@@ -1326,7 +1326,8 @@ class SessionRecorder:
         first (see `SessionRecorderConfig`). A session whose ``before_task`` has not run
         yet (another thread is running callbacks) waits for a later checkpoint (if `flush`
         completes it, a rejection comes as an amendment once drained). Costs
-        O(open sessions + drained sessions owed a group's end). ``after_task`` fires for
+        O(open sessions + drained sessions owed a group's end + groups awaiting
+        their session's first loop). ``after_task`` fires for
         each completed session.
 
         With `loop_id` (whose ``AgentEnd`` was just recorded), only the session of that
@@ -1358,22 +1359,35 @@ class SessionRecorder:
     def _give_up_stale_groups(self) -> None:
         """Give up the open parallel groups of drained sessions idle for longer than
         ``group_end_timeout`` of stream time: a killed agent's group never ends, and what
-        the recorder keeps for its end (the session, its journal records) must not stay."""
+        the recorder keeps for its end (the session, its journal records) must not stay.
+        So too a group announced by an agent killed before any loop of its session
+        started: its Pending branches are Aborted into a session made up for them, which
+        this checkpoint completes (parallel events left waiting are orphans)."""
         timeout = self.config.group_end_timeout
-        if not self._late_groups or timeout is None or self._stream_time is None:
+        if not (self._late_groups or self._early_events) or timeout is None or self._stream_time is None:
             return
         cutoff = self._stream_time.ns - round(timeout * 1_000_000_000)
-        stale = set()
+        stale: list[str] = []
         for session_id, session in self._late_groups.items():
             held = self._open.get(session_id)
             if session.last_active_at.ns >= cutoff or (held is not None and held.open_loops):
                 continue  # waited less, or a branch still runs
+            stale.append(session_id)
+        # Only parallel starts wait there (an end for a session not held is an orphan).
+        unstarted = [
+            session_id
+            for session_id, events in self._early_events.items()
+            if max(cast(ParallelLoopStart, event).timestamp.ns for event in events) < cutoff
+        ]
+        stale += unstarted
+        for session_id in stale:
             logger.warning(
                 "session %s: parallel group without ParallelLoopEnd after %s s given up", session_id, timeout
             )
-            stale.add(session_id)
         if stale:
-            self._give_up_groups(stale)
+            self._give_up_groups(set(stale))
+        for session_id in unstarted:
+            self._orphan_early_events(session_id)  # those no branch took into its session
 
     def _give_up_groups(self, session_ids: Collection[str]) -> None:
         """Forget the open parallel groups of `session_ids` (a set, in one pass over the
