@@ -482,15 +482,64 @@ def test_an_idle_recorder_still_saves_finished_sessions(tmp_path: Path) -> None:
         assert store.list_ids() == ["s0000000"]
 
 
-def test_orphans_go_to_the_journal_or_stay_in_the_recorder(tmp_path: Path) -> None:
+def test_orphans_go_to_the_journal_or_are_counted_and_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     stray = ProgressMessage(loop_id="nobody.p.m.1", tool_call_id="c", tool_name="t", text="lost?")
     with AutoPersistingRecorder(JsonDirStore(tmp_path / "a"), journal=tmp_path / "j") as persisting:
         persisting.on_event(stray)
-    assert persisting.stats()["orphans_written"] == 1
+    assert persisting.stats()["orphans_written"] == 1 and persisting.stats()["orphans_dropped"] == 0
     assert (tmp_path / "j" / ORPHANS_FILE).read_bytes() == encode_event(stray) + b"\n"
     with AutoPersistingRecorder(JsonDirStore(tmp_path / "b")) as persisting:
         persisting.on_event(stray)
-    assert [o.event for o in persisting.recorder.orphans()] == [stray]
+        assert [o.event for o in persisting.recorder.orphans()] == [stray]  # until the hand-over
+        with caplog.at_level(logging.WARNING, logger="phi_session.persist"):
+            persisting.checkpoint()
+    assert persisting.recorder.orphans() == [] and persisting.stats()["orphans_dropped"] == 1
+    assert [record.getMessage() for record in caplog.records if record.name == "phi_session.persist"] == [
+        "1 event of no known loop dropped (an AutoPersistingRecorder keeps orphan events "
+        "only in a journal's orphans.jsonl); 1 so far"
+    ]
+
+
+def test_without_a_journal_orphans_are_not_held_for_ever(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each session's tool that ended after its loop did (a run cancelled): without a
+    journal, as adapters record into their embedded store, the recorder kept every such
+    event for ever (30,000 sessions: 30,000 orphans, 337 bytes a session). Now each
+    hand-over drains them, with one warning counting those it drops."""
+
+    ts = Timestamp.now()
+
+    def session(i: int) -> list[AgentEvent]:
+        loop = f"s{i}.c.1"
+        return [
+            AgentStart(agent_id="x", session_id=f"s{i}", loop_id=loop, timestamp=ts),
+            AgentEnd(loop_id=loop, messages=(), usage=Usage(input=1, output=1), timestamp=ts),
+            ToolExecutionEnd(
+                loop_id=loop,
+                tool_call_id="late",
+                tool_name="t",
+                result=ToolResult(content=()),
+                is_error=False,
+            ),
+        ]
+
+    with caplog.at_level(logging.WARNING, logger="phi_session.persist"):
+        with AutoPersistingRecorder(
+            SqliteStore(tmp_path / "s.db"), checkpoint_every=10**9, checkpoint_interval=None
+        ) as persisting:
+            for batch in range(3):
+                for i in range(batch * 50, (batch + 1) * 50):
+                    persisting.record_all(session(i))
+                persisting.checkpoint()
+                assert persisting.recorder.stats()["orphans"] == 0
+                assert persisting.stats()["orphans_dropped"] == (batch + 1) * 50
+    dropped = [record.getMessage() for record in caplog.records if record.name == "phi_session.persist"]
+    assert len(dropped) == 3 and dropped[-1].startswith(
+        "50 events of no known loop dropped"
+    )  # one a hand-over
 
 
 def test_orphans_written_at_a_checkpoint_are_not_written_again_after_a_crash(tmp_path: Path) -> None:

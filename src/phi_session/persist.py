@@ -7,7 +7,7 @@ recorder and hands them to a background writer thread that saves them with a
 `SessionSaver`. Memory holds the open sessions plus at most about
 `max_pending_bytes` of finished sessions waiting to be saved.
 
-Nothing is ever dropped:
+Nothing is ever dropped, but orphan events without a journal (below):
 
 * when the store falls behind, the producer that checkpoints blocks (backpressure)
   until the writer has room again, logging a warning when it starts and every
@@ -19,8 +19,11 @@ Nothing is ever dropped:
   journal left by a crashed run is recovered into the store on start, and journal
   segments are removed once every session with events in them is saved
   (`Journal.release`). Events no loop claims, and sessions whose id no store
-  accepts, go to the journal's ``orphans.jsonl``; without a journal they stay in
-  the recorder (`SessionRecorder.orphans`) and in `failed_sessions`;
+  accepts, go to the journal's ``orphans.jsonl``. Without a journal such sessions
+  stay in `failed_sessions`, and orphan events, which no store keeps, are readable
+  in `recorder.orphans()` until the next checkpoint hands sessions over, then
+  dropped (bounded memory: held, they would grow with every late event), with a
+  warning saying how many and counted in ``stats()["orphans_dropped"]``;
 * a program that ends, or dies of an exception, with the recorder still open closes
   it at exit (an ``atexit`` hook), saving everything before the stores' own exit
   hooks close their connections; a `close` interrupted (Ctrl-C) is not done: the
@@ -65,7 +68,7 @@ from .events import (
     ToolExecutionStart,
     ToolExecutionUpdate,
 )
-from .journal import Journal, JournaledRecorder, RecoveryReport, recover
+from .journal import ORPHANS_FILE, Journal, JournaledRecorder, RecoveryReport, recover
 from .journal.format import out_of_space
 from .journal.recovery import KeptUnsaved, recover_keeping_unsaved
 from .messages import ExtensionMessage, ToolCall, text_size
@@ -211,6 +214,10 @@ class AutoPersistingRecorder:
       handed over. The writer's own idle checkpoint never waits.
     * `retry_for`: seconds a failing save is retried before the session is set aside.
     * `warn_after`: seconds between warnings while a producer is blocked.
+
+    Events of no known loop (`SessionRecorder.orphans`) go to the journal's
+    ``orphans.jsonl``; without a journal each checkpoint drops them, with a warning
+    counting them (``stats()["orphans_dropped"]``), to keep memory bounded.
 
     Thread-safe. Query the wrapped recorder through `recorder` (open sessions only:
     saved sessions are no longer in memory). Use as a context manager or call `close`
@@ -362,7 +369,9 @@ class AutoPersistingRecorder:
         self._settled_through = -1  # every orphan up to this seq is in orphans.jsonl
         self._unwritten_orphans: list[OrphanEvent] = []
         self._since_checkpoint = 0
-        self._counters = dict.fromkeys(("events", "checkpoints", "orphans_written", "segments_removed"), 0)
+        self._counters = dict.fromkeys(
+            ("events", "checkpoints", "orphans_written", "orphans_dropped", "segments_removed"), 0
+        )
         self._warned_pins: set[str] = set()
         # Drained from the recorder, not yet waiting (a hand-over interrupted): the next takes them first.
         self._drained: deque[Session] = deque()
@@ -553,6 +562,8 @@ class AutoPersistingRecorder:
             self._forget_late_pins()
             if self.journal is not None:
                 self._write_orphans(self.journal, settled)
+            else:
+                self._drop_orphans()
             # Only now: a `close` interrupted before, or failing to write the orphans, is
             # done again, and hands over (and writes) what is still there.
             self._sealed = last
@@ -605,6 +616,20 @@ class AutoPersistingRecorder:
                 self._settle_due = True
                 self._cond.notify_all()
         self._settled_through = settled
+
+    def _drop_orphans(self) -> None:
+        """Without a journal, forget the recorder's orphans (under `_lock`): no store keeps
+        events of no loop, and held they would grow without bound. Counted, and said."""
+        dropped = len(self.recorder.drain_orphans())
+        if dropped:
+            self._counters["orphans_dropped"] += dropped
+            logger.warning(
+                "%s of no known loop dropped (an AutoPersistingRecorder keeps orphan events only in "
+                "a journal's %s); %d so far",
+                "1 event" if dropped == 1 else f"{dropped} events",
+                ORPHANS_FILE,
+                self._counters["orphans_dropped"],
+            )
 
     def _admit(self) -> None:
         """Move waiting sessions into the writer's queue while it has room (under `_cond`).
@@ -921,7 +946,8 @@ class AutoPersistingRecorder:
         """Counters: events, checkpoints, sessions saved/retried/orphaned/failed,
         sessions and bytes queued for the writer, sessions waiting for room,
         backpressure waits and seconds blocked, CPU seconds the writer spent saving
-        (its share of the GIL, against the process's CPU time), orphan events written, journal
+        (its share of the GIL, against the process's CPU time), orphan events written (or,
+        without a journal, dropped), journal
         segments removed and sequence numbers, plus the recorder's own `stats`."""
         saver = self._saver.stats()
         with self._lock, self._cond:
