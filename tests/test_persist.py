@@ -497,9 +497,29 @@ def test_orphans_go_to_the_journal_or_are_counted_and_dropped(
             persisting.checkpoint()
     assert persisting.recorder.orphans() == [] and persisting.stats()["orphans_dropped"] == 1
     assert [record.getMessage() for record in caplog.records if record.name == "phi_session.persist"] == [
-        "1 event of no known loop dropped (an AutoPersistingRecorder keeps orphan events "
-        "only in a journal's orphans.jsonl); 1 so far"
+        "1 event of no known loop dropped, no orphans sink (AutoPersistingRecorder(orphans=...)); 1 so far"
     ]
+    kept: list[AgentEvent] = []
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "c"), orphans=kept.extend) as persisting:
+        persisting.on_event(stray)
+        persisting.checkpoint()
+        assert kept == [stray]  # handed over at the checkpoint, none dropped
+    assert persisting.stats()["orphans_written"] == 1 and persisting.stats()["orphans_dropped"] == 0
+
+    def failing(events: list[AgentEvent]) -> None:
+        raise OSError("disk full")
+
+    caplog.clear()
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "d"), orphans=failing) as persisting:
+        persisting.on_event(stray)
+        with caplog.at_level(logging.WARNING, logger="phi_session.persist"):
+            persisting.checkpoint()
+    assert persisting.stats()["orphans_dropped"] == 1
+    assert "the orphans sink failed: OSError: disk full" in caplog.text
+    with pytest.raises(InvalidArgument, match="without a journal"):
+        AutoPersistingRecorder(JsonDirStore(tmp_path / "e"), journal=tmp_path / "j2", orphans=kept.extend)
+    with pytest.raises(TypeError):
+        AutoPersistingRecorder(JsonDirStore(tmp_path / "e"), orphans="orphans.jsonl")  # type: ignore[arg-type]
 
 
 def test_without_a_journal_orphans_are_not_held_for_ever(

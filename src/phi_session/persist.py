@@ -19,11 +19,12 @@ Nothing is ever dropped, but orphan events without a journal (below):
   journal left by a crashed run is recovered into the store on start, and journal
   segments are removed once every session with events in them is saved
   (`Journal.release`). Events no loop claims, and sessions whose id no store
-  accepts, go to the journal's ``orphans.jsonl``. Without a journal such sessions
-  stay in `failed_sessions`, and orphan events, which no store keeps, are readable
-  in `recorder.orphans()` until the next checkpoint hands sessions over, then
-  dropped (bounded memory: held, they would grow with every late event), with a
-  warning saying how many and counted in ``stats()["orphans_dropped"]``;
+  accepts, go to the journal's ``orphans.jsonl``. Without a journal they go to the
+  ``orphans`` sink if one is given; with none, such sessions stay in
+  `failed_sessions`, and orphan events, which no store keeps, are readable in
+  `recorder.orphans()` until the next checkpoint hands sessions over, then dropped
+  (bounded memory: held, they would grow with every late event), with a warning
+  saying how many and counted in ``stats()["orphans_dropped"]``;
 * a program that ends, or dies of an exception, with the recorder still open closes
   it at exit (an ``atexit`` hook), saving everything before the stores' own exit
   hooks close their connections; a `close` interrupted (Ctrl-C) is not done: the
@@ -53,7 +54,7 @@ from typing import cast
 
 import msgspec
 
-from ._checks import check_instance, check_seconds, check_type
+from ._checks import check_callable, check_instance, check_seconds, check_type
 from ._daemon import DaemonThread
 from ._exit import ExitHook
 from ._fork import in_forked_child
@@ -68,13 +69,13 @@ from .events import (
     ToolExecutionStart,
     ToolExecutionUpdate,
 )
-from .journal import ORPHANS_FILE, Journal, JournaledRecorder, RecoveryReport, recover
+from .journal import Journal, JournaledRecorder, RecoveryReport, recover
 from .journal.format import out_of_space
 from .journal.recovery import KeptUnsaved, recover_keeping_unsaved
 from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
-from .saver import SaveTarget, SessionSaver, check_save_target, not_saved, one_at_a_time
+from .saver import OrphanSink, SaveTarget, SessionSaver, check_save_target, not_saved, one_at_a_time
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
@@ -215,9 +216,11 @@ class AutoPersistingRecorder:
     * `retry_for`: seconds a failing save is retried before the session is set aside.
     * `warn_after`: seconds between warnings while a producer is blocked.
 
-    Events of no known loop (`SessionRecorder.orphans`) go to the journal's
-    ``orphans.jsonl``; without a journal each checkpoint drops them, with a warning
-    counting them (``stats()["orphans_dropped"]``), to keep memory bounded.
+    * `orphans`: without a journal, where events of no known loop
+      (`SessionRecorder.orphans`) and the sessions no store accepts go (an `OrphanSink`:
+      given a list of events, it keeps them; called with no lock held). With a journal they go to
+      its ``orphans.jsonl``. With neither, each checkpoint drops the orphan events, with
+      a warning counting them (``stats()["orphans_dropped"]``), to keep memory bounded.
 
     Thread-safe. Query the wrapped recorder through `recorder` (open sessions only:
     saved sessions are no longer in memory). Use as a context manager or call `close`
@@ -236,8 +239,12 @@ class AutoPersistingRecorder:
         recover_on_start: bool = True,
         retry_for: float = 30.0,
         warn_after: float = 5.0,
+        orphans: OrphanSink | None = None,
     ) -> None:
         check_save_target(store)
+        check_callable("orphans", orphans, optional=True)
+        if orphans is not None and journal is not None:
+            raise InvalidArgument("orphans= is for a recorder without a journal: a journal keeps them itself")
         check_instance(
             "journal", journal, (Journal, str, os.PathLike, type(None)), "a Journal, a path or None"
         )
@@ -260,6 +267,7 @@ class AutoPersistingRecorder:
         self.checkpoint_interval = checkpoint_interval
         self.max_pending_bytes = max_pending_bytes
         self.warn_after = warn_after
+        self._orphan_sink = orphans
         self.recovery_report: RecoveryReport | None = None
         if isinstance(journal, Journal) or journal is None:
             self.journal = journal
@@ -286,7 +294,7 @@ class AutoPersistingRecorder:
             )
         self._sink = JournaledRecorder(self.journal, self.recorder) if self.journal is not None else None
         self._saver = SessionSaver(
-            store, orphans=self.journal.write_orphans if self.journal else None, retry_for=retry_for
+            store, orphans=self.journal.write_orphans if self.journal else orphans, retry_for=retry_for
         )
         self._made_by = os.getpid()
         self._forked = False  # a forked child's copy, not recording yet (`_give_up_in_child`)
@@ -400,7 +408,7 @@ class AutoPersistingRecorder:
         the parent's to write (`Journal`), so then the recorder refuses."""
         closed = self._closed
         self.recorder = SessionRecorder(self.recorder.config)
-        self._saver = SessionSaver(self.store, retry_for=self._saver.retry_for)
+        self._saver = SessionSaver(self.store, orphans=self._orphan_sink, retry_for=self._saver.retry_for)
         self._new_state()  # a parent thread may have held the locks; it does not exist here
         # Until `_check_open`; `close` has nothing of this process's to save.
         self._closed = self._close_done = True
@@ -543,6 +551,7 @@ class AutoPersistingRecorder:
         """Complete sessions with `complete` (the recorder's checkpoint or flush), drain them
         and their orphans, and line them up for the writer; returns how many."""
         complete()  # runs after_task callbacks: no lock held
+        loose: list[OrphanEvent] = []  # without a journal: for `_keep_orphans`, no lock held
         with self._lock:
             if self._sealed:
                 return 0
@@ -563,10 +572,12 @@ class AutoPersistingRecorder:
             if self.journal is not None:
                 self._write_orphans(self.journal, settled)
             else:
-                self._drop_orphans()
+                loose = self.recorder.drain_orphans()
             # Only now: a `close` interrupted before, or failing to write the orphans, is
             # done again, and hands over (and writes) what is still there.
             self._sealed = last
+        if loose:
+            self._keep_orphans(loose)
         return handed
 
     def _unpin(self, session_id: str) -> int | None:
@@ -617,19 +628,29 @@ class AutoPersistingRecorder:
                 self._cond.notify_all()
         self._settled_through = settled
 
-    def _drop_orphans(self) -> None:
-        """Without a journal, forget the recorder's orphans (under `_lock`): no store keeps
-        events of no loop, and held they would grow without bound. Counted, and said."""
-        dropped = len(self.recorder.drain_orphans())
-        if dropped:
-            self._counters["orphans_dropped"] += dropped
-            logger.warning(
-                "%s of no known loop dropped (an AutoPersistingRecorder keeps orphan events only in "
-                "a journal's %s); %d so far",
-                "1 event" if dropped == 1 else f"{dropped} events",
-                ORPHANS_FILE,
-                self._counters["orphans_dropped"],
-            )
+    def _keep_orphans(self, loose: list[OrphanEvent]) -> None:
+        """Without a journal, hand the recorder's orphans to the `orphans` sink, or drop
+        them if there is none or it fails: held, they would grow without bound. Counted,
+        and said."""
+        failure = "no orphans sink (AutoPersistingRecorder(orphans=...))"
+        if self._orphan_sink is not None:
+            try:
+                self._orphan_sink([orphan.event for orphan in loose])
+            except Exception as error:
+                failure = f"the orphans sink failed: {type(error).__name__}: {error}"
+            else:
+                with self._lock:
+                    self._counters["orphans_written"] += len(loose)
+                return
+        with self._lock:
+            self._counters["orphans_dropped"] += len(loose)
+            so_far = self._counters["orphans_dropped"]
+        logger.warning(
+            "%s of no known loop dropped, %s; %d so far",
+            "1 event" if len(loose) == 1 else f"{len(loose)} events",
+            failure,
+            so_far,
+        )
 
     def _admit(self) -> None:
         """Move waiting sessions into the writer's queue while it has room (under `_cond`).
