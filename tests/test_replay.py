@@ -2075,3 +2075,73 @@ def test_a_reverted_span_is_out_of_the_context_of_the_turns_after_it(world: Worl
     # A revert refused (applied false) left the context as it was.
     refused = world.record(lambda tracer: body(tracer, applied=False), capture=False)
     assert len(ReplayScript.from_session(refused).turn(2).request.messages) == 5
+
+
+def tree_loop(world: World, target: int, abandoned: Sequence[int]) -> Session:
+    """A loop whose messages are nodes as phi-core's ``stamp_node_identity`` stamps them, a
+    tool result too (the next reply's parent): prompt 1; turn 0 reply 2 reads, result 3
+    'SPEC'; turn 1 reply 4 runs, result 5 'timed out', then reverts to `target`; turn 2
+    answers."""
+    recorder = SessionRecorder(capture_turn_requests=False)
+    results = {"c1": (3, 2), "c2": (5, 4)}  # call id: (node, parent)
+
+    def stamped(event: Any) -> None:  # the tracer stamps no tool result
+        message = getattr(event, "message", None)
+        if isinstance(message, ToolResultMessage) and type(event).__name__ in ("MessageStart", "MessageEnd"):
+            node, parent = results[message.tool_call_id]
+            event = msgspec.structs.replace(
+                event, message=msgspec.structs.replace(message, node_id=node, parent_id=parent)
+            )
+        recorder.on_event(event)
+
+    tracer = Tracer(world.agent, sinks=[stamped], config=SNAP)
+    with tracer.loop() as loop:
+        loop.user(UserMessage(content=(TextContent(text="write a sort"),), timestamp=1, node_id=1))
+        for node, parent, call, output in ((2, 1, "c1", "SPEC"), (4, 3, "c2", "timed out")):
+            with loop.turn() as turn:
+                with turn.assistant() as answer:
+                    calls = [ToolCall(id=call, name="run", arguments={})]
+                    answer.finish(
+                        message=msgspec.structs.replace(reply("", calls), node_id=node, parent_id=parent)
+                    )
+                with turn.tool(turn.tool_calls[0]) as tool:
+                    tool.result(output)
+                if node == 4:
+                    loop.revert("failure", target=target, abandoned_node_ids=abandoned, summary="too slow")
+        with loop.turn() as turn, turn.assistant() as answer:
+            answer.finish(message=msgspec.structs.replace(reply("Quicksort."), node_id=6, parent_id=target))
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    return session
+
+
+@pytest.mark.parametrize(
+    ("target", "abandoned", "kept"),
+    [
+        (
+            4,
+            [5],
+            [
+                "user 'write a sort'",
+                "assistant run({}) [c1]",
+                "toolResult [c1] 'SPEC'",
+                "assistant run({}) [c2]",
+            ],
+        ),
+        (3, [4, 5], ["user 'write a sort'", "assistant run({}) [c1]", "toolResult [c1] 'SPEC'"]),
+        (2, [3, 4, 5], ["user 'write a sort'", "assistant run({}) [c1]"]),
+    ],
+)
+def test_a_revert_walks_the_tree_through_tool_results(
+    world: World, target: int, abandoned: list[int], kept: list[str]
+) -> None:
+    # A reply's parent is the last tool result, and the rebuilt results (a TurnEnd's) had
+    # no node id: reverting to reply 4 kept [4, 'timed out'] only, to reply 2 kept the
+    # abandoned 'SPEC', and a tool result as target got no tag.
+    session = tree_loop(world, target, abandoned)
+    messages = ReplayScript.from_session(session).turn(2).request.messages
+    assert [summarize(m) for m in messages] == kept
+    tags = {getattr(m, "node_id", None): getattr(m, "tags", ()) for m in messages}
+    lesson = NodeTag(kind="lesson", text="too slow", created_at_turn=1, abandoned_node_ids=tuple(abandoned))
+    assert tags == {node: (lesson,) if node == target else () for node in range(1, target + 1)}
+    assert forked_request(world, session, session.loops[0].loop_id, 2).messages == messages

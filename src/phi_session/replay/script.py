@@ -223,8 +223,9 @@ def _edit_context(
     path), none of its ``abandoned_node_ids``; the target carries the revert's tag, of
     the kind its category gives (failure: lesson, tangent: finding, completion: outcome,
     step-summary: checkpoint), its summary as text (empty without one), created at
-    `turn`. A message without a node id is in no tree: it stays, but for a tool result
-    whose call went (the plain results of a ``TurnEnd`` carry no node id).
+    `turn`. A tool result is a node too (phi-core stamps it; a rebuilt context takes its
+    id from its ``MessageEnd``, `_in_tree`), the next reply's parent; a message without
+    a node id is in no tree: it stays, but for a tool result whose call went.
     """
     if isinstance(event, PrunApplied):
         return _pruned(messages, event)
@@ -273,7 +274,7 @@ def _reverted(
         abandoned_node_ids=event.abandoned_node_ids,
     )
     kept: list[tuple[int, AgentMessage]] = []
-    dropped_calls: set[str] = set()  # a result goes with its call (a turn's results lack node ids)
+    dropped_calls: set[str] = set()  # a result without a node id goes with its call
     for position, message in enumerate(messages):
         node = getattr(message, "node_id", None)
         if node is not None and (node not in trunk or node in abandoned):
@@ -415,7 +416,25 @@ def _recorded_turns(record: LoopRecord, past: list[AgentMessage]) -> Iterator[Re
         )
         yield recorded
         local.append(output)
-        local.extend(recorded.followed_by())
+        local.extend(_in_tree(recorded.followed_by(), turn.input_messages))
+
+
+def _in_tree(after: list[AgentMessage], inputs: Sequence[AgentMessage]) -> list[AgentMessage]:
+    """`after` (a reply's `followed_by`), each tool result with its node in the conversation
+    tree (``nodeId``, ``parentId``) as its ``MessageEnd`` carried it (the turn's
+    `inputs`): a ``TurnEnd``'s plain results carry none, and a revert walks the tree
+    through them (the next reply's parent is the last result)."""
+    stamped = {
+        m.tool_call_id: m for m in inputs if isinstance(m, ToolResultMessage) and m.node_id is not None
+    }
+    if not stamped:
+        return after
+    return [
+        replace(m, node_id=stamped[m.tool_call_id].node_id, parent_id=stamped[m.tool_call_id].parent_id)
+        if isinstance(m, ToolResultMessage) and m.node_id is None and m.tool_call_id in stamped
+        else m
+        for m in after
+    ]
 
 
 def _of_a_replay(record: LoopRecord) -> bool:
