@@ -2145,3 +2145,32 @@ def test_a_revert_walks_the_tree_through_tool_results(
     lesson = NodeTag(kind="lesson", text="too slow", created_at_turn=1, abandoned_node_ids=tuple(abandoned))
     assert tags == {node: (lesson,) if node == target else () for node in range(1, target + 1)}
     assert forked_request(world, session, session.loops[0].loop_id, 2).messages == messages
+
+
+def tree_view(message: AgentMessage) -> tuple[str, int | None, Any]:
+    """A message as the model sees it, with its node and tags (a revert's mark)."""
+    return summarize(message), getattr(message, "node_id", None), getattr(message, "tags", ())
+
+
+@pytest.mark.parametrize("capture", [False, True])
+@pytest.mark.parametrize("edited", ["pruned", "reverted"])
+def test_a_fork_records_the_edits_of_the_context_it_repeats(world: World, edited: str, capture: bool) -> None:
+    # A fork from an edited context (turn 0's grep output pruned with a memo) sent the model
+    # the memo, but its loop recorded no PrunApplied: a replay of the fork rebuilt the
+    # context with the grep's output, which the model had never been sent.
+    if edited == "pruned":
+        session, point = world.record(grep_and_prune("M"), capture=False), 1
+    else:
+        session, point = tree_loop(world, 4, [5]), 2
+    seen: list[RequestShape] = []
+    recorder = SessionRecorder(capture_turn_requests=capture)
+    tracer = Tracer(world.agent, sinks=[recorder], config=SNAP)
+    scope = fork(
+        session, session.loops[0].loop_id, point, model=counting_model(seen), tracer=tracer, max_turns=1
+    )
+    recorder.flush()
+    (recorded,) = recorder.drain_completed()
+    sent = [tree_view(m) for m in seen[0].messages]
+    assert sent == [tree_view(m) for m in ReplayScript.from_session(session).turn(point).request.messages]
+    rebuilt = ReplayScript.from_session(recorded, scope.loop_id).turn(point).request.messages
+    assert [tree_view(m) for m in rebuilt] == sent

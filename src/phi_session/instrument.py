@@ -2360,13 +2360,22 @@ class ToolScope(_Scope):
         self._cut = True
         return self._emit_end
 
-    def end(self, error: BaseException | str | None = None, *, timestamp: int | None = None) -> None:
+    def end(
+        self,
+        error: BaseException | str | None = None,
+        *,
+        timestamp: int | None = None,
+        node_id: int | None = None,
+        parent_id: int | None = None,
+    ) -> None:
         """Emit ``ToolExecutionEnd`` and the ``toolResult`` message; with `error`, as a failure.
 
         `timestamp`: the message's (epoch milliseconds; default now), for a tool that
         finished earlier than its result was known: `InvalidArgument` for one past the
         years phi-core reads (`Timestamp`); one before the turn started is taken as given,
         as a clock set back would give it (an adapter's reading must not lose the result).
+        `node_id`, `parent_id`: the message's node in the conversation tree (phi-core's
+        revert mode stamps a tool result too), as a reply's own message carries them.
         Error texts (exception messages) reach sinks through the redactor
         like any failed tool's result. After the turn cut the tool short, a no-op (logged).
         """
@@ -2374,14 +2383,22 @@ class ToolScope(_Scope):
             check_unsigned("timestamp", timestamp)
             if timestamp > MAX_MILLIS:
                 raise InvalidArgument(f"timestamp {timestamp} ms is past the years a Timestamp holds")
+        check_unsigned("node_id", node_id, optional=True)
+        check_unsigned("parent_id", parent_id, optional=True)
         with self._loop.lock:  # atomic with the turn's end: each tool ends once
             if not self._running and not self._still_open("end"):
                 return
             self._running, self._ended = False, True  # `_close`, inline
             self._turn.tool_ending(self)
-        self._emit_end(error, timestamp)
+        self._emit_end(error, timestamp, node_id, parent_id)
 
-    def _emit_end(self, error: BaseException | str | None, timestamp: int | None = None) -> None:
+    def _emit_end(
+        self,
+        error: BaseException | str | None,
+        timestamp: int | None = None,
+        node_id: int | None = None,
+        parent_id: int | None = None,
+    ) -> None:
         message: ToolResultMessage | None = None
         try:
             content, details, is_error = self._outcome
@@ -2412,6 +2429,8 @@ class ToolScope(_Scope):
                     content=content,
                     is_error=is_error,
                     timestamp=loop.millis() if timestamp is None else timestamp,
+                    node_id=node_id,
+                    parent_id=parent_id,
                 )
             )
             loop.emit_message(message)

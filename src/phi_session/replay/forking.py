@@ -28,7 +28,7 @@ from msgspec.structs import replace
 
 from .._checks import check_callable, check_each, check_index, check_instance, check_type
 from ..errors import InvalidArgument
-from ..events import LoopConfigSnapshot
+from ..events import LoopConfigSnapshot, PrunApplied
 from ..instrument import LoopScope, ToolScope, Tracer
 from ..messages import AgentMessage, AssistantMessage, Content, TextContent, ToolCall, ToolResultMessage
 from ..model import Session, mark_replayed
@@ -58,10 +58,31 @@ def _apply(result: ToolResultMessage, replaced: Mapping[str, tuple[Content, ...]
 def _finish_recorded(tool: ToolScope, result: ToolResultMessage | None) -> None:
     if result is None:
         tool.error("no recorded result")
-    elif result.is_error:
+        return
+    if result.is_error:
         tool.error(result.content)
     else:
         tool.result(result.content)
+    # Stamped and placed in the tree as recorded (as the repeated replies are): the
+    # repeated edits of the context name it so (a prune by timestamp, a revert by node).
+    tool.end(timestamp=result.timestamp, node_id=result.node_id, parent_id=result.parent_id)
+
+
+def _edit_again(loop: LoopScope, turn: RecordedTurn) -> None:
+    """Record again the edits of the context `turn` saw (`RecordedTurn.edits`), so that the
+    fork's own record rebuilds the context it repeats as it was sent."""
+    for edit in turn.edits:
+        if isinstance(edit, PrunApplied):
+            loop.prun(edit.tokens_removed, edit.messages_removed, edit.pruned_timestamps, edit.memo)
+        else:
+            loop.revert(
+                edit.category,
+                abandoned_node_ids=edit.abandoned_node_ids,
+                applied=edit.applied,
+                target=edit.target,
+                summary=edit.summary,
+                reason=edit.reason,
+            )
 
 
 def _run_tool(tool: ToolScope, call: ToolCall, tools: Mapping[str, ToolFn]) -> None:
@@ -76,6 +97,7 @@ def _run_tool(tool: ToolScope, call: ToolCall, tools: Mapping[str, ToolFn]) -> N
 
 
 def _repeat(loop: LoopScope, turn: RecordedTurn, replaced: Mapping[str, tuple[Content, ...]]) -> None:
+    _edit_again(loop, turn)
     for message in turn.inputs:
         loop.user(message)
     steering = list(turn.steering)
@@ -216,6 +238,7 @@ def fork(
     with lineage.loop(tracer, config) as loop:
         for position, turn in enumerate(script.turns[:turn_index]):
             _repeat(loop, turn, replaced if position == turn_index - 1 else {})
+        _edit_again(loop, point)
         for message in inputs:
             recorded = loop.user(message)
             if _sent(recorded, captured):

@@ -142,10 +142,15 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
     reply: AssistantMessage
     """The model's answer, as recorded (its ``turn_id`` removed)."""
     tool_results: tuple[ToolResultMessage, ...] = ()
-    """The results of the reply's tool calls, in the order they ended."""
+    """The results of the reply's tool calls, in the order they ended, each with its node
+    in the conversation tree as its ``MessageEnd`` carried it (`_in_tree`)."""
     steering: tuple[tuple[int, AgentMessage], ...] = ()
     """The messages the turn added after the reply (steering while its tools ran), as
     recorded, each with how many of its tool results had ended before it."""
+    edits: tuple[PrunApplied | RevertApplied, ...] = ()
+    """The loop's edits of its context (``PrunApplied``, ``RevertApplied``) recorded since
+    the turn before this one started: they edit this turn's context on, before its
+    `inputs` (`_edit_context`)."""
     aborted: bool = False
     """Whether the original run failed in this turn: the last of a loop that ended
     ``Aborted`` (e.g. a tool raised), so no model call followed its tool results."""
@@ -223,9 +228,9 @@ def _edit_context(
     path), none of its ``abandoned_node_ids``; the target carries the revert's tag, of
     the kind its category gives (failure: lesson, tangent: finding, completion: outcome,
     step-summary: checkpoint), its summary as text (empty without one), created at
-    `turn`. A tool result is a node too (phi-core stamps it; a rebuilt context takes its
-    id from its ``MessageEnd``, `_in_tree`), the next reply's parent; a message without
-    a node id is in no tree: it stays, but for a tool result whose call went.
+    `turn`. A tool result is a node too (phi-core stamps it; `RecordedTurn.tool_results`
+    take their ids from their ``MessageEnd``), the next reply's parent; a message
+    without a node id is in no tree: it stays, but for a tool result whose call went.
     """
     if isinstance(event, PrunApplied):
         return _pruned(messages, event)
@@ -377,9 +382,11 @@ def _recorded_turns(record: LoopRecord, past: list[AgentMessage]) -> Iterator[Re
     edits = iter(log.edits)
     edit = next(edits, None)
     for turn in record.turns:
+        applied: list[PrunApplied | RevertApplied] = []
         while edit is not None and edit.first_turn <= turn.index:
             context = context.edited(edit)
             local = context.own
+            applied.append(edit.event)
             edit = next(edits, None)
         output = turn.output_message
         if not isinstance(output, AssistantMessage):
@@ -410,31 +417,35 @@ def _recorded_turns(record: LoopRecord, past: list[AgentMessage]) -> Iterator[Re
             context_end=len(local),
             inputs=inputs,
             reply=replace(output, turn_id=None),
-            tool_results=tuple(m for m in turn.tool_results if isinstance(m, ToolResultMessage)),
+            tool_results=_in_tree(turn),
             steering=tuple(steering),
+            edits=tuple(applied),
             aborted=record.status == "Aborted" and turn is record.turns[-1],
         )
         yield recorded
         local.append(output)
-        local.extend(_in_tree(recorded.followed_by(), turn.input_messages))
+        local.extend(recorded.followed_by())
 
 
-def _in_tree(after: list[AgentMessage], inputs: Sequence[AgentMessage]) -> list[AgentMessage]:
-    """`after` (a reply's `followed_by`), each tool result with its node in the conversation
-    tree (``nodeId``, ``parentId``) as its ``MessageEnd`` carried it (the turn's
-    `inputs`): a ``TurnEnd``'s plain results carry none, and a revert walks the tree
-    through them (the next reply's parent is the last result)."""
+def _in_tree(turn: Turn) -> tuple[ToolResultMessage, ...]:
+    """`turn`'s tool results, each with its node in the conversation tree (``nodeId``,
+    ``parentId``) as its ``MessageEnd`` carried it (the turn's inputs): a ``TurnEnd``'s
+    plain results carry none, and a revert walks the tree through them (the next
+    reply's parent is the last result)."""
+    results = tuple(m for m in turn.tool_results if isinstance(m, ToolResultMessage))
     stamped = {
-        m.tool_call_id: m for m in inputs if isinstance(m, ToolResultMessage) and m.node_id is not None
+        m.tool_call_id: m
+        for m in turn.input_messages
+        if isinstance(m, ToolResultMessage) and m.node_id is not None
     }
     if not stamped:
-        return after
-    return [
+        return results
+    return tuple(
         replace(m, node_id=stamped[m.tool_call_id].node_id, parent_id=stamped[m.tool_call_id].parent_id)
-        if isinstance(m, ToolResultMessage) and m.node_id is None and m.tool_call_id in stamped
+        if m.node_id is None and m.tool_call_id in stamped
         else m
-        for m in after
-    ]
+        for m in results
+    )
 
 
 def _of_a_replay(record: LoopRecord) -> bool:
