@@ -79,10 +79,14 @@ def reference(loops: int = 3) -> list[bytes]:
     return [ps.encode(s) for s in recorder.drain_completed()]
 
 
-def tracer_into(queue: asyncio.Queue[Any]) -> tuple[Tracer, QueueSink]:
+def tracer_into(queue: asyncio.Queue[Any], agent: AgentSession | None = None) -> tuple[Tracer, QueueSink]:
     sink = QueueSink(queue)
-    agent = identity()
-    return Tracer(agent, sinks=[sink], config=SNAP), sink
+    return Tracer(agent or identity(), sinks=[sink], config=SNAP), sink
+
+
+def other_agent() -> AgentSession:
+    """An agent of session "t", feeding a queue beside `identity()`'s."""
+    return AgentSession(agent_id="b", clock=FakeClock(), id_factory=lambda: "t")
 
 
 def test_a_queue_fed_by_a_tracer_is_recorded_and_saved_at_the_end() -> None:
@@ -407,11 +411,7 @@ def test_tracers_sharing_one_queue_end_the_stream_when_the_last_sink_closes() ->
         queue: asyncio.Queue[Any] = asyncio.Queue()
         task = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=None))
         first, first_sink = tracer_into(queue)
-        second = Tracer(
-            AgentSession(agent_id="b", clock=FakeClock(), id_factory=lambda: "t"),
-            sinks=[QueueSink(queue)],
-            config=SNAP,
-        )
+        second, _ = tracer_into(queue, other_agent())
         dropped = QueueSink(queue)  # never closed, gone: it holds no stream open
         del dropped
         gc.collect()
@@ -428,3 +428,29 @@ def test_tracers_sharing_one_queue_end_the_stream_when_the_last_sink_closes() ->
     stats, left = asyncio.run(main())
     assert left == 0 and stats.saved == 2
     assert len(memory.sessions["s"].loops) == 3 and len(memory.sessions["t"].loops) == 2
+
+
+def test_a_sink_collected_unclosed_after_the_others_closed_ends_the_stream() -> None:
+    # Tracer B dropped without close() (a tracer sits in reference cycles: its sink lives
+    # until gc), then A closed: A was not the last open sink and put no end marker; gc
+    # later freed B's sink and nothing ever put it: consume waited for good.
+    memory = MemoryStore()
+
+    async def main() -> tuple[ps.ConsumeStats, bool]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        first, first_sink = tracer_into(queue)
+        second, second_sink = tracer_into(queue, other_agent())
+        agent_work(first)
+        agent_work(second, loops=1)
+        task = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=None))
+        first_sink.close()
+        await asyncio.sleep(0.01)
+        ended_while_open = task.done()  # the open sink may still send
+        del second, second_sink
+        gc.collect()
+        stats = await asyncio.wait_for(task, 5)
+        return stats, ended_while_open
+
+    stats, ended_while_open = asyncio.run(main())
+    assert not ended_while_open
+    assert stats.saved == 2 and len(memory.sessions["s"].loops) == 3 and len(memory.sessions["t"].loops) == 1

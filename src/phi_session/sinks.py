@@ -185,8 +185,9 @@ class QueueSink:
     rather than guessing, since the first caller's loop may be the agent's, not the
     consumer's. `close()` puts the end-of-stream marker (None), which ends `consume`:
     of several sinks sharing one queue (tracers feeding one consumer), only the last
-    to close, the others still open having a stream to send (one garbage-collected
-    unclosed no longer counts). The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
+    to close, the others still open having a stream to send. One garbage-collected
+    unclosed no longer counts: if it was the last open one and another has closed, the
+    marker is put then. The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
     the agent never waits for the consumer, and no event is dropped.
     """
 
@@ -214,10 +215,10 @@ class QueueSink:
         self._lock = threading.Lock()
         with _sharing_lock:
             try:
-                self._sharing: weakref.WeakSet[QueueSink] = _sharing.setdefault(queue, weakref.WeakSet())
+                self._sharing = _sharing.setdefault(queue, _Sharing())
             except TypeError:  # a queue that cannot be weakly referenced: this sink's alone
-                self._sharing = weakref.WeakSet()
-            self._sharing.add(self)
+                self._sharing = _Sharing()
+            self._sharing.open += 1
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -232,6 +233,10 @@ class QueueSink:
         if loop is running:
             self._thread = threading.get_ident()
         self._loop: asyncio.AbstractEventLoop = loop
+        # Collected unclosed, the sink leaves its queue's open ones (holding neither it nor
+        # its events: each handed-over event holds it alive until put).
+        self._open = weakref.finalize(self, _collected_unclosed, self._sharing, loop, queue)
+        self._open.atexit = False
 
     def __call__(self, event: AgentEvent | None) -> None:
         # `_waiting` only drops in the loop's thread (`_put`): read there, it cannot be stale.
@@ -277,9 +282,7 @@ class QueueSink:
         the first logged): behind the marker, no consumer would read it.
         """
         with _sharing_lock:
-            sharing = self._sharing
-            last = self in sharing and len(sharing) == 1
-            sharing.discard(self)
+            last = self._open.detach() is not None and self._sharing.leave()
         if last:
             self._hand_over(None, closing=True)
         else:
@@ -287,8 +290,45 @@ class QueueSink:
                 self._closed = True
 
 
-# The open `QueueSink`s of each queue: its end-of-stream marker waits for the last.
-_sharing: weakref.WeakKeyDictionary[Any, weakref.WeakSet[QueueSink]] = weakref.WeakKeyDictionary()
+class _Sharing:
+    """The `QueueSink`s of one queue: how many are open (neither closed nor collected),
+    and whether one closed while others were, owing the end-of-stream marker to the
+    last of them to leave. Read and changed under `_sharing_lock`."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.owed = False
+
+    def leave(self) -> bool:
+        """One sink closes: whether it is the last open one, to put the marker."""
+        self.open -= 1
+        self.owed = self.open > 0
+        return not self.owed
+
+    def collected(self, queue: _PutQueue[AgentEvent | None]) -> None:
+        """One sink was collected unclosed (run in its loop's thread): the last to leave
+        puts the marker if one is owed, behind the events handed over before."""
+        with _sharing_lock:
+            self.open -= 1
+            put = not self.open and self.owed
+            self.owed = self.owed and not put
+        if put:
+            asyncio.get_running_loop().call_soon(queue.put_nowait, None)
+
+
+def _collected_unclosed(
+    sharing: _Sharing, loop: asyncio.AbstractEventLoop, queue: _PutQueue[AgentEvent | None]
+) -> None:
+    # Run by the garbage collector, maybe in a thread inside `_sharing_lock`: the count
+    # is left to the loop's thread, which takes the lock as any caller does.
+    try:
+        loop.call_soon_threadsafe(sharing.collected, queue)
+    except RuntimeError:  # a closed loop: no consumer is left to end
+        pass
+
+
+# Each queue's `_Sharing` (the queue weakly held).
+_sharing: weakref.WeakKeyDictionary[Any, _Sharing] = weakref.WeakKeyDictionary()
 _sharing_lock = threading.Lock()
 
 
