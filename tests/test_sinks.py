@@ -301,6 +301,32 @@ def test_queue_sink_outside_a_running_loop_needs_an_explicit_loop() -> None:
         QueueSink(asyncio.Queue())
 
 
+def test_a_queue_sink_refused_does_not_hold_its_queue_open() -> None:
+    # Built in a thread with no running loop, refused, its error kept: it still counted
+    # as open on the queue, so the other sink's close() put no end-of-stream marker.
+    async def main() -> list[Any]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        refused: list[BaseException] = []
+
+        def build() -> None:
+            try:
+                QueueSink(queue)
+            except RuntimeError as error:
+                refused.append(error)
+
+        thread = threading.Thread(target=build)
+        thread.start()
+        thread.join()
+        sink = QueueSink(queue)
+        sink(("y",))  # type: ignore[arg-type]
+        sink.close()
+        await asyncio.sleep(0.01)
+        assert refused
+        return [queue.get_nowait() for _ in range(queue.qsize())]
+
+    assert asyncio.run(main()) == [("y",), None]
+
+
 def test_queue_sink_with_an_explicit_loop_from_another_thread() -> None:
     loop = asyncio.new_event_loop()
     try:

@@ -213,12 +213,6 @@ class QueueSink:
         self._waiting = 0
         self._closed = False  # closed: no event may follow (the marker, if it put it)
         self._lock = threading.Lock()
-        with _sharing_lock:
-            try:
-                self._sharing = _sharing.setdefault(queue, _Sharing())
-            except TypeError:  # a queue that cannot be weakly referenced: this sink's alone
-                self._sharing = _Sharing()
-            self._sharing.open += 1
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -233,6 +227,13 @@ class QueueSink:
         if loop is running:
             self._thread = threading.get_ident()
         self._loop: asyncio.AbstractEventLoop = loop
+        # Counted open last, once nothing can refuse the sink: a refused one never closes.
+        with _sharing_lock:
+            try:
+                self._sharing = _sharing.setdefault(queue, _Sharing())
+            except TypeError:  # a queue that cannot be weakly referenced: this sink's alone
+                self._sharing = _Sharing()
+            self._sharing.open += 1
         # Collected unclosed, the sink leaves its queue's open ones (holding neither it nor
         # its events: each handed-over event holds it alive until put).
         self._open = weakref.finalize(self, _collected_unclosed, self._sharing, loop, queue)
