@@ -1347,17 +1347,21 @@ def test_a_redactors_patterns_and_fields_are_checked() -> None:
         Redactor(extra_patterns=["("])
 
 
-@pytest.mark.parametrize("twice", ["as redact too", "in processors"])
+@pytest.mark.parametrize("twice", ["as redact too", "in processors", "in a nested chain"])
 def test_a_redactor_given_twice_runs_once(twice: str) -> None:
     # In the chain twice, it held back the stream's end twice: the deltas came out
-    # garbled ("Hello sk-use key ant-ABC...") with the key in them.
+    # garbled ("Hello sk-use key ant-ABC...") with the key in them; so too in a chain
+    # given in processors (a ProcessorChain is a processor).
     redactor = Redactor(redact_text=True)
     events: list[ps.AgentEvent] = []
-    options: dict[str, Any] = (
-        {"processors": [redactor], "redact": redactor}
-        if twice == "as redact too"
-        else {"processors": [redactor, redactor], "redact": False}
-    )
+    options: dict[str, Any] = {
+        "as redact too": {"processors": [redactor], "redact": redactor},
+        "in processors": {"processors": [redactor, redactor], "redact": False},
+        "in a nested chain": {
+            "processors": [ProcessorChain([ProcessorChain([redactor])])],
+            "redact": redactor,
+        },
+    }[twice]
     tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append], config=SNAP, **options)
     assert tracer.processors.processors == (redactor,)
     with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:

@@ -285,14 +285,27 @@ def check_redact(redact: object) -> None:
 
 def default_processors(redact: bool | Redactor, processors: Sequence[Processor]) -> ProcessorChain:
     """The chain a `Tracer` runs: the user's processors, then the redactor (last, so
-    that nothing a processor adds escapes it). A `Redactor` given twice (in `processors`
-    and as `redact`, say) runs once, at its last place: twice, it would hold back the
-    end of a stream twice, garbling its deltas."""
+    that nothing a processor adds escapes it). A `ProcessorChain` among them runs as its
+    processors, in their place (its own counts left at zero: the tracer's chain counts
+    them). A `Redactor` given twice (in `processors` and as `redact`, or in a chain in
+    `processors`) runs once, at its last place: twice, it would hold back the end of a
+    stream twice, garbling its deltas."""
     check_redact(redact)
-    chain = list(processors)
+    chain = _spliced(processors)
     if redact is True:
         chain.append(Redactor())
     elif isinstance(redact, Redactor):
         chain.append(redact)
     last = {id(p): at for at, p in enumerate(chain) if isinstance(p, Redactor)}
     return ProcessorChain(p for at, p in enumerate(chain) if last.get(id(p), at) == at)
+
+
+def _spliced(processors: Sequence[Processor]) -> list[Processor]:
+    """`processors`, each `ProcessorChain` among them (at any depth) replaced by its own."""
+    return [
+        inner
+        for processor in processors
+        for inner in (
+            _spliced(processor.processors) if isinstance(processor, ProcessorChain) else (processor,)
+        )
+    ]
