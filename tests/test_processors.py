@@ -1347,6 +1347,37 @@ def test_a_redactors_patterns_and_fields_are_checked() -> None:
         Redactor(extra_patterns=["("])
 
 
+def _upper(event: ps.AgentEvent) -> ps.AgentEvent:
+    """A processor after the redactor: upper-cases a streamed text delta."""
+    if isinstance(event, ps.MessageUpdate) and event.delta.Text is not msgspec.UNSET:
+        return msgspec.structs.replace(event, delta=ps.StreamDelta("Text", event.delta.delta.upper()))
+    return event
+
+
+@pytest.mark.parametrize("case", ["redact left True", "a processor after it"])
+def test_a_redactor_with_redact_text_in_processors_holds_back_the_stream(case: str) -> None:
+    # processors=[Redactor(redact_text=True)] with redact left True appended a default
+    # Redactor() last, and only the last processor held back a stream's end: the deltas
+    # joined to 'Hello use key sk-ant-ABCDEFGHIJKLMNOPQRSTUV and bye'; so too with any
+    # processor after it (processors=[r, other], redact=False).
+    redactor = Redactor(redact_text=True)
+    events: list[ps.AgentEvent] = []
+    options: dict[str, Any] = {
+        "redact left True": {"processors": [ProcessorChain([redactor])]},
+        "a processor after it": {"processors": [redactor, _upper], "redact": False},
+    }[case]
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append], config=SNAP, **options)
+    assert tracer.processors.processors == ((redactor,) if case == "redact left True" else (redactor, _upper))
+    with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
+        for piece in ["Hello ", "use key sk-", "ant-", "ABCDEFGHIJKLMNOPQRSTUV", " and ", "bye"]:
+            reply.text_delta(piece)
+        reply.finish()
+    expected = f"Hello use key {REDACTED} and bye"
+    assert "".join(_streamed(events, "Text")) == (
+        expected if case == "redact left True" else expected.upper()
+    )
+
+
 @pytest.mark.parametrize("twice", ["as redact too", "in processors", "in a nested chain"])
 def test_a_redactor_given_twice_runs_once(twice: str) -> None:
     # In the chain twice, it held back the stream's end twice: the deltas came out

@@ -765,6 +765,7 @@ class _Outlet:
     """
 
     __slots__ = (
+        "_after",
         "_checked",
         "_deliver",
         "_filled",
@@ -794,11 +795,11 @@ class _Outlet:
         """Run an event through the processors, then deliver it to every sink. Never raises."""
         self.emit_prose: Callable[[MessageUpdate], None] = _prose_emitter(processors, fanout, self.emit)
         """`emit` for a text or thinking delta into phi-core's empty placeholder message."""
-        last = processors.processors[-1] if processors else None
-        # The redactor that holds back the end of a reply's text where a secret may start
-        # (`Redactor.open_stream`): the last processor, so that what it passes on later
-        # goes straight to the sinks.
-        self._streaming = last if isinstance(last, Redactor) else None
+        # The chain's redactors, by place: the last with `redact_text` holds back the end of
+        # a reply's text where a secret may start (`Redactor.open_stream`), and what it
+        # passes on later runs through the processors after it, as its deltas did.
+        self._streaming = [(at, p) for at, p in enumerate(processors.processors) if isinstance(p, Redactor)]
+        self._after = processors.run_from
         self._deliver = fanout.deliver
 
     def open_stream(self, placeholder: AssistantMessage) -> bool:
@@ -806,22 +807,23 @@ class _Outlet:
         `placeholder` (`Redactor.open_stream`), to be passed on by `release_stream`. Each
         kind keeps what it holds while the other streams: passing it on then would send a
         secret's start unredacted, its end still to come."""
-        redactor = self._streaming
-        return redactor is not None and redactor.open_stream(placeholder)
+        # `redact_text` read per reply, as each redactor reads it per event.
+        holding = [redactor for _, redactor in self._streaming if redactor.redact_text]
+        return bool(holding) and holding[-1].open_stream(placeholder)
 
     def release_stream(self, loop_id: str, placeholder: AssistantMessage) -> None:
         """Deliver what the redactor held back of a stream (`open_stream`), as deltas; the
         stream ends."""
-        redactor = self._streaming
-        if redactor is None:
-            return
-        try:
-            deltas = redactor.close_stream(placeholder)
-        except Exception:  # never raised into the agent; what it held is in the finished message
-            logger.exception("the redactor could not pass on the end of a streamed reply")
-            return
-        for delta in deltas:
-            self._deliver(MessageUpdate(loop_id=loop_id, message=placeholder, delta=delta))
+        for at, redactor in self._streaming:  # the one holding it (`close_stream`: () for the others)
+            try:
+                deltas = redactor.close_stream(placeholder)
+            except Exception:  # never raised into the agent; what it held is in the finished message
+                logger.exception("the redactor could not pass on the end of a streamed reply")
+                continue
+            for delta in deltas:
+                event = self._after(at + 1, MessageUpdate(loop_id=loop_id, message=placeholder, delta=delta))
+                if event is not None:
+                    self._deliver(event)
 
     def check_config(self, config: LoopConfigSnapshot | None, name: str = "config") -> None:
         """`check_recordable` of a loop's config snapshot (argument `name`), once per object
@@ -1236,7 +1238,8 @@ class Tracer:
     * `agent`: the identity (ids, rotation, clock); a fresh `AgentSession` by default.
     * `sinks`: where events go (`phi_session.sinks`): recorders, queues, files, callables.
     * `processors`: run on every event before any sink (`phi_session.processors`);
-      then the built-in `Redactor` unless ``redact=False`` (or pass your own).
+      then the built-in `Redactor` unless ``redact=False`` or they hold a `Redactor`
+      (or pass your own as `redact`).
     * `config`: the default `LoopConfigSnapshot` of loops that do not give one.
 
     `emit(event)` sends a hand-built event the same way. Thread-safe. `flush()` and

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from msgspec.structs import replace
@@ -202,7 +203,7 @@ class ProcessorChain:
         """The chain's only processor, if it has exactly one (a `Tracer` then runs it inline,
         with `passed_on` and `withheld`)."""
         self.process: Callable[[AgentEvent], AgentEvent | None] = (
-            self._run_one if self.lone is not None else self._run_all
+            self._run_one if self.lone is not None else partial(self.run_from, 0)
         )
         """Calling the chain, without the ``__call__`` indirection (what a `Tracer` calls)."""
 
@@ -213,8 +214,10 @@ class ProcessorChain:
         """The processed event, or None if a processor dropped it. Never raises."""
         return self.process(event)
 
-    def _run_all(self, event: AgentEvent) -> AgentEvent | None:
-        for processor in self.processors:
+    def run_from(self, start: int, event: AgentEvent) -> AgentEvent | None:
+        """`event` run through the chain's processors from the one at `start` on (all of
+        them: calling the chain), or None if one dropped it. Never raises."""
+        for processor in self.processors[start:] if start else self.processors:
             try:
                 result = processor(event)
             except Exception as error:
@@ -285,14 +288,15 @@ def check_redact(redact: object) -> None:
 
 def default_processors(redact: bool | Redactor, processors: Sequence[Processor]) -> ProcessorChain:
     """The chain a `Tracer` runs: the user's processors, then the redactor (last, so
-    that nothing a processor adds escapes it). A `ProcessorChain` among them runs as its
-    processors, in their place (its own counts left at zero: the tracer's chain counts
-    them). A `Redactor` given twice (in `processors` and as `redact`, or in a chain in
-    `processors`) runs once, at its last place: twice, it would hold back the end of a
-    stream twice, garbling its deltas."""
+    that nothing a processor adds escapes it; with ``redact=True``, a default one unless
+    the user's hold a `Redactor` already, whose choice of patterns stands). A
+    `ProcessorChain` among them runs as its processors, in their place (its own counts
+    left at zero: the tracer's chain counts them). A `Redactor` given twice (in
+    `processors` and as `redact`, or in a chain in `processors`) runs once, at its last
+    place: twice, it would hold back the end of a stream twice, garbling its deltas."""
     check_redact(redact)
     chain = _spliced(processors)
-    if redact is True:
+    if redact is True and not any(isinstance(p, Redactor) for p in chain):
         chain.append(Redactor())
     elif isinstance(redact, Redactor):
         chain.append(redact)

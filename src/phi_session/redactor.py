@@ -1212,8 +1212,8 @@ class Redactor:
         across deltas is redacted in them as in the finished message (a `Tracer` does
         this for each reply). Each kind (text, thinking) holds its own end, kept while
         the other streams. The caller passes on what `close_stream` returns once the
-        stream ends, after every processor: a delta's text is then what the redactor
-        passed on.
+        stream ends, through the processors after this one: a delta's text is then what
+        the redactor passed on.
 
         What is held back is at most `_STREAM_HOLD` characters behind the start of a
         possible secret (an anchor of the default patterns; for the user's patterns, the
