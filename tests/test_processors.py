@@ -1367,7 +1367,11 @@ def test_a_redactor_with_redact_text_in_processors_holds_back_the_stream(case: s
         "a processor after it": {"processors": [redactor, _upper], "redact": False},
     }[case]
     tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append], config=SNAP, **options)
-    assert tracer.processors.processors == ((redactor,) if case == "redact left True" else (redactor, _upper))
+    chain = tracer.processors.processors
+    if case == "redact left True":  # the default one after it, not holding back
+        assert chain[0] is redactor and len(chain) == 2 and chain[1].redact_text is False  # type: ignore[attr-defined]
+    else:
+        assert chain == (redactor, _upper)
     with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
         for piece in ["Hello ", "use key sk-", "ant-", "ABCDEFGHIJKLMNOPQRSTUV", " and ", "bye"]:
             reply.text_delta(piece)
@@ -1376,6 +1380,45 @@ def test_a_redactor_with_redact_text_in_processors_holds_back_the_stream(case: s
     assert "".join(_streamed(events, "Text")) == (
         expected if case == "redact left True" else expected.upper()
     )
+
+
+def test_a_redactor_of_your_own_keeps_the_default_one() -> None:
+    # processors=[Redactor(patterns=[...])] with redact left True ran only yours for a
+    # while (7c9ff0c): an Anthropic key in a tool argument reached every sink in clear.
+    events: list[ps.AgentEvent] = []
+    mine = Redactor(patterns=[r"PROJ-\d{6}"])
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append], config=SNAP, processors=[mine])
+    with tracer.loop() as loop, loop.turn() as turn:
+        with turn.assistant() as reply:
+            args = {"auth": "Bearer sk-ant-ABCDEFGHIJKLMNOPQRSTUV", "ticket": "PROJ-123456"}
+            reply.finish(tool_calls=[ps.ToolCall(id="c1", name="call", arguments=args)])
+        with turn.tool(turn.tool_calls[0]) as tool:
+            tool.result("ok")
+    (start,) = [e for e in events if isinstance(e, ps.ToolExecutionStart)]
+    assert start.args == {"auth": f"Bearer {REDACTED}", "ticket": REDACTED}
+
+
+class _Chain(ProcessorChain):
+    """A chain of the user's own, running its processors otherwise (here: twice)."""
+
+    def __call__(self, event: ps.AgentEvent) -> ps.AgentEvent | None:
+        once = super().__call__(event)
+        return None if once is None else super().__call__(once)
+
+
+def test_a_subclass_of_processor_chain_runs_whole() -> None:
+    calls: list[str] = []
+
+    def count(event: ps.AgentEvent) -> ps.AgentEvent:
+        calls.append(type(event).__name__)
+        return event
+
+    chain = _Chain([count])
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[lambda e: None], config=SNAP, processors=[chain])
+    assert tracer.processors.processors[0] is chain
+    with tracer.loop() as loop:
+        loop.user("hi")
+    assert calls and len(calls) % 2 == 0  # each event twice: its own __call__ ran
 
 
 @pytest.mark.parametrize("twice", ["as redact too", "in processors", "in a nested chain"])

@@ -288,15 +288,16 @@ def check_redact(redact: object) -> None:
 
 def default_processors(redact: bool | Redactor, processors: Sequence[Processor]) -> ProcessorChain:
     """The chain a `Tracer` runs: the user's processors, then the redactor (last, so
-    that nothing a processor adds escapes it; with ``redact=True``, a default one unless
-    the user's hold a `Redactor` already, whose choice of patterns stands). A
-    `ProcessorChain` among them runs as its processors, in their place (its own counts
-    left at zero: the tracer's chain counts them). A `Redactor` given twice (in
+    that nothing a processor adds escapes it; with ``redact=True``, a default one, also
+    after a `Redactor` of the user's: the default patterns always apply). A
+    `ProcessorChain` among them (not a subclass, whose own call may differ) runs as its
+    processors, in their place (its own counts left at zero: the tracer's chain counts
+    them). A `Redactor` given twice (in
     `processors` and as `redact`, or in a chain in `processors`) runs once, at its last
     place: twice, it would hold back the end of a stream twice, garbling its deltas."""
     check_redact(redact)
     chain = _spliced(processors)
-    if redact is True and not any(isinstance(p, Redactor) for p in chain):
+    if redact is True:
         chain.append(Redactor())
     elif isinstance(redact, Redactor):
         chain.append(redact)
@@ -305,11 +306,10 @@ def default_processors(redact: bool | Redactor, processors: Sequence[Processor])
 
 
 def _spliced(processors: Sequence[Processor]) -> list[Processor]:
-    """`processors`, each `ProcessorChain` among them (at any depth) replaced by its own."""
+    """`processors`, each `ProcessorChain` among them (at any depth) replaced by its own
+    (a subclass is kept whole: it may run them otherwise)."""
     return [
         inner
         for processor in processors
-        for inner in (
-            _spliced(processor.processors) if isinstance(processor, ProcessorChain) else (processor,)
-        )
+        for inner in (_spliced(processor.processors) if type(processor) is ProcessorChain else (processor,))
     ]
