@@ -218,7 +218,9 @@ class AutoPersistingRecorder:
 
     * `orphans`: without a journal, where events of no known loop
       (`SessionRecorder.orphans`) and the sessions no store accepts go (an `OrphanSink`:
-      given a list of events, it keeps them; called with no lock held). With a journal they go to
+      given a list of events, it keeps them; called with no lock held, from the
+      producer that checkpoints or from the writer thread, so possibly from two
+      threads at once: it is thread-safe). With a journal they go to
       its ``orphans.jsonl``. With neither, each checkpoint drops the orphan events, with
       a warning counting them (``stats()["orphans_dropped"]``), to keep memory bounded.
 
