@@ -317,6 +317,32 @@ def test_a_request_body_never_smuggles_another_request(server: ViewerServer) -> 
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"Content-Length : 44\r\n",  # whitespace before the colon (RFC 9112 5.1)
+        b"Transfer-Encoding : chunked\r\n",
+        b"Content-Length\t: 44\r\n",
+        b"Cont(ent-Length: 44\r\n",  # no token
+        b"no colon at all\r\nContent-Length: 44\r\n",
+        b" X-Folded: 1\r\n",  # a continuation line first
+        b"From x\r\n",  # a mailbox's envelope line to the email parser
+        b"X-A: 1\r\n folded: 2\r\n",  # obs-fold (RFC 9112 5.2)
+    ],
+)
+def test_a_malformed_header_field_is_400_and_the_connection_closed(
+    server: ViewerServer, field: bytes
+) -> None:
+    # "Content-Length : 44" was no header to the framing, whose body then was answered
+    # as a second request: two answers to one request, the second to /smuggled.
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    answer = raw_request(
+        server, b"GET /api/stats HTTP/1.1\r\nHost: localhost\r\n" + field + b"\r\n" + smuggled
+    )
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1, answer[:300]
+    assert b"\r\nConnection: close\r\n" in answer
+
+
 SECURITY_HEADERS = (
     "Content-Security-Policy",
     "X-Content-Type-Options",

@@ -75,8 +75,10 @@ Safety: it binds 127.0.0.1 by default; while bound to a loopback address (howeve
 header naming a loopback host or ``--host`` (no userinfo, a numeric port), so a web
 page on another origin cannot read sessions through DNS rebinding (`HostGuard`).
 Every response, error pages of ``http.server`` itself included, carries the same
-security headers. Session ids are validated (`validate_session_id`) before they
-reach the store, so no path can escape it. Every response carries a
+security headers. A request whose header section is not plain ``name: value``
+fields is refused with 400 (`malformed_head`), its framing being unsure. Session
+ids are validated (`validate_session_id`) before they reach the store, so no path
+can escape it. Every response carries a
 Content-Security-Policy that allows no inline script, no framing and no third-party
 origin: the page renders all data as text (see ``static/app.js``), and the policy is
 the second line of defence.
@@ -226,6 +228,32 @@ def body_length(handler: BaseHTTPRequestHandler) -> int | None:
     raise error
 
 
+# RFC 9110 5.1: a field name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def malformed_head(handler: BaseHTTPRequestHandler) -> str | None:
+    """Why the request's header section is no list of ``name: value`` fields, or None.
+
+    ``http.server`` takes a line it cannot read as a field (``Content-Length : 44``,
+    whitespace before the colon) for the start of the body, and the fields after it
+    for body too: the framing would go unseen and the rest of the request be read as
+    another one. RFC 9112 (5.1, 5.2) has a server refuse such a request, and an
+    obsolete line folding, with 400 (the ``email`` parser it uses would take a first
+    ``From x`` line for a mailbox's envelope line, silently).
+    """
+    headers = handler.headers
+    if headers.defects or headers.get_payload() or headers.get_unixfrom():  # a first "From x" line
+        line = str(headers.get_unixfrom() or headers.get_payload()).partition("\n")[0].strip()
+        return f"a header line that is no field: {line[:40]!r}" if line else "a header line that is no field"
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            return f"a header field name that is no token: {name[:40]!r}"
+        if "\r" in value or "\n" in value:
+            return f"a folded header field: {name[:40]!r}"
+    return None
+
+
 class HttpError(Exception):
     """An error response: status and the message of its ``{"error": …}`` body."""
 
@@ -326,6 +354,15 @@ class ViewerHandler(BaseHTTPRequestHandler):
     # Not 0.9: a request too malformed to name its version still gets a status line
     # and the security headers (http.server sends HTTP/0.9 answers bare).
     default_request_version = "HTTP/1.0"
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        problem = malformed_head(self)
+        if problem is not None:
+            self.send_error(HTTPStatus.BAD_REQUEST, problem)  # which closes the connection
+            return False
+        return True
 
     def do_GET(self) -> None:
         self._respond(head=False)
