@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import select
 import shutil
 import socket
 import struct
@@ -530,3 +531,60 @@ def test_a_get_with_a_body_closes_the_connection_after_answering(server: ViewerS
         server, b"HEAD /api/stats HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabc"
     )
     assert answer.count(b"HTTP/1.1 ") == 1 and b"\r\nConnection: close\r\n" in answer
+
+
+def test_a_client_trickling_its_request_head_is_let_go(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The timeout bounds each read only: a byte every 40 s held a thread for ever (answered
+    # 200 at 160 s). The whole head now has a deadline.
+    assert ViewerHandler.head_timeout <= ViewerHandler.timeout <= 60
+    monkeypatch.setattr(ViewerHandler, "head_timeout", 1.0)
+    with JsonDirStore(store_dir) as store, running_server(store) as server:
+        host, port = server.server_address[:2]
+        with socket.create_connection((str(host), port), timeout=20) as connection:
+            connection.sendall(b"GET /api/sessions HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            for _ in range(300):  # a byte every 0.1 s, some 30 s at most
+                if select.select([connection], [], [], 0.1)[0]:
+                    break
+                try:
+                    connection.sendall(b"a")
+                except OSError:  # closed by the server
+                    break
+            try:
+                answer = connection.recv(1000)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""  # closed by the server, unanswered
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_connections_beyond_the_cap_are_503_at_once(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each connection held a thread, without bound: 1,500 half-sent requests, 1,501 threads.
+    assert ViewerServer.max_connections <= 256
+    monkeypatch.setattr(ViewerServer, "max_connections", 2)
+    with JsonDirStore(store_dir) as store, running_server(store) as server:
+        address = server.server_address[:2]
+        half_sent = b"GET /api/stats HTTP/1.1\r\nHost: localhost\r\n"
+        with (
+            socket.create_connection(address, timeout=20) as one,
+            socket.create_connection(address, timeout=20) as two,
+        ):
+            one.sendall(half_sent)
+            two.sendall(half_sent)
+            answer = raw_request(server, b"")  # sends nothing: answered without being read
+            assert answer.startswith(b"HTTP/1.1 503") and b"\r\nConnection: close\r\n" in answer, answer[:200]
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+            for name in SECURITY_HEADERS:
+                assert f"\r\n{name}: ".encode() in answer, name
+        # Their threads end as they go: the slots are free again.
+        statuses = []
+        for _ in range(200):
+            try:
+                status = request(server, "/api/stats")[0]
+            except ConnectionError:  # refused before the request was sent in full
+                status = 0
+            statuses.append(status)
+            if status == 200:
+                break
+        assert statuses[-1] == 200, statuses

@@ -78,7 +78,10 @@ Every response, error pages of ``http.server`` itself included, carries the same
 security headers. A request whose header section is not plain ``name: value``
 fields is refused with 400 (`malformed_head`), its framing being unsure. Session
 ids are validated (`validate_session_id`) before they reach the store, so no path
-can escape it. Every response carries a
+can escape it. A request's line and headers must arrive within a minute
+(`ViewerHandler.head_timeout`), and past `ViewerServer.max_connections` open
+connections another is answered 503 at once: a client holds no thread for long, nor
+any number of them. Every response carries a
 Content-Security-Policy that allows no inline script, no framing and no third-party
 origin: the page renders all data as text (see ``static/app.js``), and the policy is
 the second line of defence.
@@ -86,11 +89,13 @@ the second line of defence.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,7 +103,7 @@ from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
@@ -120,6 +125,9 @@ from ..stores.base import SessionStore, to_builtins, validate_session_id
 from ..stores.query import MAX_COUNT, SessionQuery, parse_cost_by, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
 from .pages import CachedSession, Page, SessionCache, StaleOutline
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = ["HostGuard", "ViewerServer", "is_loopback", "make_server"]
 
@@ -263,11 +271,13 @@ class HttpError(Exception):
 
 
 class ViewerServer(ThreadingHTTPServer):
-    """A threading HTTP server that serves one store read-only."""
+    """A threading HTTP server that serves one store read-only, a thread a connection
+    up to `max_connections` of them; one more is answered 503 and closed at once."""
 
     daemon_threads = True  # a hanging client never keeps the process alive
     block_on_close = False
     request_queue_size = 64  # browsers open several connections at once; 5 drops SYNs
+    max_connections = 128  # a browser opens about 6: the rest would only hold threads
 
     def __init__(
         self, store: SessionStore, host: str, port: int, *, quiet: bool = False, pricer: Pricer | None = None
@@ -279,8 +289,30 @@ class ViewerServer(ThreadingHTTPServer):
         self.quiet = quiet
         self.static = {name: (files(__package__) / "static" / name).read_bytes() for name in _STATIC_TYPES}
         self.sessions = SessionCache(store)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__((host.strip("[]"), port), ViewerHandler)
         self.host_guard = HostGuard(host, self.server_address[0])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                _Refusal(request, client_address, self)
+            except OSError:  # the client gone, or not reading: nothing more to tell it
+                pass
+            finally:
+                self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # its thread releases the slot
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went away mid-request (a page left, a download cancelled) is no
@@ -341,6 +373,34 @@ def _readable_sessions(store: SessionStore) -> Iterator[Session]:
             logger.warning("skipping unreadable session %r: %s", session_id, error)
 
 
+class _HeadClock(io.RawIOBase):
+    """A connection's reads, each waiting at most until the `deadline` of the request head
+    being read: the socket's timeout bounds one read only, and a client sending a byte a
+    minute would hold its thread for ever. Past the deadline a read raises `TimeoutError`."""
+
+    def __init__(self, connection: socket.socket, raw: io.BufferedIOBase, timeout: float) -> None:
+        super().__init__()
+        self._connection, self._raw, self._timeout = connection, raw, timeout
+        self.deadline = float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request head took too long")
+        self._connection.settimeout(min(left, self._timeout))
+        try:
+            return self._raw.readinto(buffer)
+        finally:  # writes keep the socket's own timeout
+            self._connection.settimeout(self._timeout)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 class ViewerHandler(BaseHTTPRequestHandler):
     """Routes one request; see the module docstring for the API."""
 
@@ -348,12 +408,26 @@ class ViewerHandler(BaseHTTPRequestHandler):
     server_version = "phi-session-viewer"
     protocol_version = "HTTP/1.1"
     # Seconds a client may stay silent, mid-request or between requests on a kept
-    # connection, or stop reading an answer: then its thread is let go (else half-sent
-    # requests would hold threads without limit).
+    # connection, or stop reading an answer: then its thread is let go.
     timeout = 60.0
+    # Seconds a request's line and headers may take to arrive in full, from the end of the
+    # answer before (or the connection's start): else a client trickling them, a byte
+    # within each timeout, would hold its thread for ever.
+    head_timeout = 60.0
+    rbufsize = 0  # the socket's raw reads, which setup() times (`_HeadClock`) and buffers
     # Not 0.9: a request too malformed to name its version still gets a status line
     # and the security headers (http.server sends HTTP/0.9 answers bare).
     default_request_version = "HTTP/1.0"
+
+    def setup(self) -> None:
+        super().setup()
+        self._head_clock = _HeadClock(self.connection, self.rfile, self.timeout)
+        self.rfile = io.BufferedReader(self._head_clock)
+
+    def handle_one_request(self) -> None:
+        # The body is never read: the deadline past the head bounds no read.
+        self._head_clock.deadline = time.monotonic() + self.head_timeout
+        super().handle_one_request()
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -702,3 +776,20 @@ class ViewerHandler(BaseHTTPRequestHandler):
         # The request line is client data: keep control characters off the terminal.
         text = (format % args).translate({c: f"\\x{c:02x}" for c in range(0x20)} | {0x7F: "\\x7f"})
         sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {text}\n")
+
+
+class _Refusal(ViewerHandler):
+    """The answer to a connection past the server's `max_connections`, from the accepting
+    thread and without reading the request: 503, with what any answer carries."""
+
+    timeout = 0.0  # never waits: an answer the socket's buffer does not take is not sent
+
+    def handle(self) -> None:
+        self.command, self.request_version, self.requestline = "GET", self.protocol_version, ""
+        self.close_connection = True
+        body, content_type = self._error_body("too many connections: ask again")
+        self._send(HTTPStatus.SERVICE_UNAVAILABLE, body, content_type, extra={"Retry-After": "1"})
+        try:  # what the client sent, so that closing does not reset the answer away
+            self.connection.recv(65536)
+        except OSError:
+            pass
