@@ -168,3 +168,21 @@ def test_the_compare_form_and_a_session_diff(watched: Watched, runs: Stored) -> 
     page.click("#diff-form button[type=submit]")
     expect(page.locator(".error-banner")).to_contain_text("404: no loop '#5'")
     watched.expect_failed_request(404)
+
+
+def test_the_compare_form_shows_a_ref_holding_bidi_controls_escaped(watched: Watched, runs: Stored) -> None:
+    # The form put the id raw in its input, where it read reversed ("run\u202egnp" as
+    # "runpng"), the only place of the page not showing the escape.
+    session_id = "run\u202egnp"
+    with JsonDirStore(runs.directory) as store:
+        store.save(record_runs([Run(BASE)], session_id)[0])
+    page = watched.page
+    page.goto("/#/diff?" + urlencode({"a": session_id, "b": runs.other.session_id}))
+    expect(page.locator(".diff-pair")).to_have_count(1)
+    expect(page.locator("#diff-form input[name=a]")).to_have_value("run\\u202egnp")
+    page.fill("#diff-form input[name=b]", runs.forked.session_id)
+    page.click("#diff-form button[type=submit]")  # a left as shown: the session, not its escape
+    page.wait_for_url(lambda url: runs.forked.session_id in url)
+    assert "a=run%E2%80%AEgnp&" in page.url, page.url
+    expect(page.locator(".diff-pair")).to_have_count(1)
+    assert page.locator(".error-banner").count() == 0

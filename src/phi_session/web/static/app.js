@@ -1061,13 +1061,20 @@
   }
 
   async function diffView(page, params) {
-    const field = (name, label) => h("label", null, label, h("input", { name, value: params.get(name) || "", class: "wide",
+    // A ref is shown as everywhere (`shown`: bidi controls escaped); one left as shown is
+    // sent as given, not as its escapes (which a typed ref may hold as such).
+    const given = { a: params.get("a") || "", b: params.get("b") || "" };
+    const field = (name, label) => h("label", null, label, h("input", { name, value: shown(given[name]), class: "wide",
       placeholder: "SESSION or SESSION:LOOP (a loop id or #N)" }));
     const form = h("form", { class: "filters panel", id: "diff-form" }, field("a", "A"), field("b", "B"), h("button", { type: "submit" }, "Compare"));
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       const data = new FormData(form);
-      location.hash = "#/diff?" + new URLSearchParams({ a: String(data.get("a") || "").trim(), b: String(data.get("b") || "").trim() });
+      const ref = (name) => {
+        const text = String(data.get(name) || "");
+        return text === shown(given[name]) ? given[name] : text.trim();
+      };
+      location.hash = "#/diff?" + new URLSearchParams({ a: ref("a"), b: ref("b") });
     });
     append(page, h("h1", null, "Compare two runs"), form);
     if (!params.get("a") || !params.get("b")) {
