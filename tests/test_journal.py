@@ -447,11 +447,18 @@ def interrupt_writing_once(monkeypatch: pytest.MonkeyPatch, where: str, call: in
     """Ctrl-C lands as the journal writes its records, at the `call`-th frame it builds
     (``"build"``), or in the `call`-th write: halfway through it (``"write"``, a frame
     written in part), or once it is all written (``"written"``, the signal handled as the
-    write returns)."""
+    write returns); or as the `call`-th sync has taken the queued records (``"taken"``,
+    handled as `_take_pending` returns, before the write begins)."""
     from phi_session.journal import writer
 
     calls = itertools.count(1)
-    real_header, real_write = writer.frame_header, writer.write_all
+    real_header, real_write, real_take = writer.frame_header, writer.write_all, Journal._take_pending
+
+    def take_pending(self: Journal) -> tuple[list[bytes], list[int], int]:
+        taken = real_take(self)
+        if next(calls) == call:
+            raise KeyboardInterrupt
+        return taken
 
     def frame_header(data: bytes, first: int, count: int) -> bytes:
         if where == "build" and next(calls) == call:
@@ -465,6 +472,9 @@ def interrupt_writing_once(monkeypatch: pytest.MonkeyPatch, where: str, call: in
             raise KeyboardInterrupt
         real_write(fd, parts)
 
+    if where == "taken":
+        monkeypatch.setattr(Journal, "_take_pending", take_pending)
+        return
     monkeypatch.setattr(writer, "frame_header", frame_header)
     monkeypatch.setattr(writer, "write_all", write_all)
 
@@ -488,14 +498,15 @@ def journaled_once_each(directory: Path, count: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("where", "call"), [("build", 1), ("build", 9), ("write", 1), ("write", 3), ("written", 2)]
+    ("where", "call"), [("build", 1), ("build", 9), ("write", 1), ("write", 3), ("written", 2), ("taken", 1)]
 )
 def test_a_close_interrupted_while_it_writes_writes_every_record_once_next_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, call: int
 ) -> None:
     """Ctrl-C while `close` wrote the queued records (the first frame being built), then
     `close` again: it returned OK, acknowledging the 370 records that were never written
-    (recover replayed none of them, records_lost 0)."""
+    (recover replayed none of them, records_lost 0). The same once the records were taken,
+    before the write began: the 90 records were dropped, acknowledged_seq 89."""
     evs = events(4)
     journal = Journal(tmp_path / "j", interval_ms=10**7, segment_bytes=4096)
     record_some_indented(JournaledRecorder(journal), evs)
@@ -512,15 +523,18 @@ def test_a_close_interrupted_while_it_writes_writes_every_record_once_next_time(
     assert stored(store) == recorded(evs)
 
 
-@pytest.mark.parametrize("durability", ["always", "os"])
-@pytest.mark.parametrize(("where", "call"), [("build", 5), ("write", 5), ("written", 5)])
+@pytest.mark.parametrize(
+    ("durability", "where", "call"),
+    [(d, w, 5) for d in ("always", "os") for w in ("build", "write", "written")] + [("always", "taken", 2)],
+)
 def test_an_event_interrupted_while_its_record_is_written_is_journaled_as_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, where: str, call: int
 ) -> None:
     """The same Ctrl-C in `on_event`. Under ``"always"``, in the commit's write: the event is
     recorded, so its record must be written by the next sync, not acknowledged unwritten.
     Under ``"os"``, in the append's write: the event is not recorded, and its number was
-    left unused, a gap recovery counted as a record lost."""
+    left unused, a gap recovery counted as a record lost. Under ``"always"``, once the
+    commit's sync took the records, before writing them: they were dropped, the event lost."""
     evs = events(4)
     journal = Journal(tmp_path / "j", durability=durability, segment_bytes=4096)  # type: ignore[arg-type]
     sink = JournaledRecorder(journal)

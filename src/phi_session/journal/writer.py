@@ -139,6 +139,9 @@ class Journal:
         self._pending: list[bytes] = []  # records appended, not yet written
         self._singles: list[int] = []  # positions in _pending of records holding a newline
         self._pending_bytes = 0
+        # What a sync took from `_pending` and has not yet written whole: a Ctrl-C wherever
+        # it lands leaves it here, for the next sync to write (`_put_back`).
+        self._in_flight: tuple[list[bytes], list[int], int] | None = None
         self._segments: list[_Segment] = []
         try:
             existing = segment_paths(self.directory)  # as they are with no other writer
@@ -193,6 +196,7 @@ class Journal:
         self._closed = True  # `close` has nothing of this process's to do
         self._writable = False
         self._pending, self._singles, self._pending_bytes = [], [], 0  # the parent writes them
+        self._in_flight = None
         self._flusher = None
         with contextlib.suppress(OSError):
             os.close(self._fd)
@@ -427,20 +431,29 @@ class Journal:
     # -- writing (holding `_sync_lock`) -------------------------------------------------------
 
     def _take_pending(self) -> tuple[list[bytes], list[int], int]:
-        """Hand over the queued records, their newline positions, first number (holding `_lock`)."""
+        """Hand over the queued records, their newline positions, first number, keeping them
+        in `_in_flight` until written (holding `_sync_lock` and `_lock`)."""
         taken = self._pending, self._singles, self._next_seq - len(self._pending)
-        self._pending, self._singles, self._pending_bytes = [], [], 0
+        # One line: a Ctrl-C lands before it or after it, never with the records in both places.
+        self._in_flight, self._pending, self._singles, self._pending_bytes = taken, [], [], 0
         return taken
 
-    def _put_back(self, records: list[bytes], singles: list[int], first: int) -> None:
-        """Queue again, ahead of those appended since, the records taken (`_take_pending`)
-        that a write cut short did not write whole (holding `_sync_lock`)."""
-        done = self._written + 1 - first
+    def _put_back(self) -> None:
+        """Queue again, ahead of those appended since, the records an interrupted sync took
+        (`_in_flight`) and did not write whole (holding `_sync_lock`)."""
         with self._lock:
+            if self._in_flight is None:
+                return
+            records, singles, first = self._in_flight
+            done = max(self._written + 1 - first, 0)
             kept = records[done:]
-            self._singles = [i - done for i in singles if i >= done] + [i + len(kept) for i in self._singles]
-            self._pending = kept + self._pending
-            self._pending_bytes += sum(map(len, kept))
+            moved = [i - done for i in singles if i >= done] + [i + len(kept) for i in self._singles]
+            self._in_flight, self._pending, self._singles, self._pending_bytes = (
+                None,
+                kept + self._pending,
+                moved,
+                self._pending_bytes + sum(map(len, kept)),
+            )
 
     def _write_or_fail(self, frames: Iterable[tuple[bytes, int, int]], what: str) -> None:
         try:
@@ -522,14 +535,16 @@ class Journal:
         """Write what is queued, fsync, acknowledge. Frames are built and written under
         `_sync_lock` only, so appenders are not held up by checksums and I/O."""
         with self._sync_lock:
-            with self._lock:
-                self._check_writable()
-                taken = self._take_pending()
-                target = self._next_seq - 1  # everything up to here is written once `taken` is
             try:
+                self._put_back()  # what a sync a Ctrl-C cut short took
+                with self._lock:
+                    self._check_writable()
+                    taken = self._take_pending()
+                    target = self._next_seq - 1  # everything up to here is written once `taken` is
                 self._write_or_fail(_frames(*taken), "write failed")
+                self._in_flight = None
             except BaseException:  # Ctrl-C: the next sync writes them (a failed journal, none)
-                self._put_back(*taken)
+                self._put_back()
                 raise
             if target > self._synced:  # another thread's fsync may already cover it
                 try:
