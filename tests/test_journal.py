@@ -513,8 +513,13 @@ def test_a_close_interrupted_while_it_writes_writes_every_record_once_next_time(
     interrupt_writing_once(monkeypatch, where, call)
     with pytest.raises(KeyboardInterrupt):
         journal.close()
-    journal.close()
     monkeypatch.undo()
+    closed_again_keeps_everything(journal, tmp_path, evs)
+
+
+def closed_again_keeps_everything(journal: Journal, tmp_path: Path, evs: list[AgentEvent]) -> None:
+    """`close` again, after a Ctrl-C: every record acknowledged, written once, recovered."""
+    journal.close()
     assert journal.acknowledged_seq == journal.last_seq
     journaled_once_each(tmp_path / "j", journal.last_seq + 1)
     store = JsonDirStore(tmp_path / "store")
@@ -555,6 +560,39 @@ def test_an_event_interrupted_while_its_record_is_written_is_journaled_as_record
     assert stored(store) == {s.session_id: encode_session(s) for s in sink.recorder.drain_completed()}
     if durability == "always":
         assert stored(store) == recorded(evs)
+
+
+@pytest.mark.parametrize("cleanup_interrupted", [False, True])
+def test_a_rotation_interrupted_as_it_creates_the_next_segment_makes_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleanup_interrupted: bool
+) -> None:
+    """Ctrl-C handled as os.open returned the second segment's descriptor, then `close`
+    again: it raised StoreError "[Errno 17] File exists: .../0000000001.wal; records after
+    17 may be lost", and recover saved 3 of 12 sessions. Also when a second Ctrl-C cuts
+    short the removal of that half-made segment."""
+    from phi_session.journal import writer
+
+    evs = events(12)
+    journal = Journal(tmp_path / "j", interval_ms=10**7, segment_bytes=4096)
+    record_some_indented(JournaledRecorder(journal), evs)
+    real_open, real_unlink = writer.open_new, Path.unlink
+
+    def open_new(path: Path) -> int:
+        real_open(path)
+        monkeypatch.setattr(writer, "open_new", real_open)
+        raise KeyboardInterrupt
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        monkeypatch.setattr(Path, "unlink", real_unlink)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "open_new", open_new)
+    if cleanup_interrupted:
+        monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        journal.close()
+    assert (tmp_path / "j" / "0000000001.wal").exists() is cleanup_interrupted
+    closed_again_keeps_everything(journal, tmp_path, evs)
 
 
 def test_one_writer_per_directory(tmp_path: Path) -> None:
@@ -1271,7 +1309,7 @@ def test_a_recorder_starts_on_a_journal_that_filled_the_disk(
     with AutoPersistingRecorder(store, journal=tmp_path / "j") as persisting:
         report = persisting.recovery_report
         assert report is not None and report.records_lost == 0
-        assert report.segments_removed == len(segments) + 1  # and the one the failed open began
+        assert report.segments_removed == len(segments)  # the one the failed open began is gone
     monkeypatch.undo()
     assert stored(store) == recorded(evs)
 

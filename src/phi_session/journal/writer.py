@@ -143,6 +143,9 @@ class Journal:
         # it lands leaves it here, for the next sync to write (`_put_back`).
         self._in_flight: tuple[list[bytes], list[int], int] | None = None
         self._segments: list[_Segment] = []
+        self._fd: int  # the active segment's (`_open_segment`), at `_size`
+        self._size: int
+        self._segment_number: int
         try:
             existing = segment_paths(self.directory)  # as they are with no other writer
             self._leftovers = [path for _, path in existing]
@@ -163,7 +166,7 @@ class Journal:
             # What this run promised (`release`). Records below its first are the leftovers',
             # which `release` refuses to cover until they are recovered, that is saved.
             self._checkpoint = Checkpoint(self._next_seq, self._next_seq - 1)
-            self._fd, self._size = self._open_segment(existing[-1][0] + 1 if existing else 0, self._next_seq)
+            self._open_segment(existing[-1][0] + 1 if existing else 0, self._next_seq)
         except OSError as error:
             self._dir_lock.release()
             raise StoreError(f"cannot open journal {self.directory}: {error}") from error
@@ -497,27 +500,30 @@ class Journal:
         except OSError as error:
             self._fail(error, "cutting back an interrupted write failed")
 
-    def _open_segment(self, number: int, first_seq: int) -> tuple[int, int]:
-        """Create segment `number`, starting at record `first_seq`: its descriptor and size."""
+    def _open_segment(self, number: int, first_seq: int) -> None:
+        """Create segment `number`, starting at record `first_seq`, and make it the active one.
+        Cut short (a failure, Ctrl-C), it leaves no trace, or a file the next try removes."""
         path = segment_path(self.directory, number)
-        fd = open_new(path)  # kept open: the active segment
+        fd = None
         try:
+            fd = _create(path)
             write_all(fd, [MAGIC])
             if self.durability != "os":
                 os.fsync(fd)
                 fsync_directory(self.directory)
-        except OSError:
-            os.close(fd)
-            raise
-        except BaseException:  # Ctrl-C: the next rotation makes it again
-            os.close(fd)
+            with self._lock:  # one statement: a Ctrl-C lands before it (nothing made) or after it
+                self._segments, self._fd, self._size, self._segment_number = (
+                    [*self._segments, _Segment(number, path, first_seq)],
+                    fd,
+                    len(MAGIC),
+                    number,
+                )
+        except BaseException:
             with contextlib.suppress(OSError):
-                path.unlink()
+                if fd is not None:
+                    os.close(fd)
+                path.unlink(missing_ok=True)
             raise
-        with self._lock:
-            self._segments.append(_Segment(number, path, first_seq))
-        self._segment_number = number
-        return fd, len(MAGIC)
 
     def _rotate(self, next_seq: int) -> None:
         """Close the full segment, durably, and start the next one at `next_seq`."""
@@ -525,7 +531,7 @@ class Journal:
         self._synced = next_seq - 1
         self._set_acked(next_seq - 1)
         old = self._fd
-        self._fd, self._size = self._open_segment(self._segment_number + 1, next_seq)
+        self._open_segment(self._segment_number + 1, next_seq)
         try:
             os.close(old)
         except OSError as error:  # fsynced above: nothing is lost, and the descriptor is gone
@@ -668,6 +674,17 @@ class Journal:
                     )
         finally:
             self._dir_lock.release()
+
+
+def _create(path: Path) -> int:
+    """A descriptor for writing segment `path`, which no other process can have made (the
+    directory is locked): a file there past every segment is one this run began making,
+    an interrupted rotation could not remove, holding no frame."""
+    try:
+        return open_new(path)
+    except FileExistsError:
+        path.unlink()
+        return open_new(path)
 
 
 def _frames(records: list[bytes], singles: list[int], first: int) -> Iterator[tuple[bytes, int, int]]:
