@@ -284,22 +284,19 @@ class Journal:
         payload = data if type(data) is bytes else as_bytes(data)
         if self._write_through:
             with self._sync_lock:
-                with self._lock:
-                    payload, seq = self._number(payload)
+                first = self._next_seq  # here records are numbered under `_sync_lock` only
                 try:
+                    with self._lock:
+                        payload, seq = self._number(payload)
                     self._write_or_fail(((payload, seq, 1),), "append failed")
                 except BaseException:  # not journaled (Ctrl-C, a failure): no gap in the numbers
                     with self._lock:
-                        self._next_seq = seq
+                        self._next_seq = first
                     raise
                 self._set_acked(seq)
         else:
             with self._lock:
-                payload, seq = self._number(payload)
-                if 10 in payload:  # a newline inside: it cannot share a newline-joined frame
-                    self._singles.append(len(self._pending))
-                self._pending.append(payload)
-                self._pending_bytes += len(payload)
+                seq = self._queue(payload)
             if self._pending_bytes >= _WAKE_PENDING_BYTES:
                 self._wake.set()
         if commit:
@@ -317,6 +314,27 @@ class Journal:
         seq = self._next_seq
         self._next_seq = seq + 1
         return payload, seq
+
+    def _queue(self, payload: bytes) -> int:
+        """Number `payload` and queue it for the next sync (holding `_lock`); its number.
+        Interrupted (Ctrl-C) or refused, nothing of it is left: no gap in the numbers."""
+        first, queued, singles, size = (
+            self._next_seq,
+            len(self._pending),
+            len(self._singles),
+            self._pending_bytes,
+        )
+        try:
+            payload, seq = self._number(payload)
+            if 10 in payload:  # a newline inside: it cannot share a newline-joined frame
+                self._singles.append(queued)
+            self._pending.append(payload)
+            self._pending_bytes = size + len(payload)
+            return seq
+        except BaseException:
+            del self._pending[queued:], self._singles[singles:]
+            self._next_seq, self._pending_bytes = first, size
+            raise
 
     def commit(self, seq: int) -> None:
         """Make record `seq` durable per the policy: under ``"always"``, return once it
