@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1382,35 +1383,58 @@ def test_a_close_interrupted_while_retrying_failed_sessions_retries_them_next_ti
     assert stored(store) == recorded(evs)
 
 
-def interrupt_sizing_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
-    """Ctrl-C lands while a hand-over sizes the sessions it drained: at the `call`-th one."""
+def interrupt_sizing_at(monkeypatch: pytest.MonkeyPatch, call: int, *, lined_up: bool = False) -> None:
+    """Ctrl-C lands while a hand-over sizes the sessions it drained: at the `call`-th one;
+    or (`lined_up`) once that one is lined up for the writer, before it is let in."""
     calls = itertools.count(1)
+    admit = AutoPersistingRecorder._admit
 
     def sizing(session: Session) -> int:
         if next(calls) == call:
             raise KeyboardInterrupt
         return held_bytes(session)
 
-    monkeypatch.setattr("phi_session.persist.held_bytes", sizing)
+    def admitting(self: AutoPersistingRecorder) -> None:
+        if threading.current_thread() is threading.main_thread() and next(calls) == call:
+            raise KeyboardInterrupt
+        admit(self)
+
+    if lined_up:
+        monkeypatch.setattr(AutoPersistingRecorder, "_admit", admitting)
+    else:
+        monkeypatch.setattr("phi_session.persist.held_bytes", sizing)
 
 
+class CountingSaves(JsonDirStore):
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.saves: Counter[str] = Counter()
+
+    def save(self, session: Session) -> None:
+        self.saves[session.session_id] += 1
+        super().save(session)
+
+
+@pytest.mark.parametrize("lined_up", [False, True])
 @pytest.mark.parametrize("journaled", [False, True])
 def test_a_close_interrupted_while_it_hands_sessions_over_saves_them_next_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journaled: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journaled: bool, lined_up: bool
 ) -> None:
     """Ctrl-C while `close` sized the sessions it drained: the next `close` returned OK with
-    none of the 20 saved (drained, not yet lined up for the writer, they were dropped)."""
+    none of the 20 saved (drained, not yet lined up for the writer, they were dropped).
+    Once one was lined up, before it left the drained ones: it was saved twice."""
     evs = single_loop_sessions(20)
-    store = JsonDirStore(tmp_path / "store")
+    store = CountingSaves(tmp_path / "store")
     persisting = AutoPersistingRecorder(
         store, journal=tmp_path / "j" if journaled else None, checkpoint_every=10**6, checkpoint_interval=None
     )
     persisting.record_all(evs)
-    interrupt_sizing_at(monkeypatch, 8)
+    interrupt_sizing_at(monkeypatch, 8, lined_up=lined_up)
     with pytest.raises(KeyboardInterrupt):
         persisting.close()
     persisting.close()
     assert stored(store) == recorded(evs)
+    assert set(store.saves.values()) == {1}
     assert not list((tmp_path / "j").glob("*.wal"))  # every session saved: the journal went
 
 

@@ -50,7 +50,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import msgspec
 
@@ -75,7 +75,7 @@ from .journal.recovery import KeptUnsaved, recover_keeping_unsaved
 from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
-from .saver import OrphanSink, SaveTarget, SessionSaver, check_save_target, not_saved, one_at_a_time
+from .saver import OrphanSink, SaveTarget, SessionSaver, check_save_target, not_saved
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
@@ -184,6 +184,23 @@ def _session_of_line(payload: bytes) -> str | None:
         return _probe.decode(payload).session_id
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None  # not an event: the recorder will reject it
+
+
+_Head = TypeVar("_Head")
+_Moved = TypeVar("_Moved")
+
+
+def _move_head(source: deque[_Head], target: deque[_Moved], moved: _Moved) -> None:
+    """Append `moved`, made of `source`'s head, to `target`, and drop that head. A Ctrl-C
+    anywhere leaves it in one of the two: never in both (saved twice), nor lost."""
+    head = source[0]
+    try:
+        target.append(moved)
+        source.popleft()
+    except BaseException:
+        if target and target[-1] is moved and source and source[0] is head:
+            source.popleft()  # interrupted between the two
+        raise
 
 
 @dataclass
@@ -563,12 +580,13 @@ class AutoPersistingRecorder:
             settled = self.journal.last_seq if self.journal is not None else -1
             self._drained.extend(self.recorder.drain_completed())
             handed = len(self._drained)
-            for session in one_at_a_time(self._drained):
+            while self._drained:  # each left there until lined up: a Ctrl-C keeps the rest
+                session = self._drained[0]
                 # Sized before it is unpinned: a Ctrl-C meanwhile leaves it drained and pinned.
                 size = held_bytes(session)
                 item = _Pending(session, self._unpin(session.session_id), size)
                 with self._cond:
-                    self._waiting.append(item)
+                    _move_head(self._drained, self._waiting, item)
                     self._admit()
             self._forget_late_pins()
             if self.journal is not None:
@@ -661,8 +679,8 @@ class AutoPersistingRecorder:
         budget cannot block, and nothing waits while the writer is idle.
         """
         while self._waiting and (not self._queue or self._queued_bytes < self.max_pending_bytes):
-            item = self._waiting.popleft()
-            self._queue.append(item)
+            item = self._waiting[0]
+            _move_head(self._waiting, self._queue, item)
             self._queued_bytes += item.size
         self._cond.notify_all()
 
