@@ -603,6 +603,31 @@ def test_a_rotation_interrupted_as_it_creates_the_next_segment_makes_it_again(
     closed_again_keeps_everything(journal, tmp_path, evs)
 
 
+def test_a_close_interrupted_as_it_unlocks_the_directory_unlocks_it_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C as `close` let go of the directory lock: the journal was marked closed, the
+    second `close` returned at once, and `recover` in the same process raised JournalLocked."""
+    from phi_session.journal import format
+
+    evs = events(2)
+    journal = Journal(tmp_path / "j", interval_ms=10**7)
+    JournaledRecorder(journal).record_all(evs)
+    release = format.DirectoryLock.release
+
+    def interrupted(self: format.DirectoryLock, *, remove: bool = False) -> None:
+        monkeypatch.setattr(format.DirectoryLock, "release", release)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(format.DirectoryLock, "release", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        journal.close()
+    journal.close()
+    store = JsonDirStore(tmp_path / "store")
+    recover(tmp_path / "j", store)
+    assert stored(store) == recorded(evs)
+
+
 def test_one_writer_per_directory(tmp_path: Path) -> None:
     with Journal(tmp_path):
         with pytest.raises(JournalLocked):

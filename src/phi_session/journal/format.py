@@ -278,6 +278,10 @@ class DirectoryLock:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    @property
+    def released(self) -> bool:
+        return self._fd < 0
+
     def release(self, *, remove: bool = False) -> None:
         """Unlock; with `remove`, delete the lock file first, while it is still held (once
         unlocked, another writer may hold it; one that opened it before finds it gone)."""

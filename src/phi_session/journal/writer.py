@@ -634,7 +634,7 @@ class Journal:
         next call (at the latest, the exit hook's) writes what is still to be written.
         """
         with self._close_lock:
-            if self._closed:
+            if self._closed and self._dir_lock.released:  # a close cut short goes on: unlocking
                 return
             self._stopping = True
             self._wake.set()
@@ -666,8 +666,10 @@ class Journal:
                     with self._lock:
                         self._closed = True
                         self._writable = False
+                    fd, self._fd = self._fd, -1  # once: a close cut short does the rest again
                     try:
-                        os.close(self._fd)
+                        if fd >= 0:
+                            os.close(fd)
                     except OSError as error:
                         with self._lock:
                             self._failure = self._failure or error
