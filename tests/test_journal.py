@@ -449,7 +449,8 @@ def interrupt_writing_once(monkeypatch: pytest.MonkeyPatch, where: str, call: in
     written in part), or once it is all written (``"written"``, the signal handled as the
     write returns); or as the `call`-th sync has taken the queued records (``"taken"``,
     handled as `_take_pending` returns, before the write begins); or as the `call`-th
-    record was numbered (``"numbered"``, handled as `_number` returns)."""
+    record was numbered (``"numbered"``, handled as `_number` returns); or as the
+    `call`-th rotation creates the next segment (``"rotating"``)."""
     from phi_session.journal import writer
 
     calls = itertools.count(1)
@@ -476,6 +477,15 @@ def interrupt_writing_once(monkeypatch: pytest.MonkeyPatch, where: str, call: in
             raise KeyboardInterrupt
         real_write(fd, parts)
 
+    def open_new(path: Path) -> int:
+        if next(calls) == call:
+            raise KeyboardInterrupt
+        return real_open(path)
+
+    if where == "rotating":
+        real_open = writer.open_new
+        monkeypatch.setattr(writer, "open_new", open_new)
+        return
     if where in ("taken", "numbered"):
         method = "_take_pending" if where == "taken" else "_number"
         monkeypatch.setattr(Journal, method, interrupted_as_it_returns(getattr(Journal, method)))
@@ -536,7 +546,7 @@ def closed_again_keeps_everything(journal: Journal, tmp_path: Path, evs: list[Ag
 @pytest.mark.parametrize(
     ("durability", "where", "call"),
     [(d, w, 5) for d in ("always", "os") for w in ("build", "write", "written", "numbered")]
-    + [("always", "taken", 2)],
+    + [("always", "taken", 2), ("always", "rotating", 1), ("os", "rotating", 1)],
 )
 def test_an_event_interrupted_while_its_record_is_written_is_journaled_as_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, where: str, call: int

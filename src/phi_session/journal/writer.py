@@ -487,21 +487,23 @@ class Journal:
 
         `_size` and `_written` follow each write once it is whole. Interrupted (Ctrl-C),
         wherever it was, the segment is cut back to them: the records after `_written`
-        are written again after its last whole frame, never torn nor twice.
+        are written again after its last whole frame, never torn nor twice. A full segment
+        is rotated out before the next frame, not after the one that filled it: a Ctrl-C
+        in the rotation cuts short the write of records not yet written, never one done.
         """
         parts: list[bytes] = []
         size, last = self._size, self._written
         try:
             for data, first, count in frames:
-                parts += (frame_header(data, first, count), data)
-                size += FRAME_OVERHEAD + len(data)
-                last = first + count - 1
                 if size >= self.segment_bytes:
                     write_all(self._fd, parts)
                     parts = []
                     self._size, self._written = size, last
-                    self._rotate(last + 1)
+                    self._rotate(first)
                     size = self._size
+                parts += (frame_header(data, first, count), data)
+                size += FRAME_OVERHEAD + len(data)
+                last = first + count - 1
             write_all(self._fd, parts)
             self._size, self._written = size, last
         except OSError:
