@@ -517,6 +517,21 @@ def test_orphans_go_to_the_journal_or_are_counted_and_dropped(
             persisting.checkpoint()
     assert persisting.stats()["orphans_dropped"] == 1
     assert "the orphans sink failed: OSError: disk full" in caplog.text
+    # A Ctrl-C in the sink, closing: nothing lost, the next close hands them over.
+    calls: list[list[AgentEvent]] = []
+
+    def interrupted_once(events: list[AgentEvent]) -> None:
+        calls.append(events)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    persisting = AutoPersistingRecorder(JsonDirStore(tmp_path / "f"), orphans=interrupted_once)
+    persisting.on_event(stray)
+    with pytest.raises(KeyboardInterrupt):
+        persisting.close()
+    persisting.close()
+    assert calls == [[stray], [stray]]
+    assert persisting.stats()["orphans_written"] == 1 and persisting.stats()["orphans_dropped"] == 0
     with pytest.raises(InvalidArgument, match="without a journal"):
         AutoPersistingRecorder(JsonDirStore(tmp_path / "e"), journal=tmp_path / "j2", orphans=kept.extend)
     with pytest.raises(TypeError):

@@ -394,6 +394,7 @@ class AutoPersistingRecorder:
         self._maybe_settled: deque[str] = deque()
         self.recorder.set_settled_hook(self._maybe_settled.append if self.journal is not None else None)
         self._settled_through = -1  # every orphan up to this seq is in orphans.jsonl
+        # Orphans drained, not yet in orphans.jsonl (or, with no journal, handed to the sink).
         self._unwritten_orphans: list[OrphanEvent] = []
         self._since_checkpoint = 0
         self._counters = dict.fromkeys(
@@ -570,34 +571,37 @@ class AutoPersistingRecorder:
         """Complete sessions with `complete` (the recorder's checkpoint or flush), drain them
         and their orphans, and line them up for the writer; returns how many."""
         complete()  # runs after_task callbacks: no lock held
-        loose: list[OrphanEvent] = []  # without a journal: for `_keep_orphans`, no lock held
         with self._lock:
-            if self._sealed:
-                return 0
-            self._since_checkpoint = 0
-            self._counters["checkpoints"] += 1
-            # Read before draining: every event up to it has been applied by then.
-            settled = self.journal.last_seq if self.journal is not None else -1
-            self._drained.extend(self.recorder.drain_completed())
-            handed = len(self._drained)
-            while self._drained:  # each left there until lined up: a Ctrl-C keeps the rest
-                session = self._drained[0]
-                # Sized before it is unpinned: a Ctrl-C meanwhile leaves it drained and pinned.
-                size = held_bytes(session)
-                item = _Pending(session, self._unpin(session.session_id), size)
-                with self._cond:
-                    _move_head(self._drained, self._waiting, item)
-                    self._admit()
-            self._forget_late_pins()
-            if self.journal is not None:
-                self._write_orphans(self.journal, settled)
-            else:
-                loose = self.recorder.drain_orphans()
-            # Only now: a `close` interrupted before, or failing to write the orphans, is
-            # done again, and hands over (and writes) what is still there.
-            self._sealed = last
-        if loose:
-            self._keep_orphans(loose)
+            handed = 0 if self._sealed else self._line_up(last)
+        if self.journal is None:
+            self._keep_orphans()  # no lock held; also what an interrupted one left
+        return handed
+
+    def _line_up(self, last: bool) -> int:
+        """Under `_lock`: drain the completed sessions and line them up for the writer,
+        and the orphans (journaled, or left for `_keep_orphans`); returns how many."""
+        self._since_checkpoint = 0
+        self._counters["checkpoints"] += 1
+        # Read before draining: every event up to it has been applied by then.
+        settled = self.journal.last_seq if self.journal is not None else -1
+        self._drained.extend(self.recorder.drain_completed())
+        handed = len(self._drained)
+        while self._drained:  # each left there until lined up: a Ctrl-C keeps the rest
+            session = self._drained[0]
+            # Sized before it is unpinned: a Ctrl-C meanwhile leaves it drained and pinned.
+            size = held_bytes(session)
+            item = _Pending(session, self._unpin(session.session_id), size)
+            with self._cond:
+                _move_head(self._drained, self._waiting, item)
+                self._admit()
+        self._forget_late_pins()
+        if self.journal is not None:
+            self._write_orphans(self.journal, settled)
+        else:
+            self._unwritten_orphans.extend(self.recorder.drain_orphans())
+        # Only now: a `close` interrupted before, or failing to write the orphans, is
+        # done again, and hands over (and writes) what is still there.
+        self._sealed = last
         return handed
 
     def _unpin(self, session_id: str) -> int | None:
@@ -648,20 +652,27 @@ class AutoPersistingRecorder:
                 self._cond.notify_all()
         self._settled_through = settled
 
-    def _keep_orphans(self, loose: list[OrphanEvent]) -> None:
-        """Without a journal, hand the recorder's orphans to the `orphans` sink, or drop
+    def _keep_orphans(self) -> None:
+        """Without a journal, hand the orphans drained so far to the `orphans` sink, or drop
         them if there is none or it fails: held, they would grow without bound. Counted,
-        and said."""
+        and said. Interrupted (Ctrl-C), they wait for the next hand-over."""
+        with self._lock:
+            loose, self._unwritten_orphans = self._unwritten_orphans, []
+        if not loose:
+            return
         failure = "no orphans sink (AutoPersistingRecorder(orphans=...))"
-        if self._orphan_sink is not None:
-            try:
+        try:
+            if self._orphan_sink is not None:
                 self._orphan_sink([orphan.event for orphan in loose])
-            except Exception as error:
-                failure = f"the orphans sink failed: {type(error).__name__}: {error}"
-            else:
                 with self._lock:
                     self._counters["orphans_written"] += len(loose)
                 return
+        except Exception as error:
+            failure = f"the orphans sink failed: {type(error).__name__}: {error}"
+        except BaseException:
+            with self._lock:
+                self._unwritten_orphans[:0] = loose
+            raise
         with self._lock:
             self._counters["orphans_dropped"] += len(loose)
             so_far = self._counters["orphans_dropped"]
