@@ -1492,7 +1492,7 @@ def test_a_group_announced_by_an_agent_that_died_before_its_branches_is_given_up
     branches Aborted in a session of their own, drained; a later end is an orphan."""
     recorder = SessionRecorder(group_end_timeout=60)
     group = ps.ParallelLoopStart(session_id="dead", loop_ids=("dead.a.1", "dead.b.2"), timestamp=ts(0))
-    recorder.on_event(group)
+    recorder.record_all([start("t.c.0", "t", at=0), end("t.c.0", at=1), group])
     recorder.record_all([start("t.c.1", "t", at=59_000), end("t.c.1", at=59_001)])
     assert recorder.checkpoint() == 1
     recorder.drain_completed()
@@ -1514,6 +1514,68 @@ def test_a_group_announced_by_an_agent_that_died_before_its_branches_is_given_up
     late = group_end("dead", "dead.a.1", at=62_000)
     recorder.on_event(late)
     assert [orphan.event for orphan in recorder.orphans()] == [late]
+
+
+def test_a_group_announced_behind_another_host_s_clock_waits_for_its_branches() -> None:
+    """Another host's clock 61 s ahead set the stream time; a group announced on this one
+    (its ParallelLoopStart at 0 ms) was taken as 61 s old by the next checkpoint, before
+    its branches started milliseconds later: given up, its branches Aborted, their real
+    AgentStart and AgentEnd orphans ('repeated AgentStart for an already closed loop').
+    Now its age counts from the stream time it arrived at, so it waits for them."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    recorder.record_all([start("t.c.1", "t", at=61_000), end("t.c.1", at=61_001)])
+    recorder.on_event(ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)))
+    assert recorder.checkpoint() == 1  # t only
+    recorder.record_all([start("s.a.1", "s", at=100), end("s.a.1", at=200)])
+    recorder.record_all([start("s.b.2", "s", at=150), end("s.b.2", at=300), group_end("s", "s.a.1", at=400)])
+    recorder.checkpoint()
+    s = {session.session_id: session for session in recorder.drain_completed()}["s"]
+    assert [(loop.loop_id, loop.status, loop.parallel_group is not None) for loop in s.loops] == [
+        ("s.a.1", "Completed", True),
+        ("s.b.2", "Completed", True),
+    ]
+    assert recorder.orphans() == []
+
+
+def test_a_group_announced_before_any_loop_started_counts_its_age_from_the_first_start() -> None:
+    """A group announced before the stream's first AgentStart has no stream time to count
+    from: its own timestamp, 61 s behind another host's clock, got it given up by the first
+    checkpoint. Now its age counts from the stream time that checkpoint found."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    recorder.on_event(ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0)))
+    recorder.record_all([start("t.c.1", "t", at=61_000), end("t.c.1", at=61_001)])
+    assert recorder.checkpoint() == 1  # t only
+    assert recorder.has_early_events("s")
+    recorder.record_all([start("t.c.2", "t", at=121_000), end("t.c.2", at=121_001)])
+    assert recorder.checkpoint() == 1 and recorder.has_early_events("s")  # 60 s: not yet
+    recorder.record_all([start("t.c.3", "t", at=121_002), end("t.c.3", at=121_003)])
+    assert recorder.checkpoint() == 2  # t, and s given up
+    assert not recorder.has_early_events("s") and recorder.stats()["open_loops"] == 0
+
+
+def test_a_drained_session_s_group_behind_another_host_s_clock_waits_for_its_end() -> None:
+    """A session drained with its group open, waiting for the winner, while another host's
+    clock 61 s ahead set the stream time: the next checkpoint took the group as 61 s idle
+    (its session's own last timestamp against the stream time), gave it up, and its
+    ParallelLoopEnd was an orphan. Now its idle time counts from the stream time it was
+    drained at."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    recorder.record_all([start("t.c.1", "t", at=61_000), end("t.c.1", at=61_001)])
+    group = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0))
+    recorder.record_all([group, start("s.a.1", "s"), start("s.b.2", "s"), end("s.a.1"), end("s.b.2")])
+    assert recorder.checkpoint() == 2
+    recorder.drain_completed()
+    recorder.record_all([start("t.c.2", "t", at=61_100), end("t.c.2", at=61_101)])
+    assert recorder.checkpoint() == 1  # t only
+    recorder.drain_completed()
+    recorder.on_event(group_end("s", "s.a.1", at=500))
+    recorder.checkpoint()
+    amended = recorder.drain_completed()
+    assert [(loop.loop_id, loop.parallel_group is not None) for s in amended for loop in s.loops] == [
+        ("s.a.1", True),
+        ("s.b.2", True),
+    ]
+    assert recorder.orphans() == []
 
 
 def test_abort_session_is_flush_for_one_session_alone() -> None:

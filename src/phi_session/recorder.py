@@ -42,7 +42,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable
 from functools import partial
 from itertools import count, repeat
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 from msgspec.structs import replace
@@ -121,9 +121,12 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
       either way (`SessionRecorder.session_events`).
     * ``group_end_timeout``: how long, in seconds of stream time (the latest
       ``AgentStart`` timestamp seen), a drained session waits for the end of a parallel
-      group of its that never ended (a killed agent's); then `checkpoint` gives the group
-      up: its branches that never started are aborted as at `flush`, and an end that
-      comes later is an orphan, even if the session goes on. None: wait until `flush`.
+      group of its that never ended (a killed agent's), counted from the stream time it
+      was drained at (not its own timestamps: another host's clock may be ahead); then
+      `checkpoint` gives the group up: its branches that never started are aborted as at
+      `flush`, and an end that comes later is an orphan, even if the session goes on. So
+      too a group whose session has no loop yet, counted from the stream time its
+      announcement arrived at. None: wait until `flush`.
     """
 
     include_streaming_events: bool = False
@@ -425,6 +428,12 @@ class SessionRecorder:
         # over again (see `drain_completed`); all of it ends with the group or parent loop.
         self._late_branches: dict[str, _Owed] = {}  # loop in an open group
         self._late_groups: dict[str, Session] = {}  # session drained with a group open
+        # Such a session, and one whose parallel starts wait in `_early_events` -> the
+        # stream time when it was drained or the latest arrived (None: before any
+        # AgentStart; the first checkpoint puts its own): what `group_end_timeout`
+        # counts from, not the events' own times, which another host's clock sets.
+        self._late_since: dict[str, Timestamp | None] = {}
+        self._early_since: dict[str, Timestamp | None] = {}
         # The header of such a session once its group ended with a branch never started.
         self._unstarted_homes: dict[str, Session] = {}
         self._stream_time: Timestamp | None = None  # the latest AgentStart's (`group_end_timeout`)
@@ -1149,6 +1158,7 @@ class SessionRecorder:
             self._open_groups.pop(event.session_id, None)
             late = self._late_groups.pop(event.session_id, None)
             if late is not None:
+                del self._late_since[event.session_id]
                 self._owed_less((event.session_id,))
             if late is not None and any(not self._loops[i].started for i in all_ids if i in self._loops):
                 # A branch that never started ends at `flush`: into this session's header.
@@ -1198,6 +1208,7 @@ class SessionRecorder:
         if held is None:
             if isinstance(event, ParallelLoopStart):  # announced before its branches start
                 self._early_events.setdefault(event.session_id, []).append(event)
+                self._early_since[event.session_id] = self._stream_time
             else:  # the session was drained already (or never seen): keep, don't hoard
                 self._orphan(event, "parallel event for a session the recorder no longer holds")
             return
@@ -1233,6 +1244,7 @@ class SessionRecorder:
             self._late_branches.clear()
             self._owed_less(self._late_groups)
             self._late_groups.clear()
+            self._late_since.clear()
             self._unstarted_homes.clear()
             for session_id in list(self._early_events):
                 self._orphan_early_events(session_id)
@@ -1284,6 +1296,7 @@ class SessionRecorder:
 
     def _orphan_early_events(self, session_id: str) -> None:
         """Announced, but no branch ever started: its parallel events are orphans."""
+        self._early_since.pop(session_id, None)
         for event in self._early_events.pop(session_id, ()):
             self._orphan(event, "parallel group whose session never started")
 
@@ -1302,6 +1315,7 @@ class SessionRecorder:
         """A new held session, with the parallel events that arrived before it."""
         held = _HeldSession(session)
         early = self._early_events.pop(session.session_id, None)
+        self._early_since.pop(session.session_id, None)
         if early:
             held.events = early
             if self.config.keep_session_events:
@@ -1357,28 +1371,24 @@ class SessionRecorder:
         return len(ready)
 
     def _give_up_stale_groups(self) -> None:
-        """Give up the open parallel groups of drained sessions idle for longer than
-        ``group_end_timeout`` of stream time: a killed agent's group never ends, and what
+        """Give up the open parallel groups of sessions drained more than
+        ``group_end_timeout`` of stream time ago: a killed agent's group never ends, and what
         the recorder keeps for its end (the session, its journal records) must not stay.
         So too a group announced by an agent killed before any loop of its session
-        started: its Pending branches are Aborted into a session made up for them, which
-        this checkpoint completes (parallel events left waiting are orphans)."""
+        started, as long ago: its Pending branches are Aborted into a session made up for
+        them, which this checkpoint completes (parallel events left waiting are orphans).
+        Ages count from the stream time then (`_late_since`, `_early_since`)."""
         timeout = self.config.group_end_timeout
         if not (self._late_groups or self._early_events) or timeout is None or self._stream_time is None:
             return
         cutoff = self._stream_time.ns - round(timeout * 1_000_000_000)
-        stale: list[str] = []
-        for session_id, session in self._late_groups.items():
+        stale = []
+        for session_id in self._waited(self._late_since, cutoff):
             held = self._open.get(session_id)
-            if session.last_active_at.ns >= cutoff or (held is not None and held.open_loops):
-                continue  # waited less, or a branch still runs
-            stale.append(session_id)
+            if held is None or not held.open_loops:  # (a branch still running holds it)
+                stale.append(session_id)
         # Only parallel starts wait there (an end for a session not held is an orphan).
-        unstarted = [
-            session_id
-            for session_id, events in self._early_events.items()
-            if max(cast(ParallelLoopStart, event).timestamp.ns for event in events) < cutoff
-        ]
+        unstarted = self._waited(self._early_since, cutoff)
         stale += unstarted
         for session_id in stale:
             logger.warning(
@@ -1388,6 +1398,17 @@ class SessionRecorder:
             self._give_up_groups(set(stale))
         for session_id in unstarted:
             self._orphan_early_events(session_id)  # those no branch took into its session
+
+    def _waited(self, since: dict[str, Timestamp | None], cutoff: int) -> list[str]:
+        """The session ids of `since` waiting since before `cutoff` (ns of stream time);
+        one waiting since before any AgentStart waits from now on."""
+        waited = []
+        for session_id, at in since.items():
+            if at is None:
+                since[session_id] = self._stream_time  # (no key added: iterating stays safe)
+            elif at.ns < cutoff:
+                waited.append(session_id)
+        return waited
 
     def _give_up_groups(self, session_ids: Collection[str]) -> None:
         """Forget the open parallel groups of `session_ids` (a set, in one pass over the
@@ -1412,6 +1433,7 @@ class SessionRecorder:
         self._keep_ended_groups(given_up, applies=False)
         for session_id in session_ids:
             if self._late_groups.pop(session_id, None) is not None:
+                del self._late_since[session_id]
                 self._owed_less((session_id,))
 
     def _keep_ended_groups(self, groups: Iterable[tuple[str, ParallelLoopStart]], *, applies: bool) -> None:
@@ -1456,6 +1478,7 @@ class SessionRecorder:
             self._remember_drained_group(loop_id, session.session_id)
         if session.session_id in self._open_groups:
             self._late_groups[session.session_id] = session
+            self._late_since[session.session_id] = self._stream_time
         spawn = session.parent_spawn_ref
         if spawn is not None and not spawn.tool_call_id and spawn.parent_loop_id in self._loops:
             owed = self._late_spawns.get(spawn.parent_loop_id)
