@@ -1475,7 +1475,7 @@ def test_a_group_that_never_ends_is_given_up_after_the_timeout(caplog: pytest.Lo
     assert not recorder.may_amend("s") and recorder.open_loop_ids() == []
     amended = {session.session_id: session for session in recorder.drain_completed()}["s"]
     assert [(loop.loop_id, loop.status) for loop in amended.loops] == [("s.c.1", "Aborted")]
-    assert not reaches(recorder, drained)  # the recorder keeps nothing of it
+    assert not reaches(recorder, drained) and recorder._late_since == {}  # the recorder keeps nothing of it
     late = group_end("s", "s.b.1")
     recorder.on_event(late)
     assert [orphan.event for orphan in recorder.orphans()] == [late]
@@ -1510,7 +1510,12 @@ def test_a_group_announced_by_an_agent_that_died_before_its_branches_is_given_up
     ]
     assert recorder.session_events("dead") == [] and recorder.orphans() == []
     assert not recorder.has_early_events("dead") and recorder.stats()["open_loops"] == 0
-    assert (recorder._groups, recorder._open_groups, recorder._early_events) == ({}, {}, {})
+    assert (recorder._groups, recorder._open_groups, recorder._early_events, recorder._early_since) == (
+        {},
+        {},
+        {},
+        {},
+    )
     late = group_end("dead", "dead.a.1", at=62_000)
     recorder.on_event(late)
     assert [orphan.event for orphan in recorder.orphans()] == [late]
@@ -1534,6 +1539,53 @@ def test_a_group_announced_behind_another_host_s_clock_waits_for_its_branches() 
         ("s.a.1", "Completed", True),
         ("s.b.2", "Completed", True),
     ]
+    assert recorder.orphans() == []
+
+
+@pytest.mark.parametrize("at", [2, 100])  # at the announcement's instant, or later
+def test_a_branch_starting_after_its_group_was_given_up_replaces_its_aborted_record(at: int) -> None:
+    """The stream time jumped past ``group_end_timeout`` (another host's clock ahead) in
+    the milliseconds between a group's announcement and its branches' start: the
+    checkpoint gave it up, its branches Aborted in a session made up for them. Their
+    real runs, come while that session was still held, were orphans ('repeated
+    AgentStart for an already closed loop'), and so was the group's end: the session
+    stored the branches Aborted, the runs lost. Now a run replaces its branch's Aborted
+    record, and the group's end marks the branches, as after `flush`."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    recorder.record_all([start("t.c.1", "t", at=0), end("t.c.1", at=1)])
+    recorder.on_event(ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(2)))
+    recorder.record_all([start("t.c.2", "t", at=61_000), end("t.c.2", at=61_001)])
+    assert recorder.checkpoint() == 2  # t, and s given up
+    recorder.record_all([start("s.a.1", "s", at=at), end("s.a.1", at=200)])
+    recorder.record_all([start("s.b.2", "s", at=at), end("s.b.2", at=300), group_end("s", "s.a.1", at=400)])
+    recorder.checkpoint()
+    s = {session.session_id: session for session in recorder.drain_completed()}["s"]
+    assert [(loop.loop_id, loop.status, _groups_of([s])[loop.loop_id]) for loop in s.loops] == [
+        ("s.a.1", "Completed", (("s.a.1", "s.b.2"), True)),
+        ("s.b.2", "Completed", (("s.a.1", "s.b.2"), False)),
+    ]
+    assert recorder.orphans() == [] and recorder.open_loop_ids() == []
+    assert not recorder.may_amend("s")
+
+
+def test_a_branch_running_after_its_group_was_given_up_is_aborted_by_flush_as_any_loop() -> None:
+    """The run of a branch its given-up group had Aborted, still running at `flush`: its
+    events were orphans, the Aborted record that never ran kept. Now the run is that
+    record, Aborted as `flush` aborts any loop, its events kept."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    recorder.record_all([start("t.c.1", "t", at=0), end("t.c.1", at=1)])
+    recorder.on_event(ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(2)))
+    recorder.record_all([start("t.c.2", "t", at=61_000), end("t.c.2", at=61_001)])
+    assert recorder.checkpoint() == 2  # t, and s given up
+    recorder.on_event(start("s.a.1", "s", at=100))
+    recorder.flush()
+    s = {session.session_id: session for session in recorder.drain_completed()}["s"]
+    [loop] = s.loops
+    assert (loop.status, loop.started_at, [type(kept.event) for kept in loop.events]) == (
+        "Aborted",
+        ts(100),
+        [ps.AgentStart],
+    )
     assert recorder.orphans() == []
 
 

@@ -124,9 +124,11 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
       group of its that never ended (a killed agent's), counted from the stream time it
       was drained at (not its own timestamps: another host's clock may be ahead); then
       `checkpoint` gives the group up: its branches that never started are aborted as at
-      `flush`, and an end that comes later is an orphan, even if the session goes on. So
-      too a group whose session has no loop yet, counted from the stream time its
-      announcement arrived at. None: wait until `flush`.
+      `flush`, and an end that comes later is an orphan, even if the session goes on
+      (unless a branch runs after all while the session is held: its run replaces its
+      Aborted record, and the end marks the branches). So too a group whose session has
+      no loop yet, counted from the stream time its announcement arrived at. None: wait
+      until `flush`.
     """
 
     include_streaming_events: bool = False
@@ -727,38 +729,54 @@ class SessionRecorder:
         instant: the loop sent again by a producer that learned more (an OTLP ingest that
         found its caller). Until it ends it changes nothing held: its session keeps the
         ended record (and is complete if it was), and only its AgentEnd lets its record
-        take that one's place (`_end_resend`), as a store's merge of the two saves would."""
+        take that one's place (`_end_resend`), as a store's merge of the two saves would.
+        So too the late run of a parallel branch Aborted before it started, its group given
+        up (the stream time jumped ahead, a host's clock) or ended by `flush`: its group's
+        end, come while the session is held, then marks the branches, as after `flush`."""
         held = self._open.get(event.session_id) or self._completed.get(event.session_id)
         record = None
         if held is not None:  # the first record of its id, or the last (an id used again)
             record = held.closed.get(event.loop_id)
-            if record is not None and record.started_at != event.timestamp:
+            if record is not None and not _restarted_by(record, event):
                 record = held.latest.get(event.loop_id)
-        if (
-            held is None
-            or record is None
-            or record.started_at != event.timestamp
-            or event.loop_id in self._loops
-        ):
+        if held is None or record is None or not _restarted_by(record, event) or event.loop_id in self._loops:
             return False  # (an open one of its id: a compaction pass, or the loop sent again already)
+        if _never_ran(record):
+            self._group_end_applies(event.session_id, event.loop_id)
         self._resending[event.loop_id] = _Resent(held.session, record, self._spawn_ref(event))
         loop = _OpenLoop(_started(event))
         self._loops[event.loop_id] = loop
         loop.append(event)
         return True
 
+    def _group_end_applies(self, session_id: str, loop_id: str) -> None:
+        """A branch of a group given up ran after all: the group's end, if it comes while
+        the session is held, is no orphan but marks its branches (as for `flush`'s)."""
+        branches = self._ended_groups.get(session_id, {})
+        ended = branches.get(loop_id)
+        if ended is not None and ended[1] is None:
+            group = ended[0]
+            for branch_id in group.loop_ids:
+                if branches.get(branch_id, (None,))[0] is group:
+                    branches[branch_id] = (group, [])
+
     def _end_resend(self, loop: _OpenLoop, *, ended: bool) -> None:
         """The loop sent again is over: if it ended and holds as many events, its record
         replaces the ended one in place, keeping its links, and a completed session is
         completed again, as any session a loop closes in (one drained meanwhile gets the
-        record as an amendment); else its events are orphans, the ended record untouched."""
+        record as an amendment); else its events are orphans, the ended record untouched.
+        A branch's run replaces its record that never ran even unended, Aborted."""
         record = loop.record
         resent = self._resending.pop(record.loop_id)
         self._owed_less((resent.session.session_id,))
         del self._loops[record.loop_id]
         self._spawner_ended(record.loop_id)
         replaced = resent.record
-        if not ended or len(loop.events) < len(replaced.events):
+        if _never_ran(replaced):
+            if not ended:  # as `_abort` ends a loop
+                loop.turn = None
+                record.status = "Aborted"
+        elif not ended or len(loop.events) < len(replaced.events):
             # `merge_sessions` too keeps, of two finished versions, the one with more events.
             reason = (
                 "loop sent again with fewer events than its ended record, which is kept"
@@ -1259,7 +1277,8 @@ class SessionRecorder:
         Its open loops are aborted, its open parallel groups given up (their
         ``ParallelLoopEnd``, if it comes, is an orphan, even if the session goes on, as
         after `flush`), parallel events waiting for its first loop kept as orphans, and it
-        is completed. Later events of its loops are orphans, as after `flush`. Costs
+        is completed. Later events of its loops are orphans, as after `flush` (but the run
+        of a branch that never started replaces its Aborted record while held). Costs
         O(open loops + open groups).
         """
         check_type("session_id", session_id, str)
@@ -1687,6 +1706,22 @@ def _started(event: AgentStart) -> LoopRecord:
         started_at=event.timestamp,
         metadata=event.metadata,
         config=snapshot if isinstance(snapshot, LoopConfigSnapshot) else None,
+    )
+
+
+def _restarted_by(record: LoopRecord, event: AgentStart) -> bool:
+    """Whether `event` starts the ended `record` again: its loop sent again (at its
+    instant), or the run of a parallel branch Aborted before it started."""
+    return record.started_at == event.timestamp or _never_ran(record)
+
+
+def _never_ran(record: LoopRecord) -> bool:
+    """Whether `record` is a parallel branch Aborted before it started (its group given
+    up, or ended by `flush`), not one vetoed by its ``before_loop`` hook (which ended)."""
+    return (
+        record.status == "Aborted"
+        and record.ended_at is None
+        and not any(isinstance(kept.event, AgentStart) for kept in record.events)
     )
 
 
