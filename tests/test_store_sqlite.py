@@ -231,6 +231,23 @@ def test_close_releases_connections_and_the_store_reconnects(db: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("recreated", [True, False], ids=["recreated", "removed"])
+def test_a_file_removed_under_an_open_store_is_made_again_not_written_unlinked(
+    db: Path, recreated: bool
+) -> None:
+    store = SqliteStore(db)
+    store.save(make_session("before"))
+    for file in db.parent.glob(f"{db.name}*"):  # `rm sessions.db*` while the store is open
+        file.unlink()
+    if recreated:  # and another process opens the default store again
+        SqliteStore(db).close()
+    store.save(make_session("after"))
+    assert store.list_ids() == ["after"]
+    store.close()
+    with SqliteStore(db) as fresh:
+        assert fresh.list_ids() == ["after"]
+
+
 def test_close_closes_every_threads_connection(store: SqliteStore) -> None:
     connections: list[sqlite3.Connection] = []
 

@@ -1035,10 +1035,13 @@ class _Connection:
     released while in use is `abandoned`: its user closes it as that use ends.
     """
 
-    __slots__ = ("abandoned", "closed", "conn", "lock", "pid", "readers")
+    __slots__ = ("abandoned", "closed", "conn", "file_id", "lock", "pid", "readers")
 
-    def __init__(self, conn: sqlite3.Connection, readers: _WalReaders | None) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, readers: _WalReaders | None, file_id: tuple[int, int] | None
+    ) -> None:
         self.conn = conn
+        self.file_id = file_id  # the file it opened (`SqliteStore._file_id`); None: not checked
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.closed = False
@@ -1125,10 +1128,7 @@ class SqliteStore(AsyncTwins):
         self._open: list[tuple[_Connection, weakref.finalize[Any, Any]]] = []
         self._readers = _WalReaders()
         if not read_only:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise StoreError(f"cannot create the directory of {self.path}: {error}") from error
+            self._make_directory()
         try:
             with self._connected("open") as conn:
                 if read_only:
@@ -1151,11 +1151,39 @@ class SqliteStore(AsyncTwins):
 
     # -- Connections and transactions ----------------------------------------------------------
 
+    def _make_directory(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot create the directory of {self.path}: {error}") from error
+
+    def _file_id(self) -> tuple[int, int] | None:
+        """Which file `path` names now (device, inode); None: none."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
     def _own_connection(self) -> _Connection:
-        """This thread's connection, opened (and configured) on first use or after a release."""
+        """This thread's connection, opened (and configured) on first use or after a release.
+
+        A writable store's connection is dropped once `path` no longer names the file it
+        opened (removed, or replaced by another process's new store): it would go on
+        writing into the unlinked file, every save lost. The next opens (and migrates)
+        the file `path` names now, made again if missing. One stat per use, reads too:
+        they then see what the writes do."""
         owner: _Owner | None = getattr(self._local, "owner", None)
         if owner is not None and owner.connection.pid == os.getpid() and not owner.connection.closed:
-            return owner.connection
+            connection = owner.connection
+            if connection.file_id is None or connection.file_id == self._file_id():
+                return connection
+            logger.warning("%s was removed or replaced while open: opening the file there now", self.path)
+            connection.release(wait=True)
+            self._make_directory()
+            replaced = True
+        else:
+            replaced = False
         with self._lock:
             self._open = [(connection, release) for connection, release in self._open if release.alive]
             if any(connection.pid != os.getpid() for connection, _ in self._open):
@@ -1165,7 +1193,17 @@ class SqliteStore(AsyncTwins):
                     "reconnects on its next use), or open the store in the child"
                 )
         conn = self._connect(self._file, read_only=self.read_only)
-        connection = _Connection(conn, self._readers if self.read_only else None)
+        if replaced:
+            try:
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+        connection = (
+            _Connection(conn, self._readers, None)
+            if self.read_only
+            else _Connection(conn, None, self._file_id())
+        )
         owner = _Owner(connection)
         # At interpreter exit the finalizer runs in the main thread while daemon threads
         # may still be saving: it must then close idle connections only (wait=False).
