@@ -351,6 +351,48 @@ def test_migration_from_an_older_version(db: Path, monkeypatch: pytest.MonkeyPat
         assert conn.execute("SELECT note FROM sessions WHERE session_id = 'old'").fetchone() == ("migrated",)
 
 
+def test_a_store_opened_while_another_process_migrates_waits_for_it(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SqliteStore(db).close()
+    ran: list[str] = []
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, lambda conn: ran.append("")))
+    monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    waiting = threading.Event()
+
+    class Noticed(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "migrat" in record.getMessage():
+                waiting.set()
+
+    handler = Noticed()
+    sqlite_module.logger.addHandler(handler)
+    migrating = sqlite3.connect(db, isolation_level=None)  # the other process, migrating
+    migrating.execute("BEGIN IMMEDIATE")
+    opened: list[object] = []
+
+    def open_store() -> None:
+        try:
+            with SqliteStore(db, timeout=0.01) as store:  # its lock wait long over
+                opened.append(store.schema_version())
+        except Exception as error:
+            opened.append(error)
+
+    worker = threading.Thread(target=open_store)
+    try:
+        worker.start()
+        while not waiting.is_set() and worker.is_alive():
+            waiting.wait(0.01)
+        migrating.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        migrating.execute("COMMIT")
+        worker.join()
+    finally:
+        migrating.close()
+        sqlite_module.logger.removeHandler(handler)
+    assert opened == [SCHEMA_VERSION + 1]
+    assert ran == []  # the other process migrated it
+
+
 def test_failed_migration_leaves_the_database_as_it_was(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with SqliteStore(db) as store:
         store.save(make_session("old"))

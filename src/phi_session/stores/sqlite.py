@@ -51,6 +51,7 @@ import sqlite3
 import struct
 import tempfile
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -130,6 +131,9 @@ APPLICATION_ID = int.from_bytes(b"phiS", "big")
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# How long opening a store waits, in seconds, for another process's migration of it
+# (rewriting a large store's records takes minutes), before `SessionLocked`.
+_MIGRATION_WAIT = 600.0
 _TOKEN_SUMS_SQL = ", ".join(f"SUM({column})" for column in USAGE_COLUMNS)
 
 # -- Schema ------------------------------------------------------------------------------
@@ -1376,12 +1380,39 @@ class SqliteStore(AsyncTwins):
                 raise
             conn.execute("COMMIT")
 
+    def _begin_migration(self, conn: sqlite3.Connection) -> bool:
+        """Take the write lock to migrate; False if another process migrated meanwhile.
+        While another holds the lock and the schema is still old, it is most likely
+        migrating (a long rewrite): a store opened then (a worker started during an
+        upgrade) waits for it, up to `_MIGRATION_WAIT`, rather than fail after `timeout`."""
+        deadline = time.monotonic() + _MIGRATION_WAIT
+        logged = False
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error) or time.monotonic() >= deadline:
+                    raise
+            if self._check_version(conn) == SCHEMA_VERSION:
+                return False
+            if not logged:
+                logged = True
+                logger.warning(
+                    "%s: another process holds it at an older schema, likely migrating it: "
+                    "waiting for it (up to %d s)",
+                    self.path,
+                    _MIGRATION_WAIT,
+                )
+            time.sleep(0.05)  # a store with no lock wait (timeout 0) must not spin
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = self._check_version(conn)
         if version == SCHEMA_VERSION:
             return
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if not self._begin_migration(conn):
+                return
             version = self._check_version(conn)  # another process may have migrated meanwhile
             for migration in MIGRATIONS[version:]:
                 migration(conn)
