@@ -1268,6 +1268,31 @@ def test_prune_gives_space_back(store: SqliteStore, db: Path) -> None:
     assert conn.execute("SELECT COUNT(*) FROM loops").fetchone()[0] == 12  # loops went with sessions
 
 
+def test_prune_returns_what_it_deleted_when_another_writer_holds_off_the_reclaim(
+    db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(db, timeout=0.01)
+    for n in range(3):
+        store.save(make_session(f"p{n}", created_at=at(n)))
+    other = sqlite3.connect(db, isolation_level=None)
+    reclaim = sqlite_module._reclaim_space
+
+    def another_writer_first(conn: sqlite3.Connection) -> None:
+        other.execute("BEGIN IMMEDIATE")  # another process saves right after the prune commits
+        reclaim(conn)
+
+    monkeypatch.setattr(sqlite_module, "_reclaim_space", another_writer_first)
+    try:
+        with caplog.at_level(logging.WARNING, logger=sqlite_module.logger.name):
+            assert store.prune(PruneCriteria(keep_last=1)) == 2
+    finally:
+        other.rollback()
+        other.close()
+    assert store.list_ids() == ["p2"]
+    assert "reclaim" in caplog.text
+    store.close()
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 

@@ -1809,8 +1809,13 @@ class SqliteStore(AsyncTwins):
             deleted: int = conn.execute(f"DELETE FROM sessions WHERE {where}", params).rowcount
             _release_sessions(conn, [blob for (blob,) in doomed])
         if deleted:
-            with self._connected("reclaim space after prune") as conn:
-                _reclaim_space(conn)
+            # Best effort: the sessions are gone, which the caller must learn; a writer
+            # holding the lock meanwhile only leaves the pages free until the next prune.
+            try:
+                with self._connected("reclaim space after prune") as conn:
+                    _reclaim_space(conn)
+            except StoreError as error:  # SessionLocked too
+                logger.warning("pruned %d sessions, but could not reclaim their space: %s", deleted, error)
         return deleted
 
     # -- Queries ---------------------------------------------------------------------------
