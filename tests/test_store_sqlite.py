@@ -614,6 +614,25 @@ def test_a_read_only_store_reads_a_file_this_user_may_only_read(shared_dir: Path
     assert _as_nobody(refused_without_its_wal) == 0
 
 
+@needs_fork
+@needs_root
+def test_a_read_only_store_makes_no_wal_beside_a_file_this_user_may_not_write(shared_dir: Path) -> None:
+    shared_dir.chmod(0o777)  # a shared directory: anyone may make files there
+    db = shared_dir / "sessions.db"
+    with SqliteStore(db) as writer:
+        writer.save(make_session("first"))
+    db.chmod(0o644)
+
+    def refused() -> None:
+        # Its -wal and -shm, left owned by this user, made the owner's next save fail
+        # ("attempt to write a readonly database").
+        with pytest.raises(StoreError, match=r"cannot read it as this user: .* which are missing and"):
+            SqliteStore(db, read_only=True)
+
+    assert _as_nobody(refused) == 0
+    assert sorted(path.name for path in shared_dir.iterdir()) == ["sessions.db"]
+
+
 @needs_root
 def test_a_read_only_store_reads_a_file_on_a_read_only_file_system(shared_dir: Path) -> None:
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(shared_dir)]).returncode:
