@@ -248,6 +248,30 @@ def test_a_file_removed_under_an_open_store_is_made_again_not_written_unlinked(
         assert fresh.list_ids() == ["after"]
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, SessionLocked], ids=["interrupt", "locked"])
+def test_a_store_whose_reopen_failed_migrates_the_file_it_opens_next(
+    db: Path, failure: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteStore(db)
+    store.save(make_session("before"))
+    for file in db.parent.glob(f"{db.name}*"):
+        file.unlink()
+    migrate = SqliteStore._migrate
+
+    def fails(self: SqliteStore, conn: sqlite3.Connection) -> None:
+        raise failure
+
+    monkeypatch.setattr(SqliteStore, "_migrate", fails)  # Ctrl-C, or the lock, as it reopens
+    with pytest.raises(failure):
+        store.save(make_session("lost"))
+    monkeypatch.setattr(SqliteStore, "_migrate", migrate)
+    # The next use took the file made again for one of the store, unmigrated: every
+    # later save raised StoreError 'no such table: sessions'.
+    store.save(make_session("after"))
+    assert store.list_ids() == ["after"]
+    store.close()
+
+
 def test_close_closes_every_threads_connection(store: SqliteStore) -> None:
     connections: list[sqlite3.Connection] = []
 

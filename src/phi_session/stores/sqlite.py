@@ -1149,11 +1149,9 @@ class SqliteStore(AsyncTwins):
         if not read_only:
             self._make_directory()
         try:
-            with self._connected("open") as conn:
+            with self._connected("open") as conn:  # which migrates a writable store's file
                 if read_only:
                     self._read_older_schema_from_a_copy(conn)
-                else:
-                    self._migrate(conn)
         finally:
             # Holding no connection until first use, a store opened before a fork() is
             # safe to use on both sides of it.
@@ -1191,7 +1189,8 @@ class SqliteStore(AsyncTwins):
         opened (removed, or replaced by another process's new store): it would go on
         writing into the unlinked file, every save lost. The next opens (and migrates)
         the file `path` names now, made again if missing. One stat per use, reads too:
-        they then see what the writes do."""
+        they then see what the writes do. Every new writable connection migrates its file
+        (one query if done)."""
         owner: _Owner | None = getattr(self._local, "owner", None)
         if owner is not None and owner.connection.pid == os.getpid() and not owner.connection.closed:
             connection = owner.connection
@@ -1199,10 +1198,9 @@ class SqliteStore(AsyncTwins):
                 return connection
             logger.warning("%s was removed or replaced while open: opening the file there now", self.path)
             connection.release(wait=True)
+            # Should opening the file there fail, the next use opens it again (not this).
+            self._local.owner = None
             self._make_directory()
-            replaced = True
-        else:
-            replaced = False
         with self._lock:
             self._open = [(connection, release) for connection, release in self._open if release.alive]
             if any(connection.pid != os.getpid() for connection, _ in self._open):
@@ -1212,7 +1210,9 @@ class SqliteStore(AsyncTwins):
                     "reconnects on its next use), or open the store in the child"
                 )
         conn = self._connect(self._file, read_only=self.read_only)
-        if replaced:
+        # Whatever the file (made again, by this store or another), and whatever became of
+        # an earlier opening (interrupted migrating it): one query if already migrated.
+        if not self.read_only:
             try:
                 self._migrate(conn)
             except BaseException:
