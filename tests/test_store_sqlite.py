@@ -272,6 +272,35 @@ def test_a_store_whose_reopen_failed_migrates_the_file_it_opens_next(
     store.close()
 
 
+@pytest.mark.parametrize("recreated", [True, False], ids=["recreated", "removed"])
+def test_a_file_removed_while_a_connection_opens_is_not_taken_for_the_one_it_opened(
+    db: Path, recreated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteStore(db)
+    connect = store._connect
+
+    def removed_once_connected(file: Path, *, read_only: bool) -> sqlite3.Connection:
+        conn = connect(file, read_only=read_only)
+        if not removed:  # another thread's `rm sessions.db*` as this one connects
+            removed.append(file)
+            for other in db.parent.glob(f"{db.name}*"):
+                other.unlink()
+            if recreated:  # and it opened the store again, making a new file
+                SqliteStore(db).close()
+        return conn
+
+    removed: list[Path] = []
+    monkeypatch.setattr(store, "_connect", removed_once_connected)
+    # The connection noted no file (it was missing), or the new one, while writing the
+    # unlinked: this save was lost, and every later one.
+    store.save(make_session("first"))
+    assert removed == [db]
+    store.save(make_session("second"))
+    store.close()
+    with SqliteStore(db) as fresh:
+        assert sorted(fresh.list_ids()) == ["first", "second"]
+
+
 def test_close_closes_every_threads_connection(store: SqliteStore) -> None:
     connections: list[sqlite3.Connection] = []
 

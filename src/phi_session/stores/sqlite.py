@@ -1060,7 +1060,7 @@ class _Connection:
         self, conn: sqlite3.Connection, readers: _WalReaders | None, file_id: tuple[int, int] | None
     ) -> None:
         self.conn = conn
-        self.file_id = file_id  # the file it opened (`SqliteStore._file_id`); None: not checked
+        self.file_id = file_id  # the file it opened (`SqliteStore._file_id`); None: a read-only store's
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.closed = False
@@ -1105,7 +1105,9 @@ class SqliteStore(AsyncTwins):
     `path` is created (with its parent directories) if missing. `timeout` bounds,
     in seconds, how long a write waits for another writer before `SessionLocked`.
     Raises `StoreError` if the file is not a phi-session database or was written
-    by a newer phi-session (schema version above `SCHEMA_VERSION`).
+    by a newer phi-session (schema version above `SCHEMA_VERSION`). A file removed
+    while the store is open is made again at `path` by its next use: saves go to
+    the file `path` names, never to the removed one.
 
     With `read_only`, the store only reads: `path` must exist, nothing is created,
     migrated or changed in it (a write raises `StoreError`), and it still sees what
@@ -1209,19 +1211,10 @@ class SqliteStore(AsyncTwins):
                     "connections must not cross fork(): call close() before forking (the store "
                     "reconnects on its next use), or open the store in the child"
                 )
-        conn = self._connect(self._file, read_only=self.read_only)
-        # Whatever the file (made again, by this store or another), and whatever became of
-        # an earlier opening (interrupted migrating it): one query if already migrated.
-        if not self.read_only:
-            try:
-                self._migrate(conn)
-            except BaseException:
-                conn.close()
-                raise
         connection = (
-            _Connection(conn, self._readers, None)
+            _Connection(self._connect(self._file, read_only=True), self._readers, None)
             if self.read_only
-            else _Connection(conn, None, self._file_id())
+            else self._connect_to_the_file_at_path()
         )
         owner = _Owner(connection)
         # At interpreter exit the finalizer runs in the main thread while daemon threads
@@ -1231,6 +1224,27 @@ class SqliteStore(AsyncTwins):
             self._open.append((connection, release))
         self._local.owner = owner
         return connection
+
+    def _connect_to_the_file_at_path(self) -> _Connection:
+        """A writable connection, its file migrated, noting that file (`_file_id`): the one
+        `path` named both before it connected and after its first reads. Another thread
+        or process may remove the file, and make it again, meanwhile: one stat taken
+        after connecting only would name no file (never checked then) or the new one,
+        while the connection writes the unlinked file."""
+        while True:
+            before = self._file_id()
+            conn = self._connect(self._file, read_only=False)
+            try:
+                # Whatever the file (made again, by this store or another), and whatever
+                # became of an earlier opening (interrupted migrating it): one query if done.
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            after = self._file_id()
+            if after is not None and after == before:
+                return _Connection(conn, None, after)
+            conn.close()
 
     def _connection_to(self, target: str | Path, *, uri: bool = False) -> sqlite3.Connection:
         # check_same_thread=False only so that `close` and the exit hook may close an
