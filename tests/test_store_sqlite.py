@@ -660,7 +660,7 @@ def test_a_read_only_store_reads_a_file_this_user_may_only_read(shared_dir: Path
         assert _as_nobody(read_while_a_writer_has_it_open) == 0
 
     def refused_without_its_wal() -> None:
-        with pytest.raises(StoreError, match=r"cannot read it as this user: .* which are missing and"):
+        with pytest.raises(StoreError, match=r"cannot read it as this user: .* \(it may not write "):
             SqliteStore(db, read_only=True)
 
     assert not db.with_name("sessions.db-wal").exists()
@@ -679,11 +679,28 @@ def test_a_read_only_store_makes_no_wal_beside_a_file_this_user_may_not_write(sh
     def refused() -> None:
         # Its -wal and -shm, left owned by this user, made the owner's next save fail
         # ("attempt to write a readonly database").
-        with pytest.raises(StoreError, match=r"cannot read it as this user: .* which are missing and"):
+        with pytest.raises(StoreError, match=r"cannot read it as this user: .* \(the file is another user's"):
             SqliteStore(db, read_only=True)
 
     assert _as_nobody(refused) == 0
     assert sorted(path.name for path in shared_dir.iterdir()) == ["sessions.db"]
+
+
+@needs_fork
+@needs_root
+def test_a_read_only_store_reads_its_owners_file_made_read_only(shared_dir: Path) -> None:
+    os.chown(shared_dir, _NOBODY, _NOBODY)  # this user's own directory
+
+    def read_own_archived_store() -> None:
+        db = shared_dir / "sessions.db"
+        with SqliteStore(db) as writer:
+            writer.save(make_session("first"))
+        db.chmod(0o444)  # archived read-only by its owner
+        # It was refused: StoreError 'cannot read it as this user ... it may not write'.
+        with SqliteStore(db, read_only=True) as reader:
+            assert reader.list_ids() == ["first"]
+
+    assert _as_nobody(read_own_archived_store) == 0
 
 
 @needs_root

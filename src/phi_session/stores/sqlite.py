@@ -967,17 +967,31 @@ def _on_read_only_file_system(file: Path) -> bool:
         return False
 
 
-def _may_make_wal(file: Path) -> bool:
-    """Whether this user may make the -wal and -shm of `file` and leave them writable
-    to its owner: it may write both the directory and the file."""
-    return os.access(file.parent, os.W_OK) and os.access(file, os.W_OK)
+def _is_another_users(file: Path) -> bool:
+    """Whether `file` belongs to another user (never on Windows: no owners to tell)."""
+    try:
+        return hasattr(os, "geteuid") and file.stat().st_uid != os.geteuid()
+    except OSError:
+        return False
 
 
-def _no_wal_for_this_user(file: Path) -> StoreError:
+def _why_no_wal(file: Path) -> str | None:
+    """Why this user may not make the -wal and -shm of `file`; None: it may.
+
+    Beside another user's file it may not write, they would be left owned by this
+    user, and that user's next write would fail ('attempt to write a readonly
+    database'). Its own file made read-only (archived) is no such case."""
+    if not os.access(file.parent, os.W_OK):
+        return f"it may not write {file.parent}"
+    if _is_another_users(file) and not os.access(file, os.W_OK):
+        return "the file is another user's and this user may not write it: that user's writes would fail"
+    return None
+
+
+def _no_wal_for_this_user(file: Path, why: str) -> StoreError:
     return StoreError(
         f"{file}: cannot read it as this user: SQLite reads it beside its -wal and -shm files,"
-        f" which are missing and which this user may not make (it may not write {file.parent},"
-        f" or {file} itself, whose writers its files would lock out); they exist while a writer"
+        f" which are missing and which this user may not make ({why}); they exist while a writer"
         " has it open"
     )
 
@@ -1113,12 +1127,11 @@ class SqliteStore(AsyncTwins):
     migrated or changed in it (a write raises `StoreError`), and it still sees what
     writers commit meanwhile, and closing it never checkpoints what a writer left in
     the WAL into the file. A file on a read-only file system is read as it is; one in
-    a directory this user may not write, or that it may not write itself, is read while
-    a writer has it open (SQLite reads it through the -wal and -shm files it then has
-    beside it), else refused (`StoreError`). A file
-    written by an earlier phi-session (an older schema) is read through a migrated
-    copy in a temporary directory, taken when the store is opened: it does not see
-    later writes.
+    a directory this user may not write, or another user's that this user may not
+    write, is read while a writer has it open (SQLite reads it through the -wal and
+    -shm files it then has beside it), else refused (`StoreError`). A file written by
+    an earlier phi-session (an older schema) is read through a migrated copy in a
+    temporary directory, taken when the store is opened: it does not see later writes.
     """
 
     def __init__(
@@ -1302,9 +1315,9 @@ class SqliteStore(AsyncTwins):
           it may checkpoint then is only what writers committed while it was open,
           as their own close would have. Where this user may not create them (a
           directory it may not write), `StoreError`: ``immutable=1`` would be wrong
-          as soon as a writer comes, which it could not tell. The same beside a file
-          it may not write (in a shared directory): the -wal and -shm it made would,
-          left behind owned by it, keep the file's owner from writing.
+          as soon as a writer comes, which it could not tell. The same beside another
+          user's file it may not write (in a shared directory): the -wal and -shm it
+          made would, left behind owned by it, keep the file's owner from writing.
         """
         if not file.is_file():
             raise StoreError(f"no SQLite store at {file}")
@@ -1316,18 +1329,18 @@ class SqliteStore(AsyncTwins):
                 mode = "ro"
             elif _on_read_only_file_system(file):
                 mode = "ro&immutable=1"
-            elif _may_make_wal(file):
+            elif (why := _why_no_wal(file)) is None:
                 mode = "rw"
             else:
-                raise _no_wal_for_this_user(file)
+                raise _no_wal_for_this_user(file, why)
             conn = self._connection_to(f"{file.as_uri()}?mode={mode}", uri=True)
             try:
                 self._check_version(conn)  # its first read, which opens the WAL
                 conn.execute("PRAGMA query_only = ON")
             except sqlite3.Error as error:
                 conn.close()
-                if not wal.exists() and not _may_make_wal(file):
-                    raise _no_wal_for_this_user(file) from error
+                if not wal.exists() and (why := _why_no_wal(file)) is not None:
+                    raise _no_wal_for_this_user(file, why) from error
                 raise
             except BaseException:
                 conn.close()
