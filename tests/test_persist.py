@@ -532,6 +532,22 @@ def test_orphans_go_to_the_journal_or_are_counted_and_dropped(
     persisting.close()
     assert calls == [[stray], [stray]]
     assert persisting.stats()["orphans_written"] == 1 and persisting.stats()["orphans_dropped"] == 0
+    # A Ctrl-C handled just after the sink returned, having taken them: not handed again.
+    taken: list[list[AgentEvent]] = []
+
+    class _InterruptedOnce(dict[str, int]):
+        def __setitem__(self, key: str, value: int) -> None:
+            super().__setitem__(key, value)
+            if key == "orphans_written" and value == 1 and len(taken) == 1:
+                raise KeyboardInterrupt
+
+    persisting = AutoPersistingRecorder(JsonDirStore(tmp_path / "g"), orphans=taken.append)
+    persisting._counters = _InterruptedOnce(persisting._counters)
+    persisting.on_event(stray)
+    with pytest.raises(KeyboardInterrupt):
+        persisting.close()
+    persisting.close()
+    assert taken == [[stray]]
     with pytest.raises(InvalidArgument, match="without a journal"):
         AutoPersistingRecorder(JsonDirStore(tmp_path / "e"), journal=tmp_path / "j2", orphans=kept.extend)
     with pytest.raises(TypeError):

@@ -588,11 +588,13 @@ class AutoPersistingRecorder:
         handed = len(self._drained)
         while self._drained:  # each left there until lined up: a Ctrl-C keeps the rest
             session = self._drained[0]
-            # Sized before it is unpinned: a Ctrl-C meanwhile leaves it drained and pinned.
-            size = held_bytes(session)
-            item = _Pending(session, self._unpin(session.session_id), size)
+            # Unpinned once lined up, carrying its pin: a Ctrl-C before leaves it drained
+            # and pinned (one handled right between the two keeps the journal longer).
+            item = _Pending(session, self._pin_of(session.session_id), held_bytes(session))
             with self._cond:
                 _move_head(self._drained, self._waiting, item)
+            self._unpin(session.session_id)
+            with self._cond:
                 self._admit()
         self._forget_late_pins()
         if self.journal is not None:
@@ -604,23 +606,23 @@ class AutoPersistingRecorder:
         self._sealed = last
         return handed
 
-    def _unpin(self, session_id: str) -> int | None:
-        """The pin of a session being drained (under `_lock`).
+    def _pin_of(self, session_id: str) -> int | None:
+        """The lowest journal seq a session's records start from (under `_lock`), or None."""
+        pins = (self._pins.get(session_id), self._late_pins.get(session_id))
+        return min((pin for pin in pins if pin is not None), default=None)
+
+    def _unpin(self, session_id: str) -> None:
+        """Unpin a session lined up for the writer (under `_lock`).
 
         A drained session that may still come back as an amendment (its parallel
         group's end, the tool call that spawned it, are still to come) keeps its
         journal records until it no longer may: recovery needs them to redo it.
         """
-        pins = [
-            pin
-            for pin in (self._pins.pop(session_id, None), self._late_pins.pop(session_id, None))
-            if pin is not None
-        ]
-        if not pins:
-            return None
-        if self.recorder.may_amend(session_id):
-            self._late_pins[session_id] = min(pins)
-        return min(pins)
+        pin = self._pin_of(session_id)
+        self._pins.pop(session_id, None)
+        self._late_pins.pop(session_id, None)
+        if pin is not None and self.recorder.may_amend(session_id):
+            self._late_pins[session_id] = pin
 
     def _forget_late_pins(self) -> None:
         """Drop the late pins of sessions no longer owed anything (under `_lock`): of those
@@ -661,17 +663,20 @@ class AutoPersistingRecorder:
         if not loose:
             return
         failure = "no orphans sink (AutoPersistingRecorder(orphans=...))"
+        handed = False
         try:
             if self._orphan_sink is not None:
                 self._orphan_sink([orphan.event for orphan in loose])
+                handed = True
                 with self._lock:
                     self._counters["orphans_written"] += len(loose)
                 return
         except Exception as error:
             failure = f"the orphans sink failed: {type(error).__name__}: {error}"
         except BaseException:
-            with self._lock:
-                self._unwritten_orphans[:0] = loose
+            if not handed:  # the sink did not take them: the next hand-over does
+                with self._lock:
+                    self._unwritten_orphans[:0] = loose
             raise
         with self._lock:
             self._counters["orphans_dropped"] += len(loose)

@@ -290,8 +290,9 @@ class Journal:
                         payload, seq = self._number(payload)
                     self._write_or_fail(((payload, seq, 1),), "append failed")
                 except BaseException:  # not journaled (Ctrl-C, a failure): no gap in the numbers
-                    with self._lock:
-                        self._next_seq = first
+                    if self._written < first:  # written whole, its number stays taken
+                        with self._lock:
+                            self._next_seq = first
                     raise
                 self._set_acked(seq)
         else:
@@ -540,9 +541,11 @@ class Journal:
                 )
         except BaseException:
             with contextlib.suppress(OSError):
-                if fd is not None:
+                # Ours unless already active (a Ctrl-C handled as the switch's lock let go); a
+                # file made before `fd` was, holding no frame, `_create` removes next time.
+                if fd is not None and getattr(self, "_fd", None) != fd:  # none yet: the first
                     os.close(fd)
-                path.unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
             raise
 
     def _rotate(self, next_seq: int) -> None:
@@ -699,12 +702,15 @@ class Journal:
 
 
 def _create(path: Path) -> int:
-    """A descriptor for writing segment `path`, which no other process can have made (the
-    directory is locked): a file there past every segment is one this run began making,
-    an interrupted rotation could not remove, holding no frame."""
+    """A descriptor for writing segment `path`. A file there past every segment, holding
+    no frame (at most the header), is one this run began making and an interrupted
+    rotation left; one holding frames is another writer's (where the directory lock is
+    none, on Windows) and is never removed: `FileExistsError`."""
     try:
         return open_new(path)
     except FileExistsError:
+        if path.stat().st_size > len(MAGIC):
+            raise
         path.unlink()
         return open_new(path)
 
