@@ -272,6 +272,19 @@ def test_a_store_whose_reopen_failed_migrates_the_file_it_opens_next(
     store.close()
 
 
+def test_a_file_that_never_stays_the_same_while_opening_is_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opening retried while the file at the path changed; a file system whose inode numbers
+    # do not stay would have kept it retrying for ever.
+    store = SqliteStore(tmp_path / "s.db")
+    store.close()
+    ids = iter(range(10**6))
+    monkeypatch.setattr(SqliteStore, "_file_id", lambda self: (0, next(ids)))
+    with pytest.raises(StoreError, match="kept changing"):
+        store.list_ids()
+
+
 @pytest.mark.parametrize("recreated", [True, False], ids=["recreated", "removed"])
 def test_a_file_removed_while_a_connection_opens_is_not_taken_for_the_one_it_opened(
     db: Path, recreated: bool, monkeypatch: pytest.MonkeyPatch

@@ -134,6 +134,9 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # How long opening a store waits, in seconds, for another process's migration of it
 # (rewriting a large store's records takes minutes), before `SessionLocked`.
 _MIGRATION_WAIT = 600.0
+# How many times a writable connection is opened again when the file at the path changed
+# while it opened (`SqliteStore._connect_to_the_file_at_path`).
+_OPEN_TRIES = 20
 _TOKEN_SUMS_SQL = ", ".join(f"SUM({column})" for column in USAGE_COLUMNS)
 
 # -- Schema ------------------------------------------------------------------------------
@@ -1244,7 +1247,7 @@ class SqliteStore(AsyncTwins):
         or process may remove the file, and make it again, meanwhile: one stat taken
         after connecting only would name no file (never checked then) or the new one,
         while the connection writes the unlinked file."""
-        while True:
+        for _ in range(_OPEN_TRIES):
             before = self._file_id()
             conn = self._connect(self._file, read_only=False)
             try:
@@ -1258,6 +1261,9 @@ class SqliteStore(AsyncTwins):
             if after is not None and after == before:
                 return _Connection(conn, None, after)
             conn.close()
+        # A file removed and made again at every try, or a file system whose inode numbers
+        # do not stay: an error the caller (a saver) retries, not a loop without end.
+        raise StoreError(f"{self.path}: the file kept changing while it was opened ({_OPEN_TRIES} tries)")
 
     def _connection_to(self, target: str | Path, *, uri: bool = False) -> sqlite3.Connection:
         # check_same_thread=False only so that `close` and the exit hook may close an
