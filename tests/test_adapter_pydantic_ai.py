@@ -32,6 +32,7 @@ from pydantic_ai.exceptions import CallDeferred, ToolFailed
 from pydantic_ai.messages import (
     BinaryContent,
     ModelMessage,
+    ModelRequest,
     ModelResponse,
     TextPart,
     ToolCallPart,
@@ -659,6 +660,107 @@ def test_run_stream_ends_the_reply_before_the_tools_it_called_run(stream: bool) 
     assert reply.usage.output > 0 and loop.turns[0].usage == reply.usage  # counted once
     # The two calls run concurrently (in worker threads): their results come in either order.
     assert sorted(m.tool_call_id for m in loop.messages if isinstance(m, ToolResultMessage)) == ["c1", "c2"]
+
+
+def returns_in_history(messages: list[ModelMessage]) -> dict[str, str]:
+    """What pydantic-ai's history answers each tool call with, as the model reads it."""
+    return {
+        part.tool_call_id: part.model_response_str(wrap_if_error=False)
+        for message in messages
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, ToolReturnPart)
+    }
+
+
+def recorded_results(loop: LoopRecord) -> dict[str, str]:
+    return {m.tool_call_id: m.content[0].text for m in loop.messages if isinstance(m, ToolResultMessage)}  # type: ignore[union-attr]
+
+
+# A last response calling a function tool, the output tool twice and a tool needing approval.
+ENDING_CALLS = [
+    ToolCallPart("add", {"a": 1, "b": 2}, tool_call_id="a1"),
+    ToolCallPart("final_result", {"n": 3}, tool_call_id="o1"),
+    ToolCallPart("final_result", {"n": 4}, tool_call_id="o2"),
+    ToolCallPart("delete", {"path": "/a"}, tool_call_id="d1"),
+]
+
+
+def ending_calls(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    return ModelResponse(parts=ENDING_CALLS)
+
+
+async def ending_calls_streamed(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[Any]:
+    for index, call in enumerate(ENDING_CALLS):
+        yield {
+            index: DeltaToolCall(
+                name=call.tool_name, json_args=call.args_as_json_str(), tool_call_id=call.tool_call_id
+            )
+        }
+
+
+def run_to_the_end(agent: Agent[None, Any], runner: str, prompt: str = "go") -> list[ModelMessage]:
+    """The history pydantic-ai hands the caller, of `agent.run` or of a `run_stream` read whole."""
+    if runner == "run":
+        return agent.run_sync(prompt).all_messages()
+
+    async def main() -> list[ModelMessage]:
+        async with agent.run_stream(prompt) as run:
+            await run.get_output()
+        return run.all_messages()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("runner", ["run", "run_stream"])
+@pytest.mark.parametrize("strategy", ["early", "graceful", "exhaustive"])
+def test_every_call_of_the_last_response_gets_the_result_pydantic_ai_gave_it(
+    strategy: str, runner: str
+) -> None:
+    # run_stream answers the calls it did not run in the history it hands the caller only.
+    recorder = SessionRecorder()
+    agent = Agent(
+        FunctionModel(ending_calls, stream_function=ending_calls_streamed),
+        output_type=Answer,
+        end_strategy=strategy,  # type: ignore[arg-type]
+        capabilities=[PhiCapability(recorder)],
+    )
+
+    @agent.tool_plain
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @agent.tool_plain(requires_approval=True)
+    def delete(path: str) -> str:
+        return path
+
+    history = run_to_the_end(agent, runner)
+    assert set(returns_in_history(history)) == {"a1", "o1", "o2", "d1"}
+    assert recorded_results(only_loop(recorder)) == returns_in_history(history)
+
+
+@pytest.mark.parametrize("runner", ["run", "run_stream"])
+def test_a_call_handed_back_to_the_caller_gets_a_result_saying_so_under_run_stream_too(runner: str) -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart("delete", {"path": "/a"}, tool_call_id="c1")])
+
+    async def streamed(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[Any]:
+        yield {0: DeltaToolCall(name="delete", json_args='{"path": "/a"}', tool_call_id="c1")}
+
+    recorder = SessionRecorder()
+    agent = Agent(
+        FunctionModel(model, stream_function=streamed),
+        output_type=[str, DeferredToolRequests],
+        capabilities=[PhiCapability(recorder)],
+    )
+
+    @agent.tool_plain(requires_approval=True)
+    def delete(path: str) -> str:
+        return path
+
+    history = run_to_the_end(agent, runner)
+    assert returns_in_history(history) == {}  # it waits for the caller's result
+    assert recorded_results(only_loop(recorder)) == {"c1": "[deferred: ApprovalRequired]"}
 
 
 # -- concurrency ---------------------------------------------------------------------------------------

@@ -18,7 +18,10 @@ first's ``message_history`` continues its loop. The hooks map as follows:
   and unlike them it also sees ``ModelRetry`` and ``ToolFailed`` (recorded as error
   results, with the text the model gets) and runs around the tool function, which is what
   lets a sub-agent run inside the tool find its parent.
-* ``after_node_run`` of a ``CallToolsNode`` (the end of a tools step) → ``TurnEnd``.
+* ``after_node_run`` of a ``CallToolsNode`` (the end of a tools step) → ``TurnEnd``; of the
+  node ending a ``run_stream`` (no tools step) → the returns pydantic-ai gives the calls of
+  its last response it did not run, recorded as the run ends (``after_output_process``
+  tells which output calls it processed).
 * ``get_wrapper_model`` hands the run each response stream: ``run_stream`` runs a response's
   tools before ``after_model_request`` sees it, so the first tool finishes the reply from
   the stream (with its usage, recorded once) and its tools follow it, as under ``agent.run``.
@@ -38,7 +41,7 @@ assistant message is recorded whole, when the response is complete.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -98,9 +101,32 @@ from pydantic_ai.exceptions import (  # noqa: E402
 )
 from pydantic_ai.models import Model, StreamedResponse  # noqa: E402
 from pydantic_ai.models.wrapper import WrapperModel  # noqa: E402
+from pydantic_ai.output import OutputContext  # noqa: E402
 from pydantic_ai.result import FinalResult  # noqa: E402
 from pydantic_ai.usage import RequestUsage  # noqa: E402
 from pydantic_graph import End  # noqa: E402
+
+# The texts pydantic-ai answers the calls it does not run with, as its history holds them.
+try:
+    from pydantic_ai._tool_status import (
+        FINAL_RESULT_PROCESSED,
+        OUTPUT_NOT_FINAL_RESULT,
+        OUTPUT_SKIPPED_FINAL_ALREADY_PROCESSED,
+        TOOL_SKIPPED_FINAL_ALREADY_PROCESSED,
+    )
+except ImportError:  # pydantic-ai 2.68: private names of the module answering the calls
+    from pydantic_ai._tool_execution import (  # type: ignore[attr-defined, no-redef]
+        _FINAL_RESULT_PROCESSED as FINAL_RESULT_PROCESSED,
+    )
+    from pydantic_ai._tool_execution import (  # type: ignore[attr-defined, no-redef]
+        _OUTPUT_NOT_FINAL_RESULT as OUTPUT_NOT_FINAL_RESULT,
+    )
+    from pydantic_ai._tool_execution import (  # type: ignore[attr-defined, no-redef]
+        _OUTPUT_SKIPPED_FINAL_ALREADY_PROCESSED as OUTPUT_SKIPPED_FINAL_ALREADY_PROCESSED,
+    )
+    from pydantic_ai._tool_execution import (  # type: ignore[attr-defined, no-redef]
+        _TOOL_SKIPPED_FINAL_ALREADY_PROCESSED as TOOL_SKIPPED_FINAL_ALREADY_PROCESSED,
+    )
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -127,8 +153,6 @@ _STOP_REASONS: dict[pai.FinishReason, StopReason] = {
 _CUT_OFF_STATES = frozenset(("incomplete", "interrupted"))
 _CUT_OFF = "the response stream stopped before the model finished"  # its error message
 _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
-# pydantic-ai's return for the output tool call that gave the run's output.
-_FINAL_RESULT_PROCESSED = "Final result processed."
 
 
 # -- pydantic-ai values -> phi-core values --------------------------------------------------------
@@ -236,6 +260,45 @@ def _deferred_returns(requests: DeferredToolRequests) -> list[pai.ToolReturnPart
     ]
 
 
+def _unrun_returns(
+    calls: Iterable[pai.ToolCallPart],
+    final: FinalResult[Any],
+    strategy: str | None,
+    tools: Mapping[str, PaiToolDefinition],
+    processed: Set[str],
+) -> list[pai.ToolReturnPart]:
+    """The returns pydantic-ai gives the calls of the response that ended a `run_stream` with
+    `final` which no tool hook sees: it handles them as a tools step whose final result is
+    set already, under the agent's end `strategy`, and puts the returns in the history it
+    hands the caller only. Left out: the calls it ran (their tool hooks record them) and an
+    output call it ran under `'exhaustive'` whose processing did not finish (`processed`: the
+    output calls that did), whose retry text no hook sees (README: losses)."""
+    deferred = isinstance(final.output, DeferredToolRequests)  # those calls wait: `_deferred_returns`
+    returns = []
+    for call in calls:
+        tool = tools.get(call.tool_name)
+        kind = tool.kind if tool is not None else "unknown"
+        if kind == "output":
+            if call.tool_call_id == final.tool_call_id:
+                text = FINAL_RESULT_PROCESSED
+            elif strategy in ("early", "graceful"):  # the one output run is the final result
+                text = OUTPUT_SKIPPED_FINAL_ALREADY_PROCESSED
+            elif strategy == "exhaustive" and call.tool_call_id in processed:
+                text = OUTPUT_NOT_FINAL_RESULT
+            else:
+                continue
+        elif kind in ("external", "unapproved"):
+            if deferred:
+                continue
+            text = TOOL_SKIPPED_FINAL_ALREADY_PROCESSED
+        elif strategy == "early":  # function tools (and unknown ones) are not run
+            text = TOOL_SKIPPED_FINAL_ALREADY_PROCESSED
+        else:
+            continue
+        returns.append(pai.ToolReturnPart(call.tool_name, text, call.tool_call_id))
+    return returns
+
+
 def _request_parts(message: pai.ModelRequest, timestamp: int, system: list[str], into: list[Message]) -> None:
     """The messages of a request step's parts; system prompt parts go to `system`. Parts
     phi-core has no message for (instruction and tool-availability bookkeeping) are left out."""
@@ -319,6 +382,7 @@ class _Run:
         "final_returns",
         "key",
         "loop",
+        "processed_outputs",
         "prompt",
         "prompts",
         "reply",
@@ -343,6 +407,8 @@ class _Run:
         self.turn: TurnScope | None = None
         self.reply: MessageScope | None = None
         self.final_returns: pai.ModelRequest | None = None
+        # The output tool calls of the turn's response whose output pydantic-ai processed.
+        self.processed_outputs: set[str] = set()
         # The turn's streamed response (`_Streams`), and whether its reply was finished from
         # it when its tools started (`tool`), before `after_model_request` saw it.
         self.streamed: StreamedResponse | None = None
@@ -354,6 +420,7 @@ class _Run:
         and the next turn starts."""
         self.tools_done()
         self.streamed, self.answered = None, False
+        self.processed_outputs.clear()
         loop = self.loop
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
@@ -693,21 +760,28 @@ class PhiCapability(AbstractCapability[Any]):
                 except Exception as caught:
                     self._core.fault(caught)
         elif isinstance(result, End) and isinstance(result.data, FinalResult):
-            # `run_stream` ended on an output tool call without a tools step: pydantic-ai answers
-            # the call in the history it hands the caller, which no hook sees, and the response
-            # is recorded later (its hook runs once the stream is consumed). The answer is the
-            # one `agent.run` records from the history, recorded when the run ends.
+            # `run_stream` ended on its last response without a tools step: pydantic-ai answers
+            # the calls it did not run in the history it hands the caller, which no hook sees,
+            # and the response is recorded later (its hook runs once the stream is consumed).
+            # The answers are the ones `agent.run` records from the history, recorded when the
+            # run ends, as are those of calls handed back to the caller.
             run = self._run(ctx)
-            final = result.data
-            if run is not None and final.tool_call_id:
+            if run is not None:
                 try:
-                    done = pai.ToolReturnPart(
-                        final.tool_name or "", _FINAL_RESULT_PROCESSED, final.tool_call_id
-                    )
-                    run.final_returns = pai.ModelRequest(parts=[done])
+                    run.final_returns = self._stream_end_returns(run, ctx, result.data)
                 except Exception as caught:
                     self._core.fault(caught)
         return result
+
+    def _stream_end_returns(
+        self, run: _Run, ctx: RunContext[Any], final: FinalResult[Any]
+    ) -> pai.ModelRequest:
+        output = final.output
+        handed_back = _deferred_returns(output) if isinstance(output, DeferredToolRequests) else []
+        calls = run.streamed.get().tool_calls if run.streamed is not None else []
+        strategy = ctx.agent.end_strategy if ctx.agent is not None else None
+        unrun = _unrun_returns(calls, final, strategy, ctx.tools, run.processed_outputs)
+        return pai.ModelRequest(parts=[*handed_back, *unrun])
 
     def _tools_step_done(self, run: _Run, ctx: RunContext[Any], result: NodeResult[Any]) -> None:
         if isinstance(result, ModelRequestNode):
@@ -725,6 +799,18 @@ class PhiCapability(AbstractCapability[Any]):
                 parts = returns.parts if isinstance(returns, pai.ModelRequest) else ()
                 returns = pai.ModelRequest(parts=[*_deferred_returns(output), *parts])
         run.tools_done(returns)
+
+    async def after_output_process(
+        self, ctx: RunContext[Any], *, output_context: OutputContext, output: Any
+    ) -> Any:
+        # An output call `run_stream` processes once its final result is set: pydantic-ai's
+        # return for it says so (`_unrun_returns`).
+        call = output_context.tool_call
+        if call is not None and not ctx.partial_output:
+            run = self._run(ctx)
+            if run is not None:
+                run.processed_outputs.add(call.tool_call_id)
+        return output
 
     # -- tools ----------------------------------------------------------------------------
 
