@@ -34,7 +34,10 @@ from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
     ModelResponse,
+    PartDeltaEvent,
+    PartStartEvent,
     TextPart,
+    TextPartDelta,
     ToolCallPart,
     ToolReturnPart,
 )
@@ -988,6 +991,98 @@ def test_a_run_stream_left_before_its_response_is_read_cuts_the_reply_off(stream
     assert isinstance(reply, AssistantMessage) and reply.content == (TextContent(text="The answer "),)
     assert reply.stop_reason == "aborted" and reply.error_message
     assert loop.messages[-1] == reply
+
+
+async def two_words_then_nothing(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+    yield "partial "
+    yield "text "
+    await asyncio.Event().wait()  # the rest never comes: only the run's end ends the stream
+    yield "never"
+
+
+async def cancelled_while_reading(agent: Agent[None, str]) -> tuple[str, Any]:
+    """What the caller of a `run_stream` read before the task running it was cancelled, and
+    the usage pydantic-ai counted."""
+    read: list[str] = []
+    runs: list[Any] = []
+
+    async def read_text() -> None:
+        async with agent.run_stream("go") as run:
+            runs.append(run)
+            async for delta in run.stream_text(delta=True, debounce_by=None):
+                read.append(delta)
+                if len(read) == 2:
+                    asyncio.current_task().cancel()  # type: ignore[union-attr]
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(read_text())
+    return "".join(read), runs[0].usage
+
+
+async def left_at_the_first_delta(agent: Agent[None, str]) -> tuple[str, Any]:
+    """What the caller of `run_stream_events` saw before leaving at its first text delta,
+    and the usage pydantic-ai counted."""
+    read = ""
+    async with agent.run_stream_events("go") as events:
+        async for event in events:
+            if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+                read += event.part.content
+            elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+                read += event.delta.content_delta
+                break
+    return read, events.usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("cut_off", [cancelled_while_reading, left_at_the_first_delta])
+def test_a_reply_cut_off_by_the_runs_end_keeps_what_came_and_its_usage(cut_off: Any, stream: bool) -> None:
+    # No hook sees such a response: it is the model's stream, as the run ended.
+    recorder = SessionRecorder()
+    agent = Agent(
+        FunctionModel(stream_function=two_words_then_nothing),
+        capabilities=[PhiCapability(recorder, stream=stream)],
+    )
+    read, usage = asyncio.run(cut_off(agent))
+    assert read == "partial text "
+    loop = only_loop(recorder)
+    assert loop.status == "Aborted" and loop.error is not None
+    (turn,) = loop.turns
+    reply = turn.output_message
+    assert isinstance(reply, AssistantMessage) and reply.content == (TextContent(text=read),)
+    assert reply.stop_reason == "aborted" and reply.error_message
+    assert (reply.usage.input, reply.usage.output) == (usage.input_tokens, usage.output_tokens) != (0, 0)
+    assert reply.provider == agent.model.system  # type: ignore[union-attr]
+    assert loop.messages[-1] == reply
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_whose_stream_failed_keeps_what_came_and_its_usage(stream: bool) -> None:
+    async def two_words_then_a_failure(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield "partial "
+        yield "text "
+        raise ConnectionResetError("reset by peer")
+
+    recorder = SessionRecorder()
+    agent = Agent(
+        FunctionModel(stream_function=two_words_then_a_failure),
+        capabilities=[PhiCapability(recorder, stream=stream)],
+    )
+    runs: list[Any] = []
+
+    async def main() -> None:
+        async with agent.run_stream("go") as run:
+            runs.append(run)
+            async for _ in run.stream_text(delta=True, debounce_by=None):
+                pass
+
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(main())
+    (turn,) = only_loop(recorder).turns
+    reply = turn.output_message
+    assert isinstance(reply, AssistantMessage) and reply.content == (TextContent(text="partial text "),)
+    assert (reply.stop_reason, reply.error_message) == ("error", "ConnectionResetError: reset by peer")
+    usage = runs[0].usage
+    assert (reply.usage.input, reply.usage.output) == (usage.input_tokens, usage.output_tokens) != (0, 0)
 
 
 # -- the embedded store, restarts, the extra --------------------------------------------------------------

@@ -2159,13 +2159,27 @@ class MessageScope(_Scope):
             blocks.append(TextContent(text="".join(self._text)))
         return tuple(blocks)
 
-    def end(self, error: BaseException | str | None = None) -> None:
-        """Finish with what streamed; with `error`, as a failed reply."""
+    def end(
+        self,
+        error: BaseException | str | None = None,
+        *,
+        content: Sequence[Content] | None = None,
+        tool_calls: Sequence[ToolCall] | None = (),
+        usage: Usage | None = None,
+    ) -> None:
+        """Finish with what streamed, or what came of the reply (`content`, `tool_calls` and
+        `usage`, as for `finish`); with `error`, as a failed reply."""
         self._require_running()
         if error is None:
-            self.finish()
+            self.finish(content, tool_calls=tool_calls, usage=usage)
         else:
-            self.finish(stop_reason=_stop_reason(error), error_message=_describe(error))
+            self.finish(
+                content,
+                tool_calls=tool_calls,
+                usage=usage,
+                stop_reason=_stop_reason(error),
+                error_message=_describe(error),
+            )
 
 
 class ToolScope(_Scope):

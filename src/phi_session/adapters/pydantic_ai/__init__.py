@@ -27,6 +27,9 @@ first's ``message_history`` continues its loop. The hooks map as follows:
   the stream (with its usage, recorded once) and its tools follow it, as under ``agent.run``.
   A response whose stream stopped before the model finished (a ``run_stream`` left early)
   is a reply cut off: what came, with stop reason ``aborted``; the run's end ends the loop.
+  A run ending while a response streams, before its hook saw it (cancelled, its events
+  left, the stream failed), finishes the reply from the stream too: what came and its
+  usage, failed with the run's error.
 
 With ``PhiCapability(capture_requests=True)``, ``after_model_request`` also records the request
 sent (``TurnRequest``: system prompt and instructions, messages, function and output tools),
@@ -388,6 +391,7 @@ class _Run:
         "reply",
         "run_id",
         "streamed",
+        "streamed_by",
         "turn",
     )
 
@@ -412,6 +416,7 @@ class _Run:
         # The turn's streamed response (`_Streams`), and whether its reply was finished from
         # it when its tools started (`tool`), before `after_model_request` saw it.
         self.streamed: StreamedResponse | None = None
+        self.streamed_by: Model | None = None  # the model serving it
         self.answered = False
 
     def request(self) -> TurnScope:
@@ -419,7 +424,7 @@ class _Run:
         it), the prompt goes in before the first turn (the tools' prompts before the next),
         and the next turn starts."""
         self.tools_done()
-        self.streamed, self.answered = None, False
+        self.streamed, self.streamed_by, self.answered = None, None, False
         self.processed_outputs.clear()
         loop = self.loop
         if self.prompt is not None:
@@ -474,6 +479,22 @@ class _Run:
             stop_reason=stop_reason,
             error_message=_CUT_OFF if stop_reason == "aborted" else None,
         )
+
+    def cut_off(self, error: BaseException) -> None:
+        """The run ended with `error` while the turn's response streamed, before its hook saw
+        it (the run cancelled, `run_stream_events` left, the stream failed): the reply keeps
+        what came and its usage, failed with `error`."""
+        turn, streamed, model = self.turn, self.streamed, self.streamed_by
+        if turn is None or not turn.running or turn.message is not None or streamed is None or model is None:
+            return
+        response = streamed.get()
+        if response.state not in _CUT_OFF_STATES:  # it came whole, just before the run's end
+            self.response(response, model.model_name, model.system)
+            return
+        reply = self.replying(response.model_name or model.model_name, response.provider_name or model.system)
+        self.reply = None
+        blocks, calls = _response_content(response.parts)
+        reply.end(error, content=blocks, tool_calls=calls, usage=_usage(response.usage))
 
     def tool(self, call: pai.ToolCallPart, model: str, provider: str) -> ToolScope | None:
         """The started scope of a tool the turn's reply called (None outside a turn)."""
@@ -562,7 +583,7 @@ class _Streams(WrapperModel):
         ) as streamed:
             run = None if run_context is None else self.core.safely(_open_run, self.core, run_context)
             if run is not None:
-                run.streamed = streamed
+                run.streamed, run.streamed_by = streamed, self
             yield streamed
 
 
@@ -701,6 +722,8 @@ class PhiCapability(AbstractCapability[Any]):
     def _close(self, run: _Run, error: BaseException | None) -> None:
         if error is None:
             self._core.safely(run.tools_done, run.final_returns)
+        else:
+            self._core.safely(run.cut_off, error)
         self._core.safely(self._core.end_run, run.key, error)
 
     def _run(self, ctx: RunContext[Any]) -> _Run | None:
