@@ -8,7 +8,7 @@ import runpy
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from pydantic_ai.messages import (
     TextPartDelta,
     ToolCallPart,
     ToolReturnPart,
+    UserPromptPart,
 )
 from pydantic_ai.models.function import (
     AgentInfo,
@@ -57,6 +58,7 @@ from phi_session.events import (
     DEFAULT,
     INITIAL,
     AgentStart,
+    ContinuationKind,
     MessageEnd,
     MessageUpdate,
     ToolExecutionEnd,
@@ -230,6 +232,86 @@ def test_a_hand_off_to_another_agent_in_the_conversation_continues_its_loop() ->
     one, two = session.loops
     assert two.parent_loop_id == one.loop_id and two.continuation_kind == DEFAULT
     assert (one.config.name, two.config.name) == ("triage", "billing")  # type: ignore[union-attr]
+
+
+def texts_sent(messages: list[ModelMessage]) -> list[str]:
+    """The prompts and answers of a pydantic-ai history, in order."""
+    return [
+        part.content
+        for message in messages
+        for part in message.parts
+        if isinstance(part, (UserPromptPart, TextPart)) and isinstance(part.content, str)
+    ]
+
+
+def texts_recorded(messages: Sequence[Any]) -> list[str]:
+    return [
+        block.text
+        for message in messages
+        if isinstance(message, (UserMessage, AssistantMessage))
+        for block in message.content
+        if isinstance(block, TextContent)
+    ]
+
+
+def test_a_run_going_on_from_an_earlier_runs_end_is_a_branch_of_that_runs_loop() -> None:
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)])
+    one = agent.run_sync("one")
+    two = agent.run_sync("two", message_history=one.all_messages())
+    three = agent.run_sync("three", message_history=two.all_messages())
+    four = agent.run_sync("four", message_history=one.all_messages())  # rewound to the first run
+    five = agent.run_sync("five", message_history=four.all_messages())  # goes on from the last loop
+    six = agent.run_sync("six", message_history=three.all_messages())
+
+    (session,) = sessions_of(recorder)
+    loops = {loop.messages[0].content[0].text: loop for loop in session.loops}  # type: ignore[union-attr]
+    lineage = {
+        prompt: (loops[parent].messages[0].content[0].text if parent else None, loop.continuation_kind)  # type: ignore[union-attr]
+        for prompt, loop in loops.items()
+        for parent in [next((k for k, v in loops.items() if v.loop_id == loop.parent_loop_id), None)]
+    }
+    assert lineage == {
+        "one": (None, INITIAL),
+        "two": ("one", DEFAULT),
+        "three": ("two", DEFAULT),
+        "four": ("one", ContinuationKind.branch(one.run_id)),
+        "five": ("four", DEFAULT),
+        "six": ("three", ContinuationKind.branch(three.run_id)),
+    }
+    assert loops["four"].turns[0].triggered_by == "Branch"
+    for prompt, run in [("four", four), ("five", five), ("six", six)]:
+        # What the model was sent, and answered: the loop's context in the session.
+        assert texts_recorded(session.context_at(loops[prompt].loop_id)) == texts_sent(run.all_messages())
+
+
+def test_a_history_from_runs_recorded_elsewhere_continues_the_conversations_last_loop() -> None:
+    # Its run ids are unknown here (another process, say): the run goes on from the last loop.
+    elsewhere = Agent(TestModel(), capabilities=[PhiCapability(SessionRecorder())]).run_sync("one")
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)])
+    two = agent.run_sync("two", message_history=elsewhere.all_messages())
+    agent.run_sync("three", message_history=elsewhere.all_messages())
+    (session,) = sessions_of(recorder)
+    first, second = session.loops
+    assert (second.parent_loop_id, second.continuation_kind) == (first.loop_id, DEFAULT)
+    assert two.conversation_id == session.session_id
+
+
+def test_a_history_from_another_conversation_continues_the_runs_own_conversation() -> None:
+    # Never a parent in another session: that link is a sub-agent's.
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)])
+    one = agent.run_sync("one")
+    other = agent.run_sync("other")
+    agent.run_sync("two", message_history=one.all_messages(), conversation_id=other.conversation_id)
+    agent.run_sync("three", message_history=one.all_messages(), conversation_id="third")
+    sessions = {session.session_id: session for session in sessions_of(recorder)}
+    assert len(sessions[one.conversation_id].loops) == 1
+    first, second = sessions[other.conversation_id].loops
+    assert (second.parent_loop_id, second.continuation_kind) == (first.loop_id, DEFAULT)
+    (fresh,) = sessions["third"].loops
+    assert (fresh.parent_loop_id, fresh.continuation_kind) == (None, INITIAL)
 
 
 # -- agent as tool -------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
   ``metadata["framework_session_id"]``); without one, the adapter's own
   `AgentSession` (rotated after `rotate_after` seconds of inactivity);
 * **continuation**: a later run in the same session continues its last loop
-  (``Default``), found in memory (the session's tracer, or the compact progress kept
-  of a session let go of: `AdapterCore` ``max_idle_sessions``), else in `store`
+  (``Default``; a run whose history the framework rewound to an earlier loop's end, a
+  ``Branch`` of that loop: `AdapterCore.start_run` ``rewound_to``), found in memory
+  (the session's tracer, or the compact progress kept of a session let go of:
+  `AdapterCore` ``max_idle_sessions``), else in `store`
   (which also seeds the loop counter, so loop ids never repeat across restarts; a later
   run reads only the loops other processes saved since, `AdapterCore._catch_up`);
   `AdapterCore.handoff` ends a loop with stop reason ``handoff`` and starts the next
@@ -74,6 +76,7 @@ from ..errors import (
 )
 from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
+from ..ids import session_id_from_loop_id
 from ..instrument import LoopScope, ToolScope, Tracer
 from ..messages import (
     AnnotatedRequestPayload,
@@ -531,16 +534,23 @@ class AdapterCore:
         """The run `key` this core claimed ended."""
         self._book.unclaim((self.framework, key), self)
 
-    def leave_note(self, framework_session_id: str, note: Any) -> None:
-        """Keep `note` for the next run of `framework_session_id` that a core recording
-        into the same place starts (`take_note`): an interrupted run's state, say."""
+    def leave_note(self, key: str, note: Any) -> None:
+        """Keep `note` under `key` for the later runs that cores recording into the same
+        place start: an interrupted run's state for the next run of its framework session
+        (`take_note`), the loop of a framework run for the runs going on from it
+        (`read_note`), say."""
         self._record_again()  # the book of the run's destination
-        self._book.leave((self.framework, framework_session_id), note)
+        self._book.leave((self.framework, key), note)
 
-    def take_note(self, framework_session_id: str) -> Any:
-        """The note left for `framework_session_id` (then forgotten), if any."""
+    def take_note(self, key: str) -> Any:
+        """The note left under `key` (then forgotten), if any."""
         self._record_again()
-        return self._book.take((self.framework, framework_session_id))
+        return self._book.take((self.framework, key))
+
+    def read_note(self, key: str) -> Any:
+        """The note left under `key`, if any, kept for the runs reading it later."""
+        self._record_again()
+        return self._book.read((self.framework, key))
 
     def start_run(
         self,
@@ -550,6 +560,7 @@ class AdapterCore:
         framework_session_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         kind: ContinuationKind | None = None,
+        rewound_to: str | None = None,
     ) -> AdapterRun:
         """Start the loop of a framework run known by `key` (its run id); returns it.
 
@@ -559,6 +570,10 @@ class AdapterCore:
         session id was derived, ``framework_session_id``. `kind` is how it continues
         the session's last loop (default ``Default``; e.g. ``Branch`` for a run
         resumed from an earlier checkpoint); a first loop is always ``Initial``.
+        `rewound_to`: the loop of the framework session at whose end the run's history
+        ends, when the framework tells: an earlier loop than the session's last (the
+        history rewound), the run continues it instead, as `kind`; the last loop, or
+        none of the session's, the run continues the last loop as ``Default``.
         """
         self._record_again()
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
@@ -590,6 +605,11 @@ class AdapterCore:
                 if self.rotate_after is not None:
                     self.agent.check_and_rotate(self.rotate_after)
             continues = tracer.agent.last_loop_id
+            if rewound_to is not None:
+                if rewound_to != continues and session_id_from_loop_id(rewound_to) == tracer.agent.session_id:
+                    continues = rewound_to
+                else:  # no rewind: the run goes on from where the session is
+                    kind = None
             kind = INITIAL if continues is None else DEFAULT if kind is None else kind
         return self._start_loop(key, tracer, config, continues, kind, meta, inherited, replay)
 

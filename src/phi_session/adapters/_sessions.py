@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["EmbeddedStore", "SessionBook", "book_for_sinks", "embedded_store"]
 
 
-_NOTES_KEPT = 4096  # sessions whose note (`SessionBook.leave`) a book keeps
+_NOTES_KEPT = 4096  # notes (`SessionBook.leave`) a book keeps, the least recently used let go of
 
 
 class SessionBook:
@@ -75,9 +75,9 @@ class SessionBook:
                 del self._claims[run]
 
     def leave(self, key: object, note: Any) -> None:
-        """Keep `note` for the next run of framework session `key`, whichever core records
-        it (an interrupted run's state for the run resuming it: a handler made per call is
-        the common case); the last `_NOTES_KEPT` are kept."""
+        """Keep `note` under `key` for later runs, whichever core records them (an
+        interrupted run's state for the run of framework session `key` resuming it: a
+        handler made per call is the common case); the last `_NOTES_KEPT` are kept."""
         with self._lock:
             notes = self._notes
             notes.pop(key, None)
@@ -89,6 +89,14 @@ class SessionBook:
         """The note left for framework session `key` (then forgotten), if any."""
         with self._lock:
             return self._notes.pop(key, None)
+
+    def read(self, key: object) -> Any:
+        """The note left under `key`, if any, kept (as the most recently used)."""
+        with self._lock:
+            note = self._notes.get(key)
+            if note is not None:
+                self._notes.move_to_end(key)
+            return note
 
     def allow_idle(self, max_idle: int) -> None:
         """Keep at least `max_idle` idle sessions (cores sharing a book may ask for more)."""

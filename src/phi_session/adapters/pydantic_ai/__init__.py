@@ -4,7 +4,8 @@
     agent = Agent(model, capabilities=[PhiCapability()])      # or agent.run(..., capabilities=[...])
 
 One run is one loop; the run's ``conversation_id`` is the session, so a later run with the
-first's ``message_history`` continues its loop. The hooks map as follows:
+first's ``message_history`` continues its loop, and one with the history of a run before the
+session's last loop is a ``Branch`` of that run's loop. The hooks map as follows:
 
 * ``wrap_run`` → the loop (``AgentStart`` ... ``AgentEnd``). It encloses ``before_run``,
   ``after_run`` and ``on_run_error`` and is the one run hook that also sees a run cancelled
@@ -49,6 +50,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ...events import ContinuationKind
 from ...identity import AgentSession, Clock
 from ...instrument import MessageScope, ToolScope, TurnScope
 from ...messages import (
@@ -536,6 +538,12 @@ def _last(messages: Sequence[pai.ModelMessage]) -> pai.ModelMessage | None:
     return messages[-1] if messages else None
 
 
+def _run_ending(history: Sequence[pai.ModelMessage]) -> str | None:
+    """The id of the run whose message the history ends with (messages the caller added
+    after it carry none)."""
+    return next((message.run_id for message in reversed(history) if message.run_id), None)
+
+
 def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
     done = {result.tool_call_id for result in turn.tool_results}
     pending = [call for call in turn.tool_calls if call.id not in done]
@@ -714,9 +722,27 @@ class PhiCapability(AbstractCapability[Any]):
         config = loop_config(
             model.model_name, model.system, agent.name if agent is not None and agent.name else None
         )
+        # The run goes on from the run that ended its history: if that run's loop is an
+        # earlier one than the conversation's last (the history rewound), as a branch of it.
+        # pydantic-ai stamps each message with the run that made it; runs recorded
+        # elsewhere (another process) are unknown here: the run goes on from the last loop.
+        rewound_to: str | None = None
+        branch: ContinuationKind | None = None
+        ended_history = _run_ending(ctx.messages)
+        if ended_history is not None:
+            rewound_to = self._core.read_note(ended_history)
+            branch = ContinuationKind.branch(ended_history)
         # Keyed in the core by an object of its own: run ids are the caller's to give, and
         # two runs may be given the same.
-        recording = self._core.start_run(object(), config, framework_session_id=ctx.conversation_id)
+        recording = self._core.start_run(
+            object(),
+            config,
+            framework_session_id=ctx.conversation_id,
+            kind=branch if rewound_to is not None else None,
+            rewound_to=rewound_to,
+        )
+        if ctx.run_id is not None:
+            self._core.leave_note(ctx.run_id, recording.loop.loop_id)
         return _Run(recording, self._core, ctx.run_id, ctx.prompt)
 
     def _close(self, run: _Run, error: BaseException | None) -> None:
