@@ -454,3 +454,65 @@ def test_a_sink_collected_unclosed_after_the_others_closed_ends_the_stream() -> 
     stats, ended_while_open = asyncio.run(main())
     assert not ended_while_open
     assert stats.saved == 2 and len(memory.sessions["s"].loops) == 3 and len(memory.sessions["t"].loops) == 1
+
+
+def test_a_queue_sink_on_a_queue_whose_stream_ended_is_refused() -> None:
+    # Requests one after another, each a tracer with a QueueSink of its own: request 0's
+    # close() ended the stream; request 1's first events were put ahead of its pending
+    # marker (stored Aborted, 0 turns), request 2's stayed in the queue (2 of 3 sessions
+    # stored), nothing counted or logged. Now a sink made after the marker is refused.
+    async def main() -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        closing = QueueSink(queue)
+        closing.close()  # the marker is on its way
+        with pytest.raises(ps.InvalidArgument, match=r"^QueueSink: the stream of this queue ended"):
+            QueueSink(queue)
+        await asyncio.sleep(0)  # the marker is put: still ended
+        with pytest.raises(ps.InvalidArgument, match="ended when its last QueueSink closed"):
+            QueueSink(queue)
+        assert [queue.get_nowait() for _ in range(queue.qsize())] == [None]
+
+        collected = asyncio.Queue[Any]()
+        kept, dropped = QueueSink(collected), QueueSink(collected)
+        kept.close()  # the other still open: the last to leave owes the marker
+        del dropped
+        gc.collect()
+        await asyncio.sleep(0)  # the collection counted in the loop: the marker on its way
+        with pytest.raises(ps.InvalidArgument, match="ended"):
+            QueueSink(collected)
+        await asyncio.sleep(0)
+        assert [collected.get_nowait() for _ in range(collected.qsize())] == [None]
+
+    asyncio.run(main())
+
+
+def test_per_request_tracers_feed_one_consumer_while_the_app_holds_a_sink_open() -> None:
+    # The server pattern: one long-lived consumer, a tracer per request closed at its end.
+    memory = MemoryStore()
+
+    async def request(queue: asyncio.Queue[Any], n: int) -> None:
+        agent = AgentSession(agent_id="a", clock=FakeClock(), id_factory=lambda: f"r{n}")
+        with Tracer(agent, sinks=[QueueSink(queue)], config=SNAP) as tracer:
+            async with tracer.loop() as loop:
+                loop.user(f"request {n}")
+                async with loop.turn() as turn, turn.assistant() as reply:
+                    await asyncio.sleep(0)
+                    reply.finish(usage=ps.Usage(input=1, output=1))
+
+    async def main() -> ps.ConsumeStats:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stream = QueueSink(queue)  # held open by the app: the stream lasts until it closes
+        task = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=None))
+        for n in range(3):
+            await request(queue, n)
+        await asyncio.sleep(0)
+        assert not task.done()
+        stream.close()  # shutting down
+        return await asyncio.wait_for(task, 5)
+
+    stats = asyncio.run(main())
+    assert stats.saved == 3 and stats.decode_errors == 0 and stats.orphans == []
+    assert sorted(memory.sessions) == ["r0", "r1", "r2"]
+    for session in memory.sessions.values():
+        [loop] = session.loops
+        assert loop.status == "Completed" and loop.turn_count() == 1

@@ -187,7 +187,11 @@ class QueueSink:
     of several sinks sharing one queue (tracers feeding one consumer), only the last
     to close, the others still open having a stream to send. One garbage-collected
     unclosed no longer counts: if it was the last open one and another has closed, the
-    marker is put then. The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
+    marker is put then. Once the marker is on its way the queue's stream has ended: a
+    new sink on it is refused (`InvalidArgument`), as its events would follow the
+    marker, unread. Tracers made and closed one after another (one per request) feed one
+    consumer while a sink the application holds open keeps the stream going; closing it
+    ends the stream. The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
     the agent never waits for the consumer, and no event is dropped.
     """
 
@@ -233,6 +237,12 @@ class QueueSink:
                 self._sharing = _sharing.setdefault(queue, _Sharing())
             except TypeError:  # a queue that cannot be weakly referenced: this sink's alone
                 self._sharing = _Sharing()
+            if self._sharing.ended:
+                raise InvalidArgument(
+                    "QueueSink: the stream of this queue ended when its last QueueSink closed, and "
+                    "its consumer reads no further; give a new consumer a new queue, or hold one "
+                    "QueueSink of the queue open while tracers come and go"
+                )
             self._sharing.open += 1
         # Collected unclosed, the sink leaves its queue's open ones (holding neither it nor
         # its events: each handed-over event holds it alive until put).
@@ -274,7 +284,8 @@ class QueueSink:
 
     def close(self) -> None:
         """Signal the end of the stream to the consumer (after every event already sent),
-        unless another sink on the queue is still open: then the last of them does.
+        unless another sink on the queue is still open: then the last of them does. The
+        queue's stream has then ended: no new sink may join it.
 
         The marker always goes through the loop's callback queue, behind the events
         other threads have handed over but the loop has not queued yet. Raises
@@ -293,18 +304,21 @@ class QueueSink:
 
 class _Sharing:
     """The `QueueSink`s of one queue: how many are open (neither closed nor collected),
-    and whether one closed while others were, owing the end-of-stream marker to the
-    last of them to leave. Read and changed under `_sharing_lock`."""
+    whether one closed while others were, owing the end-of-stream marker to the
+    last of them to leave, and whether the marker was handed over (put or on its way:
+    the stream has ended, no sink may join it). Read and changed under `_sharing_lock`."""
 
     def __init__(self) -> None:
         self.open = 0
         self.owed = False
+        self.ended = False
 
     def leave(self) -> bool:
         """One sink closes: whether it is the last open one, to put the marker."""
         self.open -= 1
         self.owed = self.open > 0
-        return not self.owed
+        self.ended = not self.owed
+        return self.ended
 
     def collected(self, queue: _PutQueue[AgentEvent | None]) -> None:
         """One sink was collected unclosed (run in its loop's thread): the last to leave
@@ -313,6 +327,7 @@ class _Sharing:
             self.open -= 1
             put = not self.open and self.owed
             self.owed = self.owed and not put
+            self.ended = self.ended or put
         if put:
             asyncio.get_running_loop().call_soon(queue.put_nowait, None)
 
