@@ -516,3 +516,48 @@ def test_per_request_tracers_feed_one_consumer_while_the_app_holds_a_sink_open()
     for session in memory.sessions.values():
         [loop] = session.loops
         assert loop.status == "Completed" and loop.turn_count() == 1
+
+
+def test_events_agent_tasks_emit_as_they_are_cancelled_with_the_consumer_are_recorded() -> None:
+    # asyncio.run ending cancels the agent tasks and the consumer together: the consumer
+    # took what was queued as its cancellation arrived, then settled and saved; what the
+    # agent tasks' finally blocks emitted meanwhile (a tool's result, ToolExecutionEnd,
+    # TurnEnd, AgentEnd) was never read (lost in 4 sessions of 10).
+    memory = MemoryStore()
+
+    async def agent(tracer: Tracer, started: asyncio.Event) -> None:
+        async with tracer.loop() as loop:
+            loop.user("run the long tool")
+            async with loop.turn() as turn:
+                async with turn.assistant() as reply:
+                    reply.finish(tool_calls=[ps.ToolCall(id="c", name="t", arguments={})])
+                async with turn.tool(turn.tool_calls[0]) as tool:
+                    try:
+                        started.set()
+                        await asyncio.Event().wait()  # a long tool, until cancelled
+                    finally:
+                        tool.result("partial result written on cancellation")
+
+    async def main() -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tracer, _ = tracer_into(queue)
+        consumer = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=None))
+        agents: list[asyncio.Task[None]] = []
+        started: list[asyncio.Event] = []
+        for n in range(10):
+            started.append(asyncio.Event())
+            twin = tracer.for_agent(AgentSession(agent_id="a", clock=FakeClock(), id_factory=f"s{n}".format))
+            agents.append(asyncio.create_task(agent(twin, started[-1])))
+        for event in started:
+            await event.wait()
+        consumer.cancel()  # delivered first: the agents emit their ends after it
+        for task in agents:
+            task.cancel()
+        await asyncio.gather(consumer, *agents, return_exceptions=True)
+
+    asyncio.run(main())
+    assert sorted(memory.sessions) == [f"s{n}" for n in range(10)]
+    for session in memory.sessions.values():
+        [loop] = session.loops
+        kinds = [type(recorded.event).__name__ for recorded in loop.events]
+        assert "ToolExecutionEnd" in kinds and kinds[-1] == "AgentEnd", (session.session_id, kinds[-3:])

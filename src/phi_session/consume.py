@@ -6,7 +6,8 @@
 `checkpoint_interval` seconds saves the sessions that have no open loop. When the
 stream ends, or the task is cancelled, it flushes the recorder (open loops are
 recorded as ``Aborted``) and saves everything, so a clean shutdown loses nothing:
-on cancellation it first takes every event already in the queue.
+on cancellation it first takes every event in the queue, those put while it settles
+included (agent tasks cancelled with it, as ``asyncio.run`` ends, emit their ends then).
 
 A periodic checkpoint hands a session over once it has no open loop; if the agent
 runs another loop in that session later, it is recorded as a new part of the same
@@ -145,7 +146,7 @@ class _Consumer:
                 self.feed(item)
 
     def take_queued(self, source: Source) -> None:
-        """On cancellation: record whatever the producer already queued."""
+        """Record whatever the producers queued (the stream not ended: on cancellation)."""
         if not isinstance(source, _GetQueue):
             return
         while True:
@@ -157,7 +158,13 @@ class _Consumer:
                 return
             self.feed(item)
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, cancelled_reading: Source | None) -> None:
+        """Flush the recorder and save everything, first taking what is queued in
+        `cancelled_reading`, the source if cancelled while reading it: taken only now,
+        once the consumer has settled, what the tasks cancelled with it emitted meanwhile
+        (their finally blocks ending tools and loops) is recorded too."""
+        if cancelled_reading is not None:
+            self.take_queued(cancelled_reading)
         await self.saver.adrain(self.recorder, flush=True)
         if self.saver.stats().unsaved:  # one more round, then hand them back rather than drop them
             await self.saver.aretry_unsaved()
@@ -201,10 +208,11 @@ async def consume(
     ticker = (
         asyncio.create_task(consumer.tick(checkpoint_interval)) if checkpoint_interval is not None else None
     )
+    cancelled_reading: Source | None = None
     try:
         await consumer.read(source)
     except asyncio.CancelledError:
-        consumer.take_queued(source)
+        cancelled_reading = source
         raise
     finally:
         if ticker is not None:
@@ -212,7 +220,7 @@ async def consume(
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(_settle(ticker))
         # The final save must complete even if we are cancelled again meanwhile.
-        await asyncio.shield(consumer.shutdown())
+        await asyncio.shield(consumer.shutdown(cancelled_reading))
     return consumer.stats
 
 
