@@ -175,6 +175,32 @@ class FlakyStore(JsonDirStore):
         super().save(session)
 
 
+class DownStore(SqliteStore):
+    """A store that is down: every save fails, one at a time or in one transaction."""
+
+    def save(self, session: Session) -> None:
+        raise StoreError("db down")
+
+    def save_many(self, sessions: Sequence[Session]) -> None:
+        raise StoreError("db down")
+
+
+def test_a_store_that_stays_down_is_said_down_once_not_per_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 50 sessions on a store down all along logged 102 lines: an error per session given
+    # up at its checkpoint, another at close's last retry.
+    evs = single_loop_sessions(50)
+    persisting = AutoPersistingRecorder(DownStore(tmp_path / "s.db"), checkpoint_every=1, retry_for=0.05)
+    with caplog.at_level(logging.WARNING, logger="phi_session"):
+        persisting.record_all(evs)
+        with pytest.raises(StoreError, match=r"^50 sessions could not be saved"):
+            persisting.close()
+    loud = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(loud) <= 4, loud  # a retry or two of the first session, the store taken to be down
+    assert sorted(session.session_id for session in persisting.failed_sessions()) == sorted(recorded(evs))
+
+
 def test_transient_save_failures_are_retried(tmp_path: Path) -> None:
     evs = single_loop_sessions(5)
     store = FlakyStore(tmp_path / "store", failures=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -397,6 +398,52 @@ def test_past_its_deadline_a_saver_stops_trying_a_down_store_but_not_a_healthy_o
     assert outcome.unsaved and isinstance(outcome.error, ps.StoreError)
     assert memory.attempts == attempts  # not tried: the store is down
     assert saver.unsaved == [second, third]
+
+
+def test_a_store_down_is_said_once_and_the_sessions_kept_meanwhile_counted_when_it_saves_again(
+    clock: FakeTime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store down logged an error line per session given up (one more at every retry)."""
+    memory = MemoryStore(failing(10**6, ps.StoreError("down")))
+    saver = saver_for(memory, retry_for=1)
+    kept = sessions(10)
+    with caplog.at_level(logging.DEBUG, logger="phi_session.saver"):
+        for session in kept:
+            assert saver.save(session).unsaved
+        assert saver.retry_unsaved() == 10  # still down
+        memory.trouble = None
+        assert saver.retry_unsaved() == 0
+    assert sorted(memory.sessions) == sorted(session.session_id for session in kept)
+    loud = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [record.levelno for record in loud] == [logging.WARNING] * 4 + [logging.ERROR, logging.WARNING]
+    assert loud[-2].getMessage() == (
+        f"saving session {kept[0].session_id} into {memory!r} failed, keeping it unsaved: down; "
+        "the store is taken to be down: the sessions after it get one attempt each, kept unsaved "
+        "(said at debug level) until a save succeeds"
+    )
+    assert loud[-1].getMessage() == f"{memory!r} saves again: 10 sessions were kept unsaved while it was down"
+    quiet = [record for record in caplog.records if record.levelno == logging.DEBUG]
+    assert len(quiet) == 9 + 10  # the others given up, then all ten tried again
+
+
+def test_past_its_deadline_a_saver_says_once_that_it_stops_trying_a_down_store(
+    clock: FakeTime, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory = MemoryStore(failing(10**6, ps.StoreError("down")))
+    saver = saver_for(memory, retry_for=1)
+    saver.stop_trying_after(0)
+    kept = sessions(10)
+    with caplog.at_level(logging.WARNING, logger="phi_session.saver"):
+        for session in kept:
+            assert saver.save(session).unsaved
+    assert memory.attempts == 1 and saver.unsaved == kept
+    assert [record.getMessage() for record in caplog.records] == [
+        f"saving session {kept[0].session_id} into {memory!r} failed, keeping it unsaved: down; "
+        "the store is taken to be down: the sessions after it get one attempt each, kept unsaved "
+        "(said at debug level) until a save succeeds",
+        f"not saving session {kept[1].session_id} nor any after it while {memory!r} is down: the "
+        "time to save is up, keeping them unsaved: down",
+    ]
 
 
 def test_a_session_given_up_gets_one_attempt_when_tried_again_while_others_save(clock: FakeTime) -> None:

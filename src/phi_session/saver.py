@@ -38,7 +38,12 @@ command line use to save sessions, so all of them fail the same way. The policy:
   unsaved is saved merged after them (and takes them out of `unsaved`), so an outage
   never has a continuation stored before the loop it continues.
 * **Every outcome is counted** (`SaveStats`) and logged on ``phi_session.saver``:
-  a retry or a session orphaned as a warning, a session given up as an error.
+  a retry or a session orphaned as a warning, a session given up as an error. A store
+  down is said once, not per session: the session given up that takes it to be down
+  as an error (and, past `stop_trying_after`'s deadline, the first session not tried),
+  those kept after it at debug level, and when a save succeeds again, how many
+  sessions were kept unsaved meanwhile, as a warning (their owners say what is left
+  unsaved at close).
 
 Saving a session twice is harmless: stores merge what they already hold by loop id.
 """
@@ -219,6 +224,8 @@ class SessionSaver:
         self._in_retry: list[deque[Session]] = []  # what `retry_unsaved` takes out, not yet tried
         self._store_down = False  # a session was given up and no save succeeded since
         self._down_error: Exception | None = None  # the error that gave the last session up
+        self._kept_while_down: set[str] = set()  # the ids of the sessions kept since it went down
+        self._untried_said = False  # past the deadline with the store down: said, for all sessions
         self._last_error: Exception | None = None  # the error that kept the last session unsaved
         self._closed_said = False  # the store's `StoreClosed` was logged, and no save succeeded since
         self._no_attempts_after: float | None = None  # `stop_trying_after`'s monotonic instant
@@ -287,9 +294,7 @@ class SessionSaver:
                     "saving %d sessions at once into %r failed: %s", len(sessions), self.store, error
                 )
             else:
-                with self._lock:
-                    self._store_down = self._closed_said = False
-                    self._saved += len(sessions)
+                self._count_saved(len(sessions))
                 return [self._told(session, SaveOutcome(saved=True)) for session in sessions]
         return [self.save(session) for session in sessions]
 
@@ -370,14 +375,21 @@ class SessionSaver:
         _check_session(session)
         if not self._past_deadline_while_down():
             return None
-        error = self._down_error or StoreError(f"{self.store!r} is down")
-        logger.error(
-            "not saving session %s: %r is down and the time to save is up, keeping it unsaved: %s",
+        with self._lock:
+            error = self._down_error or StoreError(f"{self.store!r} is down")
+            first, self._untried_said = not self._untried_said, True
+            self._kept_while_down.add(session.session_id)
+        # Said once for every session left while the store stays down (how many, when it
+        # saves again or by the owner at close): a line per session would bury this one.
+        logger.log(
+            logging.ERROR if first else logging.DEBUG,
+            "not saving session %s nor any after it while %r is down: the time to save is up, "
+            "keeping them unsaved: %s",
             session.session_id,
             self.store,
             error,
         )
-        return self._keep(session, error, store_down=True)
+        return self._keep(session, error)
 
     def _policy(self, session: Session, once: bool) -> _Policy:
         with self._lock:
@@ -391,13 +403,7 @@ class SessionSaver:
             if deadline is not None and stop_at is not None:
                 deadline = min(deadline, stop_at)
             if deadline is None or time.monotonic() + pause > deadline:
-                logger.error(
-                    "saving session %s into %r failed, keeping it unsaved: %s",
-                    session.session_id,
-                    self.store,
-                    error,
-                )
-                return self._keep(session, error, store_down=not once)
+                return self._give_up(session, error, once)
             logger.warning(
                 "saving session %s into %r failed, retrying in %.2f s: %s",
                 session.session_id,
@@ -411,9 +417,7 @@ class SessionSaver:
             last = error or last
             pause = min(pause * 2, _MAX_PAUSE)
         if error is None:
-            with self._lock:
-                self._store_down = self._closed_said = False
-                self._saved += 1
+            self._count_saved(1)
             return SaveOutcome(saved=True, error=last)
         if isinstance(error, (InvalidSessionId, SessionRefused)):
             return self._orphan(session, error)
@@ -427,7 +431,7 @@ class SessionSaver:
             self.store,
             error if isinstance(error, StoredSessionUnusable) else repr(error),
         )
-        return self._keep(session, error, store_down=False)
+        return self._keep(session, error)
 
     def _closed_store(self, session: Session, error: StoreClosed) -> SaveOutcome:
         """Keep `session`: the store is closed. Said once while it stays closed, not per session."""
@@ -440,7 +444,7 @@ class SessionSaver:
                 session.session_id,
                 error,
             )
-        return self._keep(session, error, store_down=False)
+        return self._keep(session, error)
 
     def _orphan(self, session: Session, error: InvalidSessionId | SessionRefused) -> SaveOutcome:
         if self._orphans is None:
@@ -449,7 +453,7 @@ class SessionSaver:
                 session.session_id,
                 error,
             )
-            return self._keep(session, error, store_down=False)
+            return self._keep(session, error)
         try:
             self._orphans([item.event for item in session.iter_events()])
         except (OSError, StoreError) as sink_error:
@@ -459,7 +463,7 @@ class SessionSaver:
                 error,
                 sink_error,
             )
-            return self._keep(session, error, store_down=False)
+            return self._keep(session, error)
         logger.warning(  # nothing lost, as a recorder's orphan events
             "session %r cannot be stored (%s); its events are kept as orphans", session.session_id, error
         )
@@ -467,13 +471,57 @@ class SessionSaver:
             self._orphaned += 1
         return SaveOutcome(saved=False, orphaned=True, error=error)
 
-    def _keep(self, session: Session, error: Exception, *, store_down: bool) -> SaveOutcome:
+    def _give_up(self, session: Session, error: Exception, once: bool) -> SaveOutcome:
+        """Keep `session`, whose transient `error` outlasted its retries (its one attempt, if
+        `once` or the store is down). The store is then taken to be down, unless `once` (one
+        session failing again says nothing of the others). Said once while it stays down:
+        the sessions kept after the first at debug level, counted for when it saves again."""
+        with self._lock:
+            said = self._store_down
+            if not once:
+                self._store_down = True
+                self._down_error = error
+            if self._store_down:
+                self._kept_while_down.add(session.session_id)
+        if said:
+            logger.debug(
+                "saving session %s into %r failed, keeping it unsaved (the store is down): %s",
+                session.session_id,
+                self.store,
+                error,
+            )
+        else:
+            logger.error(
+                "saving session %s into %r failed, keeping it unsaved: %s%s",
+                session.session_id,
+                self.store,
+                error,
+                ""
+                if once
+                else "; the store is taken to be down: the sessions after it get one attempt each, "
+                "kept unsaved (said at debug level) until a save succeeds",
+            )
+        return self._keep(session, error)
+
+    def _count_saved(self, count: int) -> None:
+        """`count` sessions were saved: the store is up, said if it was down, with how many
+        sessions were kept unsaved meanwhile."""
+        with self._lock:
+            self._saved += count
+            kept, self._kept_while_down = len(self._kept_while_down), set()
+            self._store_down = self._untried_said = self._closed_said = False
+        if kept:
+            logger.warning(
+                "%r saves again: %d %s kept unsaved while it was down",
+                self.store,
+                kept,
+                "session was" if kept == 1 else "sessions were",
+            )
+
+    def _keep(self, session: Session, error: Exception) -> SaveOutcome:
         with self._lock:
             self._unsaved.append(session)
             self._last_error = error
-            self._store_down = self._store_down or store_down
-            if store_down:
-                self._down_error = error
         return SaveOutcome(saved=False, error=error)
 
     # -- a recorder's completed sessions ---------------------------------------------------
