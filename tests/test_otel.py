@@ -2233,3 +2233,64 @@ def test_messages_on_the_per_message_events_are_a_stated_loss() -> None:
         "gen_ai.user.message" in loss
         for loss in LOSSES["other producers (GenAI conventions, pydantic-ai, OpenInference)"]
     )
+
+
+@pytest.mark.parametrize("root", ["agent", "http"])
+def test_a_conversation_named_only_on_its_model_calls_is_one_session(root: str) -> None:
+    # The conventions ask for gen_ai.conversation.id on the model call's span; the agent span
+    # (or a web server's root standing in for the loop) often lacks it: each trace was a
+    # session of its own, one conversation of two requests two sessions.
+    second = 10**9
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    for trace in (1, 2):
+        at = trace * 100 * second
+        if root == "agent":
+            loop = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.AGENT_NAME: "bot"}
+            top = _span(trace * 16, None, "invoke_agent bot", at, at + 5 * second, trace_id=trace, **loop)
+        else:
+            top = _span(trace * 16, None, "POST /chat", at, at + 5 * second, trace_id=trace)
+        chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.CONVERSATION_ID: "conv-A"}
+        ingestor.add(
+            [
+                _span(
+                    trace * 16 + 1, trace * 16, "chat m", at + second, at + 2 * second, trace_id=trace, **chat
+                ),
+                top,
+            ]
+        )
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert session.session_id == "conv-A"
+    assert [(loop.kind.kind, loop.parent_loop_id) for loop in session.loops] == [
+        ("Initial", None),
+        ("Default", session.loops[0].loop_id),
+    ]
+
+
+def test_a_loop_takes_its_session_from_its_own_first_span_naming_one() -> None:
+    # Not from a sub-agent's spans (its loop's own), and among its own in start order, then by
+    # span id: whatever order they arrive in.
+    second = 10**9
+    agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT}
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m"}
+    spans = [
+        _span(1, None, "invoke_agent a", 0, 100 * second, **agent),
+        _span(
+            2, 1, "execute_tool ask", 1 * second, 50 * second, **{attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL}
+        ),
+        _span(3, 2, "invoke_agent helper", 2 * second, 40 * second, **agent),
+        _span(4, 3, "chat m", 3 * second, 4 * second, **chat, **{attr.CONVERSATION_ID: "helper-conv"}),
+        _span(7, 1, "chat m", 60 * second, 61 * second, **chat, **{attr.OPENINFERENCE_SESSION_ID: "later"}),
+        _span(6, 1, "chat m", 55 * second, 56 * second, **chat, **{attr.CONVERSATION_ID: "tied-second"}),
+        _span(5, 1, "chat m", 55 * second, 57 * second, **chat, **{attr.CONVERSATION_ID: "tied-first"}),
+    ]
+    for order in (spans, spans[::-1]):
+        recorder = SessionRecorder()
+        SpanIngestor(recorder).add(order)
+        recorder.flush()
+        sessions = {session.session_id: session for session in recorder.drain_completed()}
+        assert sorted(sessions) == ["helper-conv", "tied-first"]
+        [helper] = sessions["helper-conv"].loops
+        [caller] = sessions["tied-first"].loops
+        assert helper.parent_loop_id == caller.loop_id

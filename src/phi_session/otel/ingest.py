@@ -15,7 +15,10 @@ replayed with its recorded spans, its loops sent again whole.
   ``metadata["otel"]["synthesized"]``.
 
 Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInference's
-``session.id``, else one session per trace (for a part served under a remote parent, one
+``session.id``, read from the loop's span, else from the first of the loop's own spans
+(under it, not under another loop's span; by start time, then span id) that has one (the
+conventions put the conversation id on model calls too, and a web server's root standing
+in for a loop has none), else one session per trace (for a part served under a remote parent, one
 per served root span, so that it is named alike whether its caller's spans come first,
 with it, later or never). A conversation id no store takes as a session
 id (or holding a ``.``) becomes its UUIDv5, as a framework's session id does in the
@@ -1077,6 +1080,13 @@ class _Loop:
         self.conversation_id: str | None = None  # the producer's, when no store takes it as a session id
 
 
+_SESSION_NAMES = (attr.PHI_SESSION_ID, attr.CONVERSATION_ID, attr.OPENINFERENCE_SESSION_ID)
+
+
+def _names_session(span: SpanData) -> bool:
+    return any(_text(span.attributes.get(name)) is not None for name in _SESSION_NAMES)
+
+
 def _parent(span: SpanData) -> int | None:
     return span.parent_id if span.remote_parent_id is None else span.remote_parent_id
 
@@ -1101,6 +1111,7 @@ class _Rebuild:
         self.by_id = {span.span_id: span for span in spans}
         self.loops: dict[int, _Loop] = {}  # agent span id -> loop
         self.child_loops: dict[int, str] = {}  # tool span id -> the loop it spawned
+        self.named_by: dict[int, SpanData] = {}  # loop span id -> the span naming its session
 
     def run(self) -> None:
         agents = [span for span in self.spans if _role(span) == "agent"]
@@ -1109,6 +1120,7 @@ class _Rebuild:
                 return  # no GenAI span in this trace: nothing to record
             root = next((s for s in self.spans if s.parent_id not in self.by_id), self.spans[0])
             agents = [root]
+        self.named_by = self._spans_naming_sessions(agents)
         for agent in agents:
             self._open_loop(agent)
         for span in self.spans:
@@ -1155,8 +1167,25 @@ class _Rebuild:
                 return self.loops[ancestor.span_id]
         return next(iter(self.loops.values()), None)  # a stray span joins the trace's first loop
 
+    def _spans_naming_sessions(self, loop_spans: list[SpanData]) -> dict[int, SpanData]:
+        """Each loop's span id -> the span its session is named by: the loop's span if it names
+        one, else the first of the loop's own spans (under it, not under another loop's) that
+        does, by start time, then span id. The conventions ask for ``gen_ai.conversation.id``
+        on model calls too, and OpenInference sets ``session.id`` on the spans made within
+        ``using_session``: a loop span lacking it (a web server's root standing in) would make
+        one conversation a session per trace."""
+        ids = {span.span_id for span in loop_spans}
+        named = {span.span_id: span for span in loop_spans if _names_session(span)}
+        candidates = (span for span in self.spans if span.span_id not in ids and _names_session(span))
+        for span in sorted(candidates, key=lambda span: (span.start, span.span_id)):
+            owner = next((a.span_id for a in self._ancestors(span) if a.span_id in ids), None)
+            if owner is not None:
+                named.setdefault(owner, span)
+        return named
+
     def _open_loop(self, agent: SpanData) -> None:
         attributes = agent.attributes
+        named = self.named_by.get(agent.span_id, agent).attributes
         parent: _Loop | None = None
         tool: SpanData | None = None
         served = agent if agent.remote_parent_id is not None else None  # the root of a called service
@@ -1168,12 +1197,10 @@ class _Rebuild:
                 tool = ancestor
             if served is None and ancestor.remote_parent_id is not None:
                 served = ancestor
-        session_id = _text(attributes.get(attr.PHI_SESSION_ID))
+        session_id = _text(named.get(attr.PHI_SESSION_ID))
         renamed = None  # a producer's conversation id no store takes, as the adapters a framework's
         if session_id is None:
-            given = _text(attributes.get(attr.CONVERSATION_ID)) or _text(
-                attributes.get(attr.OPENINFERENCE_SESSION_ID)
-            )
+            given = _text(named.get(attr.CONVERSATION_ID)) or _text(named.get(attr.OPENINFERENCE_SESSION_ID))
             session_id = session_id_for(given) if given is not None else None
             renamed = given if session_id != given else None
         if served is not None and (
