@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -119,7 +120,12 @@ def _protobuf(spans: list) -> bytes:
 
 
 def _otlp_json(spans: list) -> dict:
-    document = MessageToDict(encode_spans(spans))
+    return _otlp_json_of(encode_spans(spans))
+
+
+def _otlp_json_of(request: object) -> dict:
+    """The OTLP/HTTP JSON of an ExportTraceServiceRequest."""
+    document = MessageToDict(request)  # type: ignore[arg-type]
     for resource in document["resourceSpans"]:  # OTLP/HTTP JSON spells ids in hex, not base64
         for scope in resource["scopeSpans"]:
             for span in scope["spans"]:
@@ -1240,3 +1246,45 @@ def test_counts_past_u64_from_any_producer_are_absent_not_the_payload_lost(recei
     assert (loop.status, loop.ended_at, len(loop.turns)) == ("Completed", session.loops[0].ended_at, 2)
     assert [(turn.usage.input, turn.usage.output) for turn in loop.turns] == [(0, 0), (0, 0)]
     assert not any(type(stored.event) is PrunApplied for stored in loop.events)  # unreadable
+
+
+def test_an_attribute_nested_too_deep_is_kept_as_its_text_not_the_payload_refused(tmp_path: Path) -> None:
+    # One such span (valid OTLP, which protobuf reads) made the whole payload 400, final for
+    # an exporter: the other nine spans of the batch were lost.
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add()
+    for trace in range(1, 11):
+        span = spans.spans.add(trace_id=trace.to_bytes(16, "big"), span_id=b"\0" * 7 + b"\1", name="chat m")
+        span.attributes.add(key=attr.OPERATION_NAME).value.string_value = attr.OP_CHAT
+        span.attributes.add(key=attr.CONVERSATION_ID).value.string_value = f"conv{trace}"
+        if trace == 10:
+            value = span.attributes.add(key="app.nested").value
+            for _ in range(40):
+                value = value.array_value.values.add()
+            value.string_value = "leaf"
+    body = request.SerializeToString()
+    document = _otlp_json_of(request)
+    for read in (spans_from_otlp_proto(body)[0], spans_from_otlp_json(json.dumps(document).encode())[0]):
+        kept = read[-1].attributes["app.nested"]
+        for _ in range(33):  # the levels read as values
+            (kept,) = kept
+        assert msgspec.json.decode(kept) == _any_value_nested(7, "leaf")  # the rest as its OTLP JSON
+    made = Receiver(tmp_path)
+    for sent, content_type in (
+        (body, "application/x-protobuf"),
+        (json.dumps(document).encode(), "application/json"),
+    ):
+        response = made.post(sent, content_type)
+        assert response.status == 200
+    partial = json.loads(response.read_body)["partialSuccess"]  # type: ignore[attr-defined]
+    assert partial["rejectedSpans"] == "0" and "nested deeper than 32 levels" in partial["errorMessage"]
+    assert sorted(session.session_id for session in made.close()) == sorted(f"conv{t}" for t in range(1, 11))
+
+
+def _any_value_nested(levels: int, leaf: str) -> dict:
+    value: dict = {"stringValue": leaf}
+    for _ in range(levels):
+        value = {"arrayValue": {"values": [value]}}
+    return value

@@ -130,7 +130,7 @@ _encode = msgspec.json.Encoder().encode
 
 def clip_depth(tree: Any, encoded: bytes) -> bool:
     """Replace, in `tree` (JSON data of the caller's own; `encoded`, its JSON), each
-    container nested deeper than `MAX_VALUE_DEPTH` by its JSON text (`_text`); whether it
+    container nested deeper than `MAX_VALUE_DEPTH` by its JSON text (`json_text`); whether it
     held one."""
     if encoded.count(b"[") + encoded.count(b"{") <= MAX_VALUE_DEPTH:
         return False  # a bound at C speed (brackets inside strings count too)
@@ -146,20 +146,20 @@ def clipped(value: Any) -> Any:
     hundred levels down, is written as more containers than there are atoms."""
     enclosing: set[int] = set()  # the ids of the containers being copied
     copied_once: set[int] = set()
-    texts: dict[int, str] = {}  # `_text` of the containers under the limit, by id
+    texts: dict[int, str] = {}  # `json_text` of the containers under the limit, by id
     repeats = 0
     cut = False
 
     def copied(node: Any, level: int) -> Any:
         """`node`, standing at `level`, its containers down to `MAX_VALUE_DEPTH` copied and
-        those under them replaced by their JSON text (`_text`)."""
+        those under them replaced by their JSON text (`json_text`)."""
         nonlocal cut, repeats
         if not isinstance(node, (dict, list, tuple)):
             return node
         if level > MAX_VALUE_DEPTH:
             cut = True
             if id(node) not in texts:
-                texts[id(node)] = _text(node)
+                texts[id(node)] = json_text(node)
             return texts[id(node)]
         if id(node) in copied_once:
             repeats += 1
@@ -197,14 +197,14 @@ def _clip(node: Any, level: int) -> bool:
         if not isinstance(item, (dict, list, tuple)):
             continue
         if level == MAX_VALUE_DEPTH:
-            node[key] = _text(item)
+            node[key] = json_text(item)
             clipped = True
         elif _clip(item, level + 1):
             clipped = True
     return clipped
 
 
-def _text(node: Any) -> str:
+def json_text(node: Any) -> str:
     """`node`'s JSON text, or a stand-in where the encoder cannot write it (nested too deep
     for its recursion limit, holding itself, holding what is no JSON)."""
     try:

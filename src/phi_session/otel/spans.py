@@ -6,7 +6,12 @@ endpoint reports as an OTLP partial success. Invalid UTF-8 in a protobuf string 
 protobuf refuses, the Collector's decoder does not), or a lone surrogate escaped in a JSON
 string (JavaScript's ``JSON.stringify`` writes one for text cut inside an emoji), is
 replaced with U+FFFD in that string only, and counted: the endpoint says so in a partial
-success with no span rejected (the OTLP spec's warning form).
+success with no span rejected (the OTLP spec's warning form). So is an attribute value
+nested deeper than `_MAX_DEPTH` levels (valid OTLP: protobuf reads some 45): below that
+level it is kept as its OTLP JSON text (as `clip_depth` keeps what is nested too deep in a
+session), bounded by the payload's size, rather than refusing the payload (a 400 is final
+for an exporter: the batch's other spans were lost) or the span (its loop lost for a value
+ingest never reads: it reads text and flat arrays only).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from .._strict import json_text
 from ..errors import OtlpDecodeError, OtlpRefused
 
 __all__ = [
@@ -101,21 +107,30 @@ def spans_from_sdk(span: Any) -> SpanData | None:
 # -- OTLP protobuf ----------------------------------------------------------------------------------
 
 
-def _proto_value(value: Any, depth: int = 0) -> Any:
+def _too_deep(value: Any, clipped: list[int]) -> str:
+    """An AnyValue nested past `_MAX_DEPTH` (in the JSON mapping's shape): its JSON text,
+    counted in `clipped`."""
+    clipped[0] += 1
+    return json_text(value)
+
+
+def _proto_value(value: Any, clipped: list[int], depth: int = 0) -> Any:
     if depth > _MAX_DEPTH:
-        raise OtlpDecodeError("attribute value nested too deep")
+        from google.protobuf.json_format import MessageToDict  # type: ignore[import-untyped,unused-ignore]
+
+        return _too_deep(MessageToDict(value), clipped)
     which = value.WhichOneof("value")
     if which is None:
         return None
     if which == "array_value":
-        return tuple(_proto_value(v, depth + 1) for v in value.array_value.values)
+        return tuple(_proto_value(v, clipped, depth + 1) for v in value.array_value.values)
     if which == "kvlist_value":
-        return {kv.key: _proto_value(kv.value, depth + 1) for kv in value.kvlist_value.values}
+        return {kv.key: _proto_value(kv.value, clipped, depth + 1) for kv in value.kvlist_value.values}
     return getattr(value, which)
 
 
-def _proto_attributes(pairs: Any) -> dict[str, Any]:
-    return {kv.key: _proto_value(kv.value) for kv in pairs}
+def _proto_attributes(pairs: Any, clipped: list[int]) -> dict[str, Any]:
+    return {kv.key: _proto_value(kv.value, clipped) for kv in pairs}
 
 
 @functools.cache
@@ -214,9 +229,9 @@ def _spans_from_proto(payload: bytes, max_spans: int | None) -> OtlpSpans:
     request, altered = _parse_request(payload)
     _check_count(sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans), max_spans)
     out: list[SpanData] = []
-    skipped = 0
+    skipped, clipped = 0, [0]
     for resource_spans in request.resource_spans:
-        resource = _proto_attributes(resource_spans.resource.attributes)
+        resource = _proto_attributes(resource_spans.resource.attributes, clipped)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 ids = _proto_ids(span)
@@ -234,9 +249,9 @@ def _spans_from_proto(payload: bytes, max_spans: int | None) -> OtlpSpans:
                         kind=_KINDS.get(span.kind, "UNSPECIFIED"),
                         start=span.start_time_unix_nano,
                         end=max(span.end_time_unix_nano, span.start_time_unix_nano),
-                        attributes=_proto_attributes(span.attributes),
+                        attributes=_proto_attributes(span.attributes, clipped),
                         events=[
-                            SpanEvent(e.name, e.time_unix_nano, _proto_attributes(e.attributes))
+                            SpanEvent(e.name, e.time_unix_nano, _proto_attributes(e.attributes, clipped))
                             for e in span.events
                         ],
                         error=span.status.code == 2,
@@ -244,7 +259,7 @@ def _spans_from_proto(payload: bytes, max_spans: int | None) -> OtlpSpans:
                         resource=resource,
                     )
                 )
-    return OtlpSpans(out, skipped, altered)
+    return OtlpSpans(out, skipped, altered, clipped[0])
 
 
 def _proto_ids(span: Any) -> tuple[int, int, int | None] | None:
@@ -260,9 +275,9 @@ def _proto_ids(span: Any) -> tuple[int, int, int | None] | None:
 # -- OTLP JSON (the protobuf JSON mapping, ids in hex as OTLP/HTTP JSON requires) ------------------
 
 
-def _json_value(value: Any, depth: int = 0) -> Any:
+def _json_value(value: Any, clipped: list[int], depth: int = 0) -> Any:
     if depth > _MAX_DEPTH:
-        raise OtlpDecodeError("attribute value nested too deep")
+        return _too_deep(value, clipped)
     if not isinstance(value, dict) or len(value) > 1:
         raise OtlpDecodeError("an AnyValue must be an object with at most one member")
     for key, inner in value.items():
@@ -279,19 +294,20 @@ def _json_value(value: Any, depth: int = 0) -> Any:
         if key == "bytesValue" and isinstance(inner, str):
             return _bytes(inner)
         if key == "arrayValue" and isinstance(inner, dict):
-            return tuple(_json_value(v, depth + 1) for v in _list(_member(inner, "values", []), "values"))
+            values = _list(_member(inner, "values", []), "values")
+            return tuple(_json_value(v, clipped, depth + 1) for v in values)
         if key == "kvlistValue" and isinstance(inner, dict):
-            return _json_attributes(_member(inner, "values", []), depth + 1)
+            return _json_attributes(_member(inner, "values", []), clipped, depth + 1)
         raise OtlpDecodeError(f"unsupported AnyValue member {key!r}")
     return None
 
 
-def _json_attributes(pairs: Any, depth: int = 0) -> dict[str, Any]:
+def _json_attributes(pairs: Any, clipped: list[int], depth: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in _list(pairs, "attributes"):
         if not isinstance(pair, dict) or not isinstance(pair.get("key"), str):
             raise OtlpDecodeError("an attribute must be an object with a string key")
-        out[pair["key"]] = _json_value(_member(pair, "value", {}), depth)
+        out[pair["key"]] = _json_value(_member(pair, "value", {}), clipped, depth)
     return out
 
 
@@ -342,7 +358,7 @@ def _hex_id(value: Any, size: int) -> int | None:
     return int(value, 16) or None
 
 
-def _iter_json_spans(document: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+def _iter_json_spans(document: Any, clipped: list[int]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     if not isinstance(document, dict):
         raise OtlpDecodeError("an OTLP JSON payload is an object with resourceSpans")
     for resource_spans in _list(_member(document, "resourceSpans", []), "resourceSpans"):
@@ -350,7 +366,7 @@ def _iter_json_spans(document: Any) -> Iterator[tuple[dict[str, Any], dict[str, 
             raise OtlpDecodeError("resourceSpans: expected objects")
         resource = _member(resource_spans, "resource", {})
         attributes = _json_attributes(
-            _member(resource, "attributes", []) if isinstance(resource, dict) else []
+            _member(resource, "attributes", []) if isinstance(resource, dict) else [], clipped
         )
         for scope_spans in _list(_member(resource_spans, "scopeSpans", []), "scopeSpans"):
             if not isinstance(scope_spans, dict):
@@ -404,10 +420,10 @@ def _json_document(payload: bytes) -> tuple[Any, int]:
 
 def _spans_from_json(payload: bytes, max_spans: int | None) -> OtlpSpans:
     document, repaired = _json_document(payload)
-    _check_count(sum(1 for _ in _iter_json_spans(document)), max_spans)
+    _check_count(sum(1 for _ in _iter_json_spans(document, [0])), max_spans)
     out: list[SpanData] = []
-    skipped = 0
-    for span, resource in _iter_json_spans(document):
+    skipped, clipped = 0, [0]
+    for span, resource in _iter_json_spans(document, clipped):
         trace_id, span_id = _hex_id(span.get("traceId"), 16), _hex_id(span.get("spanId"), 8)
         parent_text = span.get("parentSpanId") or ""
         parent = _hex_id(parent_text, 8) if parent_text else None
@@ -432,12 +448,12 @@ def _spans_from_json(payload: bytes, max_spans: int | None) -> OtlpSpans:
                 else str(kind).removeprefix("SPAN_KIND_"),
                 start=start,
                 end=max(start, _int(_member(span, "endTimeUnixNano", start), "endTimeUnixNano")),
-                attributes=_json_attributes(_member(span, "attributes", [])),
+                attributes=_json_attributes(_member(span, "attributes", []), clipped),
                 events=[
                     SpanEvent(
                         str(_member(e, "name", "")),
                         _int(_member(e, "timeUnixNano", 0), "timeUnixNano"),
-                        _json_attributes(_member(e, "attributes", [])),
+                        _json_attributes(_member(e, "attributes", []), clipped),
                     )
                     for e in _list(_member(span, "events", []), "events")
                     if isinstance(e, dict)
@@ -447,16 +463,18 @@ def _spans_from_json(payload: bytes, max_spans: int | None) -> OtlpSpans:
                 resource=resource,
             )
         )
-    return OtlpSpans(out, skipped, repaired)
+    return OtlpSpans(out, skipped, repaired, clipped[0])
 
 
 class OtlpSpans(NamedTuple):
-    """What an OTLP trace payload holds: its spans, how many were `skipped` (unusable ids)
-    and how many strings were `repaired` (invalid text replaced with U+FFFD)."""
+    """What an OTLP trace payload holds: its spans, how many were `skipped` (unusable ids),
+    how many strings were `repaired` (invalid text replaced with U+FFFD) and how many
+    attribute values were `clipped` (nested too deep: kept as text below `_MAX_DEPTH`)."""
 
     spans: list[SpanData]
     skipped: int
     repaired: int = 0
+    clipped: int = 0
 
     @property
     def message(self) -> str:
@@ -468,6 +486,11 @@ class OtlpSpans(NamedTuple):
             said.append(
                 f"{self.repaired} strings with invalid UTF-8 or lone surrogates,"
                 " recorded with U+FFFD in its place"
+            )
+        if self.clipped:
+            said.append(
+                f"{self.clipped} attribute values nested deeper than {_MAX_DEPTH} levels,"
+                " kept with what is deeper as its OTLP JSON text"
             )
         return "; ".join(said)
 
