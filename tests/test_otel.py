@@ -671,6 +671,7 @@ def test_the_exports_and_the_ingest_check_their_arguments() -> None:
         (lambda: session_spans(session, first_ordinals={"L": "a"}), "first_ordinals\\['L'\\] must be int"),
         (lambda: session_spans(session, first_ordinals={1: 0}), "first_ordinals keys must be str"),
         (lambda: SpanIngestor(print, max_buffered_spans=1.5), "max_buffered_spans must be int"),
+        (lambda: SpanIngestor(print, max_buffered_bytes="1"), "max_buffered_bytes must be int"),
         (lambda: SpanIngestor(print, trace_timeout="1"), "trace_timeout must be a number of seconds"),
         (lambda: SpanIngestor(print, clock=1), "clock must be callable"),
         (lambda: ingest_otlp(b"{}", None, SpanIngestor(print)), "content_type must be str"),
@@ -691,6 +692,7 @@ def test_the_exports_and_the_ingest_check_their_arguments() -> None:
             "trace_timeout must be a number of seconds > 0",
         ),
         (lambda: SpanIngestor(print, max_buffered_spans=0), "max_buffered_spans must be at least 1"),
+        (lambda: SpanIngestor(print, max_buffered_bytes=0), "max_buffered_bytes must be at least 1"),
     ]
     for call, message in bad:
         with pytest.raises(InvalidArgument, match=message):
@@ -2294,3 +2296,22 @@ def test_a_loop_takes_its_session_from_its_own_first_span_naming_one() -> None:
         [helper] = sessions["helper-conv"].loops
         [caller] = sessions["tied-first"].loops
         assert helper.parent_loop_id == caller.loop_id
+
+
+def test_spans_waiting_for_their_roots_are_bounded_in_bytes_too() -> None:
+    # Only their count was: 30 model calls of 12 MiB each, waiting, took 370 MB. Past the
+    # bytes allowed, the oldest traces are recorded early, as past the count: none is dropped.
+    mib = 2**20
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder, max_buffered_bytes=3 * mib)
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.INPUT_MESSAGES: "x" * mib}
+    for trace in (1, 2):
+        ingestor.add([_span(0x10, 1, "chat m", 0, 10, trace_id=trace, **chat)])
+    assert (ingestor.buffered_spans, ingestor.counters["traces"]) == (2, 0)
+    assert 2 * mib < ingestor.buffered_bytes < 3 * mib
+    ingestor.add([_span(0x10, 1, "chat m", 0, 10, trace_id=3, **chat)])  # over: the oldest is recorded
+    assert (ingestor.buffered_spans, ingestor.counters["incomplete_traces"]) == (2, 1)
+    ingestor.flush()
+    assert (ingestor.buffered_spans, ingestor.buffered_bytes) == (0, 0)
+    recorder.flush()
+    assert len(recorder.drain_completed()) == 3

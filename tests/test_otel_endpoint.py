@@ -1288,3 +1288,39 @@ def _any_value_nested(levels: int, leaf: str) -> dict:
     for _ in range(levels):
         value = {"arrayValue": {"values": [value]}}
     return value
+
+
+def test_spans_waiting_past_the_bytes_allowed_are_429_and_a_payload_that_never_fits_413(
+    tmp_path: Path,
+) -> None:
+    # 30 payloads of one 12 MiB model call each, waiting for their roots, were all taken (RSS
+    # 47 -> 419 MB): only their count was bounded, at 200 000 spans.
+    mib = 2**20
+
+    def chat(trace: int, size: int) -> dict:
+        attributes = {attr.OPERATION_NAME: attr.OP_CHAT, attr.INPUT_MESSAGES: "x" * size}
+        return {
+            "traceId": f"{trace:032x}",
+            "spanId": f"{0x10:016x}",
+            "parentSpanId": f"{1:016x}",
+            "name": "chat m",
+            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attributes.items()],
+        }
+
+    def post(*spans: dict) -> http.client.HTTPResponse:
+        document = {"resourceSpans": [{"scopeSpans": [{"spans": list(spans)}]}]}
+        return made.post(json.dumps(document).encode(), "application/json")
+
+    made = Receiver(tmp_path, max_buffered_bytes=3 * mib)
+    try:
+        assert post(chat(1, mib)).status == post(chat(2, mib)).status == 200
+        refused = post(chat(3, mib))
+        assert refused.status == 429 and refused.getheader("Retry-After") == "1"
+        assert "bytes" in json.loads(refused.read_body)["message"]  # type: ignore[attr-defined]
+        root = {"traceId": f"{1:032x}", "spanId": f"{1:016x}", "name": "invoke_agent a"}
+        assert post(root, chat(3, mib)).status == 200  # the root frees its trace's spans
+        never = post(chat(4, 4 * mib))
+        assert never.status == 413 and never.getheader("Retry-After") is None
+        assert made.endpoint.ingestor.buffered_spans == 2
+    finally:
+        made.close()

@@ -11,9 +11,10 @@ Answers follow the OTLP/HTTP specification: 200 with a partial success naming th
 rejected (invalid ids), 400 for an unreadable payload (or Content-Length values that
 differ; a chunked body that has one too is read, and its connection closed), 413 for a
 body over the limit (compressed or not: a gzip bomb stops at the limit) or more spans
-than may ever wait, 415 for another content type, 429 (too many spans waiting for their
-roots, counted after the payload's roots free theirs) and 503 (the store is behind, or
-too many payloads are being read at once) with ``Retry-After``, 403 for a ``Host`` naming
+(or bytes of spans) than may ever wait, 415 for another content type, 429 (too many
+spans, or bytes of spans, waiting for their roots, counted after the payload's roots free
+theirs) and 503 (the store is behind, or too many payloads are being read at once) with
+``Retry-After``, 403 for a ``Host`` naming
 neither loopback nor the host listened on while bound to loopback (as the viewer).
 """
 
@@ -41,7 +42,7 @@ from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
 from ..web.server import CHUNKED, HostGuard, HttpError, body_length
-from .ingest import IngestResult, SpanIngestor
+from .ingest import DEFAULT_MAX_BUFFERED_BYTES, IngestResult, SpanIngestor, span_bytes
 from .spans import MEDIA_JSON, MEDIA_PROTOBUF, MEDIA_PROTOBUFS, SpanData, read_otlp
 
 __all__ = ["Backpressure", "OtlpEndpoint", "OtlpServer", "make_otlp_server"]
@@ -137,8 +138,10 @@ class OtlpEndpoint:
     `state_dir` holds the journal and the spool. `config` is the recorder's; by default
     it keeps streaming deltas, which only phi-session's own export (with content)
     carries. At most `max_decoding` payloads are read at once (each takes about 100 times
-    its bytes in memory); another waits a second, then is answered 503. Call `close` to
-    record what waits and save everything.
+    its bytes in memory); another waits a second, then is answered 503. Spans waiting for
+    their traces' roots are bounded by `max_buffered_spans` and `max_buffered_bytes`
+    (`SpanIngestor`): a payload that would pass either is answered 429, one that never fits
+    413. Call `close` to record what waits and save everything.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class OtlpEndpoint:
         config: SessionRecorderConfig | None = None,
         trace_timeout: float = 60.0,
         max_buffered_spans: int = 200_000,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         max_decoding: int = 2,
         tick: float = 1.0,
@@ -164,7 +168,10 @@ class OtlpEndpoint:
             max_pending_bytes=max_pending_bytes,
         )
         self.ingestor = SpanIngestor(
-            self.saver, trace_timeout=trace_timeout, max_buffered_spans=max_buffered_spans
+            self.saver,
+            trace_timeout=trace_timeout,
+            max_buffered_spans=max_buffered_spans,
+            max_buffered_bytes=max_buffered_bytes,
         )
         self.spool = _Spool(state / "spool")
         self._accept_lock = threading.Lock()
@@ -214,16 +221,29 @@ class OtlpEndpoint:
         return IngestResult(accepted=len(spans), rejected=read.skipped, message=read.message)
 
     def _check_room(self, spans: list[SpanData]) -> None:
-        limit = self.ingestor.max_buffered_spans  # what one payload may hold: read_otlp refused more
+        ingestor = self.ingestor
         # What the payload leaves waiting, less what its roots free: a root of a waiting trace
         # is let in (refused, the trace's spans were recorded apart once timed out), as is a
         # trace whole in it (recorded at once).
         rooted = {span.trace_id for span in spans if span.parent_id is None and span.remote_parent_id is None}
-        count = sum(span.trace_id not in rooted for span in spans)
-        if count and self.ingestor.buffered_spans - self.ingestor.waiting_spans(rooted) + count > limit:
+        waiting = [span for span in spans if span.trace_id not in rooted]
+        size = sum(map(span_bytes, waiting))
+        if size > ingestor.max_buffered_bytes:  # never fits: a 429 would have the client retry it forever
+            raise OtlpRefused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the spans of this payload waiting for their roots hold {size} bytes; at most "
+                f"{ingestor.max_buffered_bytes} may wait here: send smaller batches",
+            )
+        # (more spans than may wait at all, read_otlp refused)
+        freed_spans, freed_bytes = ingestor.waiting_spans(rooted)
+        if waiting and (
+            ingestor.buffered_spans - freed_spans + len(waiting) > ingestor.max_buffered_spans
+            or ingestor.buffered_bytes - freed_bytes + size > ingestor.max_buffered_bytes
+        ):
             raise Backpressure(
                 HTTPStatus.TOO_MANY_REQUESTS,
-                f"{self.ingestor.buffered_spans} spans are waiting for their traces' roots",
+                f"{ingestor.buffered_spans} spans of {ingestor.buffered_bytes} bytes are waiting "
+                "for their traces' roots",
                 1,
             )
         stats = self.saver.stats()

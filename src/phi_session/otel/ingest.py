@@ -1,8 +1,8 @@
 """GenAI spans -> phi-core events -> a recorder.
 
 `SpanIngestor` buffers spans per trace until the trace's root span has ended (or the
-trace waited `trace_timeout` seconds, or the buffer is full: then what arrived is
-recorded, its unfinished loops as Aborted; nothing is dropped), then replays the trace's
+trace waited `trace_timeout` seconds, or the buffer is full, in spans or bytes: then what
+arrived is recorded, its unfinished loops as Aborted; nothing is dropped), then replays the trace's
 loops in start order as events. Spans of a trace that come after it was recorded (a
 retried payload, an exporter sending batches concurrently), and newer versions of its
 spans (the same span ids with other content: a session amended after its export), are
@@ -28,6 +28,7 @@ adapters (`session_id_for`); the original is the loop's ``metadata["otel"]["conv
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -148,7 +149,11 @@ _LAST_U64 = 2**64 - 1  # and its counts u64
 _MEMORY = 100_000  # sessions remembered for continuation inference
 _RECORDED_MEMORY = 100_000  # span ids of the last traces recorded (a retry comes soon); ~10 MB
 _KEPT_MEMORY = 10_000  # spans of the last traces recorded, for a caller or callee exporting later
-_KEPT_TEXT = 64 * 2**20  # and the characters of their text attributes (our export's events)
+_KEPT_BYTES = 64 * 2**20  # and their bytes (`span_bytes`: their text, our export's events)
+DEFAULT_MAX_BUFFERED_BYTES = 256 * 2**20
+# What a span holds besides its texts (`span_bytes`): its struct, dicts and numbers, as
+# measured of a model call's span read from OTLP (about 1.3 KB, half of it its texts).
+_SPAN_OVERHEAD = 640
 
 
 class IngestResult(msgspec.Struct, frozen=True):
@@ -401,11 +406,30 @@ def _result_text(value: Any) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(decoded).decode()
 
 
+def span_bytes(span: SpanData) -> int:
+    """About the memory `span` holds: the sizes of its texts (its name, its attributes' and
+    its events' keys and values, in arrays and kvlists too: what makes a span large) and a
+    fixed overhead. Its resource is left out: the spans of a payload share one."""
+    size = _SPAN_OVERHEAD + sys.getsizeof(span.name)
+    stack: list[Any] = [span.attributes, *(event.attributes for event in span.events)]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (str, bytes)):
+            size += sys.getsizeof(value)
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, tuple):
+            stack.extend(value)
+    return size
+
+
 class _Trace:
-    __slots__ = ("last_seen", "root_ended", "spans", "updates")
+    __slots__ = ("bytes", "last_seen", "root_ended", "spans", "updates")
 
     def __init__(self, now: float) -> None:
         self.spans: dict[int, SpanData] = {}  # span id -> span, in arrival order
+        self.bytes = 0  # `span_bytes` of its spans
         self.last_seen = now  # a long run's spans keep coming: it times out once they stop
         self.root_ended = False
         self.updates = False  # holds newer versions of spans recorded: joins them, even a root
@@ -415,18 +439,13 @@ class _Kept:
     """A trace's spans already recorded, kept a while (`trace_timeout`): another service's
     part of the trace may come later, calling them or called by them (a remote parent)."""
 
-    __slots__ = ("at", "continued", "spans", "text")
+    __slots__ = ("at", "bytes", "continued", "spans")
 
     def __init__(self, at: float, spans: dict[int, SpanData], continued: dict[str, str | None]) -> None:
         self.at = at
         self.spans = spans  # span id -> span
         self.continued = continued  # loop id -> the loop it continued when recorded
-        self.text = sum(
-            len(value)
-            for span in spans.values()
-            for value in span.attributes.values()
-            if isinstance(value, str)
-        )
+        self.bytes = sum(map(span_bytes, spans.values()))
 
 
 def _calls_between(kept: _Kept, trace: _Trace) -> bool:
@@ -479,7 +498,9 @@ class SpanIngestor:
       is linked too: what was recorded of the trace is kept that long (at most
       ``_KEPT_MEMORY`` spans) and recorded again with it, its loops sent again whole, so
       that a recorder (or a store merging them) holds what one payload would have given.
-    * `max_buffered_spans`: when more spans wait, the oldest traces are recorded early.
+    * `max_buffered_spans`, `max_buffered_bytes`: when more spans, or spans holding more
+      bytes (`span_bytes`: a model call's messages may be megabytes), wait, the oldest
+      traces are recorded early.
 
     A span taken twice (an exporter retrying a payload that was taken) counts once: its
     second copy is dropped, while it waits and for the last traces recorded. Sent again
@@ -505,6 +526,7 @@ class SpanIngestor:
         *,
         trace_timeout: float = 60.0,
         max_buffered_spans: int = 100_000,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         on_event = getattr(target, "on_event", None)
@@ -512,21 +534,27 @@ class SpanIngestor:
         if not callable(self._emit):
             raise TypeError(f"not an event target: {target!r}")
         check_seconds("trace_timeout", trace_timeout, positive=True)
-        check_type("max_buffered_spans", max_buffered_spans, int)
-        if max_buffered_spans < 1:
-            raise InvalidArgument(f"max_buffered_spans must be at least 1, got {max_buffered_spans}")
+        for name, limit in (
+            ("max_buffered_spans", max_buffered_spans),
+            ("max_buffered_bytes", max_buffered_bytes),
+        ):
+            check_type(name, limit, int)
+            if limit < 1:
+                raise InvalidArgument(f"{name} must be at least 1, got {limit}")
         check_callable("clock", clock)
         self.trace_timeout = trace_timeout
         self.max_buffered_spans = max_buffered_spans
+        self.max_buffered_bytes = max_buffered_bytes
         self._clock = clock
         self._lock = threading.RLock()
         self._traces: OrderedDict[int, _Trace] = OrderedDict()
         self._buffered = 0
+        self._buffered_bytes = 0
         self._recorded: OrderedDict[int, set[int]] = OrderedDict()  # trace -> span ids recorded
         self._recorded_spans = 0
         self._kept: OrderedDict[int, _Kept] = OrderedDict()  # trace -> its spans recorded lately
         self._kept_spans = 0
-        self._kept_text = 0
+        self._kept_bytes = 0
         self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
         # Parallel group -> the end (ns) of its last ParallelLoopEnd emitted.
@@ -556,15 +584,21 @@ class SpanIngestor:
         """Spans waiting for their trace's root."""
         return self._buffered
 
+    @property
+    def buffered_bytes(self) -> int:
+        """The bytes (`span_bytes`) of the spans waiting for their trace's root."""
+        return self._buffered_bytes
+
     def waiting(self, trace_ids: Iterable[int]) -> bool:
         """Whether any of `trace_ids` still waits for its root (is not recorded yet)."""
         with self._lock:
             return any(trace_id in self._traces for trace_id in trace_ids)
 
-    def waiting_spans(self, trace_ids: Iterable[int]) -> int:
-        """How many spans of `trace_ids` wait for their roots."""
+    def waiting_spans(self, trace_ids: Iterable[int]) -> tuple[int, int]:
+        """How many spans of `trace_ids` wait for their roots, and their bytes (`span_bytes`)."""
         with self._lock:
-            return sum(len(trace.spans) for trace in map(self._traces.get, trace_ids) if trace is not None)
+            traces = [trace for trace in map(self._traces.get, trace_ids) if trace is not None]
+            return sum(len(trace.spans) for trace in traces), sum(trace.bytes for trace in traces)
 
     def add(self, spans: Iterable[SpanData]) -> None:
         """Take finished spans; record every trace that is now complete."""
@@ -594,6 +628,9 @@ class SpanIngestor:
                     self._traces.move_to_end(span.trace_id)
                 if waiting is None:
                     self._buffered += 1
+                else:
+                    self._wait_bytes(trace, -span_bytes(waiting))
+                self._wait_bytes(trace, span_bytes(span))
                 trace.spans[span.span_id] = span  # a newer version takes the waiting one's place
                 trace.updates = trace.updates or updates
                 if trace.root_ended:
@@ -616,6 +653,11 @@ class SpanIngestor:
                     ready.append(trace_id)
             self._record_each(ready, complete=True)
             self._expire(now)
+
+    def _wait_bytes(self, trace: _Trace, size: int) -> None:
+        """`size` more bytes wait in `trace` (fewer, negative)."""
+        trace.bytes += size
+        self._buffered_bytes += size
 
     def _under_recorded(self, span: SpanData) -> bool:
         kept = self._kept.get(span.trace_id)
@@ -641,12 +683,17 @@ class SpanIngestor:
     def _expire(self, now: float) -> int:
         while self._kept and now - next(iter(self._kept.values())).at >= self.trace_timeout:
             self._forget_kept(next(iter(self._kept)))
-        due, buffered = [], self._buffered
+        due, buffered, size = [], self._buffered, self._buffered_bytes
         for trace_id, trace in self._traces.items():
-            if now - trace.last_seen < self.trace_timeout and buffered <= self.max_buffered_spans:
+            if (
+                now - trace.last_seen < self.trace_timeout
+                and buffered <= self.max_buffered_spans
+                and size <= self.max_buffered_bytes
+            ):
                 break  # ordered by the last span seen: the rest were seen later
             due.append(trace_id)
             buffered -= len(trace.spans)
+            size -= trace.bytes
         self._record_each(due, complete=False)
         return len(due)
 
@@ -712,6 +759,7 @@ class SpanIngestor:
     def _record(self, trace_id: int, *, complete: bool) -> None:
         trace = self._traces.pop(trace_id)
         self._buffered -= len(trace.spans)
+        self._buffered_bytes -= trace.bytes
         self.counters["traces"] += 1
         if not complete:
             self.counters["incomplete_traces"] += 1
@@ -731,6 +779,7 @@ class SpanIngestor:
             again = self._traces[trace_id] = _Trace(trace.last_seen)
             again.spans = {span_id: spans[span_id] for span_id in waiting}
             self._buffered += len(waiting)
+            self._wait_bytes(again, sum(map(span_bytes, again.spans.values())))
             spans = {span_id: span for span_id, span in spans.items() if span_id not in waiting}
         self._keep(trace_id, spans, continued)
         # Only once recorded: a payload whose recording failed is taken again when retried.
@@ -745,15 +794,15 @@ class SpanIngestor:
     def _keep(self, trace_id: int, spans: dict[int, SpanData], continued: dict[str, str | None]) -> None:
         kept = self._kept[trace_id] = _Kept(self._clock(), spans, continued)
         self._kept_spans += len(spans)
-        self._kept_text += kept.text
-        while self._kept_spans > _KEPT_MEMORY or self._kept_text > _KEPT_TEXT:
+        self._kept_bytes += kept.bytes
+        while self._kept_spans > _KEPT_MEMORY or self._kept_bytes > _KEPT_BYTES:
             self._forget_kept(next(iter(self._kept)))
 
     def _forget_kept(self, trace_id: int) -> None:
         kept = self._kept.pop(trace_id, None)
         if kept is not None:
             self._kept_spans -= len(kept.spans)
-            self._kept_text -= kept.text
+            self._kept_bytes -= kept.bytes
 
     def _replay(
         self, trace_id: int, spans: list[SpanData], complete: bool, resent: dict[str, str | None]
