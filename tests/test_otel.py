@@ -1087,20 +1087,22 @@ def test_a_cut_off_fork_bills_the_same_after_a_round_trip() -> None:
     assert cut_in_served > 0
 
 
+@pytest.mark.parametrize("name", [attr.CONVERSATION_ID, attr.PHI_SESSION_ID])
 @pytest.mark.parametrize(
     "conversation",
-    ["user/42", ".hidden", "a\\b", "x" * 201, "support.ticket-7", "from undecodable bytes \udc80"],
+    ["user/42", ".hidden", "..", "a\\b", "x" * 201, "support.ticket-7", "from undecodable bytes \udc80"],
 )
 def test_a_conversation_id_no_store_takes_is_a_session_a_store_takes(
-    conversation: str, tmp_path: Path
+    conversation: str, name: str, tmp_path: Path
 ) -> None:
-    # As the adapters do with a framework's session id: its UUIDv5, the original kept.
+    # As the adapters do with a framework's session id: its UUIDv5, the original kept. A
+    # phi.session.id was taken as it came: its session went to the orphans, never the store.
     recorder = SessionRecorder()
     provider = TracerProvider()
     provider.add_span_processor(IngestSpanProcessor(recorder))
     tracer = provider.get_tracer("test")
     for _ in range(2):
-        agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.CONVERSATION_ID: conversation}
+        agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, name: conversation}
         with tracer.start_as_current_span("invoke_agent helper", attributes=agent):
             with tracer.start_as_current_span("chat m", attributes={attr.REQUEST_MODEL: "m"}):
                 pass

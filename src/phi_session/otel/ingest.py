@@ -20,7 +20,7 @@ Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInferenc
 conventions put the conversation id on model calls too, and a web server's root standing
 in for a loop has none), else one session per trace (for a part served under a remote parent, one
 per served root span, so that it is named alike whether its caller's spans come first,
-with it, later or never). A conversation id no store takes as a session
+with it, later or never). An id of these no store takes as a session
 id (or holding a ``.``) becomes its UUIDv5, as a framework's session id does in the
 adapters (`session_id_for`); the original is the loop's ``metadata["otel"]["conversation_id"]``.
 """
@@ -1126,10 +1126,11 @@ class _Loop:
         self.tools: list[SpanData] = []
         self.parent_loop: str | None = None
         self.synthesized: list[str] = []
-        self.conversation_id: str | None = None  # the producer's, when no store takes it as a session id
+        # The producer's session or conversation id, when no store takes it as a session id.
+        self.conversation_id: str | None = None
 
 
-_SESSION_NAMES = (attr.PHI_SESSION_ID, attr.CONVERSATION_ID, attr.OPENINFERENCE_SESSION_ID)
+_SESSION_NAMES = (attr.PHI_SESSION_ID, attr.CONVERSATION_ID, attr.OPENINFERENCE_SESSION_ID)  # first set wins
 
 
 def _names_session(span: SpanData) -> bool:
@@ -1246,12 +1247,11 @@ class _Rebuild:
                 tool = ancestor
             if served is None and ancestor.remote_parent_id is not None:
                 served = ancestor
-        session_id = _text(named.get(attr.PHI_SESSION_ID))
-        renamed = None  # a producer's conversation id no store takes, as the adapters a framework's
-        if session_id is None:
-            given = _text(named.get(attr.CONVERSATION_ID)) or _text(named.get(attr.OPENINFERENCE_SESSION_ID))
-            session_id = session_id_for(given) if given is not None else None
-            renamed = given if session_id != given else None
+        given = next(filter(None, (_text(named.get(name)) for name in _SESSION_NAMES)), None)
+        # One no store takes (ours too: a producer may set phi.session.id), as the adapters a
+        # framework's: its UUIDv5, the original kept in the loop's metadata.
+        session_id = session_id_for(given) if given is not None else None
+        renamed = given if session_id != given else None
         if served is not None and (
             session_id is None or (parent is not None and session_id == parent.session_id)
         ):
