@@ -672,6 +672,7 @@ def test_the_exports_and_the_ingest_check_their_arguments() -> None:
         (lambda: session_spans(session, first_ordinals={1: 0}), "first_ordinals keys must be str"),
         (lambda: SpanIngestor(print, max_buffered_spans=1.5), "max_buffered_spans must be int"),
         (lambda: SpanIngestor(print, max_buffered_bytes="1"), "max_buffered_bytes must be int"),
+        (lambda: SpanIngestor(print, store="s.db"), "store must be SessionStore or None"),
         (lambda: SpanIngestor(print, trace_timeout="1"), "trace_timeout must be a number of seconds"),
         (lambda: SpanIngestor(print, clock=1), "clock must be callable"),
         (lambda: ingest_otlp(b"{}", None, SpanIngestor(print)), "content_type must be str"),

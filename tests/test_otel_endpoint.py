@@ -1324,3 +1324,76 @@ def test_spans_waiting_past_the_bytes_allowed_are_429_and_a_payload_that_never_f
         assert made.endpoint.ingestor.buffered_spans == 2
     finally:
         made.close()
+
+
+def _conversation_trace(trace: int, conversation: str) -> bytes:
+    """One trace of `conversation`: an agent span (span id 0x100 + trace) over a model call."""
+    at = T0_CONVERSATION + trace * 10**10
+    agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.CONVERSATION_ID: conversation}
+    spans = [
+        {
+            "traceId": f"{trace:032x}",
+            "spanId": f"{0x100 + trace:016x}",
+            "name": "invoke_agent bot",
+            "startTimeUnixNano": str(at),
+            "endTimeUnixNano": str(at + 5 * 10**9),
+            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in agent.items()],
+        },
+        {
+            "traceId": f"{trace:032x}",
+            "spanId": f"{0x200 + trace:016x}",
+            "parentSpanId": f"{0x100 + trace:016x}",
+            "name": "chat m",
+            "startTimeUnixNano": str(at + 10**9),
+            "endTimeUnixNano": str(at + 2 * 10**9),
+            "attributes": [{"key": attr.OPERATION_NAME, "value": {"stringValue": attr.OP_CHAT}}],
+        },
+    ]
+    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}).encode()
+
+
+T0_CONVERSATION = 1_700_000_000 * 10**9
+
+
+@pytest.mark.parametrize("again", [(3, 1), (1, 3)], ids=["resent-after", "resent-before"])
+@pytest.mark.parametrize("kind", ["sqlite", "json"])
+def test_a_conversation_goes_on_after_a_restart(tmp_path: Path, kind: str, again: tuple[int, int]) -> None:
+    # The latest loop of a conversation was known from memory only: after a restart its next
+    # loop was Initial, without a parent. The store says which it is; a loop sent again after
+    # the restart (an exporter's retry, the spool's replay) keeps its place, before or after.
+    from phi_session.stores.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.db") if kind == "sqlite" else JsonDirStore(tmp_path / "store")
+    for payloads in ((1, 2), again):
+        endpoint = OtlpEndpoint(store, tmp_path / "state")
+        for trace in payloads:
+            endpoint.accept(_conversation_trace(trace, "conv-R"), "application/json")
+        endpoint.close()
+    loops = store.load("conv-R").loops
+    assert [loop.loop_id for loop in loops] == [f"conv-R.otel.{0x100 + t:016x}" for t in (1, 2, 3)]
+    assert [(loop.kind.kind, loop.parent_loop_id) for loop in loops] == [
+        ("Initial", None),
+        ("Default", loops[0].loop_id),
+        ("Default", loops[1].loop_id),
+    ]
+
+
+def test_a_store_that_cannot_say_the_latest_loop_leaves_the_loop_initial_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from phi_session.errors import StoreError
+
+    store = JsonDirStore(tmp_path / "store")
+    endpoint = OtlpEndpoint(store, tmp_path / "state")
+    endpoint.accept(_conversation_trace(1, "conv-R"), "application/json")
+    endpoint.close()
+
+    def failing(session_id: str, start: int) -> list[tuple[str, int]]:
+        raise StoreError("disk on fire")
+
+    monkeypatch.setattr(store, "loop_starts", failing)
+    endpoint = OtlpEndpoint(store, tmp_path / "state")
+    endpoint.accept(_conversation_trace(2, "conv-R"), "application/json")
+    endpoint.close()
+    assert [loop.parent_loop_id for loop in store.load("conv-R").loops] == [None, None]
+    assert any("conv-R" in r.getMessage() and "disk on fire" in r.getMessage() for r in caplog.records)

@@ -172,6 +172,7 @@ class OtlpEndpoint:
             trace_timeout=trace_timeout,
             max_buffered_spans=max_buffered_spans,
             max_buffered_bytes=max_buffered_bytes,
+            store=store,
         )
         self.spool = _Spool(state / "spool")
         self._accept_lock = threading.Lock()

@@ -43,7 +43,7 @@ from .._failures import FailureTally
 from .._strict import clip_depth, strict_adds_nothing
 from ..adapters import session_id_for
 from ..codec import check_event_fields, check_recordable, decode_event, decode_record, escape_surrogates
-from ..errors import DecodeError, InvalidArgument
+from ..errors import DecodeError, InvalidArgument, SessionNotFound, StoreError
 from ..events import (
     DEFAULT,
     INITIAL,
@@ -80,6 +80,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
+from ..stores.base import SessionStore, stored_loop_starts
 from . import attributes as attr
 from .spans import SpanData, read_otlp, spans_from_sdk
 
@@ -102,7 +103,8 @@ LOSSES: dict[str, tuple[str, ...]] = {
     "other producers (GenAI conventions, pydantic-ai, OpenInference)": (
         "streaming deltas; content unless the producer captured it (then text, reasoning and "
         "tool calls of outputs, the first turn's user inputs, tool arguments and results)",
-        "continuation kinds are inferred: a later loop of the same conversation is Default",
+        "continuation kinds are inferred: a later loop of the same conversation is Default, "
+        "continuing its latest loop started before it (after a restart, the store's)",
         "content on the per-message events (gen_ai.user.message, gen_ai.choice...: conventions 1.28 "
         "to 1.36), and gen_ai.prompt/gen_ai.completion of the older content events that are not "
         "OpenAI's message format as JSON (as those conventions recommend)",
@@ -517,6 +519,12 @@ class SpanIngestor:
     A loop's events reach `target` once it is rebuilt, each checked as a recorder checks
     it: a trace failing to record leaves no loop of it half recorded.
 
+    A rebuilt loop continues (``Default``) its session's latest loop started before it:
+    the one this ingestor recorded, else, given `store` (where `target` saves: after a
+    restart, memory knows no loop of the conversation), the one the store holds, read once
+    per session (one index read), and again only for a loop that started before the one
+    remembered. A store failing that read is logged; the loop is then ``Initial``.
+
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
 
@@ -527,6 +535,7 @@ class SpanIngestor:
         trace_timeout: float = 60.0,
         max_buffered_spans: int = 100_000,
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+        store: SessionStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         on_event = getattr(target, "on_event", None)
@@ -541,7 +550,9 @@ class SpanIngestor:
             check_type(name, limit, int)
             if limit < 1:
                 raise InvalidArgument(f"{name} must be at least 1, got {limit}")
+        check_type("store", store, SessionStore, optional=True)
         check_callable("clock", clock)
+        self.store = store
         self.trace_timeout = trace_timeout
         self.max_buffered_spans = max_buffered_spans
         self.max_buffered_bytes = max_buffered_bytes
@@ -555,7 +566,8 @@ class SpanIngestor:
         self._kept: OrderedDict[int, _Kept] = OrderedDict()  # trace -> its spans recorded lately
         self._kept_spans = 0
         self._kept_bytes = 0
-        self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
+        # Session -> its loop started last (of those recorded, or stored), and that start (ns).
+        self._last_loop: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
         # Parallel group -> the end (ns) of its last ParallelLoopEnd emitted.
         self._ended_groups: OrderedDict[tuple[str, ...], int] = OrderedDict()
@@ -853,16 +865,32 @@ class SpanIngestor:
                 self._groups.pop(event.loop_ids, None)
         self._loop_events.clear()
 
-    def latest_loop(self, session_id: str) -> str | None:
-        """The last loop recorded in `session_id` (what a new loop of it continues)."""
-        return self._last_loop.get(session_id)
+    def latest_loop(self, session_id: str, loop_id: str, start: int) -> str | None:
+        """The loop `loop_id` of `session_id`, starting at `start` (ns), continues: its session's
+        latest loop started before it, other than itself; from memory, else from `store`."""
+        known = self._last_loop.get(session_id)
+        if known is not None and known[0] != loop_id and known[1] <= start:
+            return known[0]
+        if self.store is None:  # (a loop coming after a later one continues that one)
+            return known[0] if known is not None and known[0] != loop_id else None
+        stored = _stored_loop_starts(self.store, session_id)
+        if known is None and stored:  # the session's latest loop, for the loops to come
+            self._remember(session_id, *max(stored, key=lambda item: item[1]))
+        before = [(at, stored_id) for stored_id, at in stored if stored_id != loop_id and at <= start]
+        return max(before)[1] if before else None
 
-    def loop_recorded(self, session_id: str, loop_id: str) -> None:
-        """Remember `loop_id` as its session's latest, once its AgentEnd is taken: a loop whose
-        recording failed is none to continue (retried, it would continue its successor)."""
+    def loop_recorded(self, session_id: str, loop_id: str, start: int) -> None:
+        """Remember `loop_id`, started at `start` (ns), as its session's latest unless a loop
+        of it started later, once its AgentEnd is taken: a loop whose recording failed is none
+        to continue (retried, it would continue its successor)."""
         self.counters["loops"] += 1
+        known = self._last_loop.get(session_id)
+        if known is None or known[1] <= start:
+            self._remember(session_id, loop_id, start)
+
+    def _remember(self, session_id: str, loop_id: str, start: int) -> None:
         self._last_loop.pop(session_id, None)
-        self._last_loop[session_id] = loop_id
+        self._last_loop[session_id] = (loop_id, start)
         if len(self._last_loop) > _MEMORY:
             self._last_loop.popitem(last=False)
 
@@ -914,7 +942,7 @@ class SpanIngestor:
             self.emit(event)
         self._deliver()
         if recorded:
-            self.loop_recorded(session_id, loop_id)
+            self.loop_recorded(session_id, loop_id, span.start)
         group = _group(span.attributes)
         members = self._groups.get(group) if group is not None else None
         if members is None or group is None:
@@ -938,6 +966,23 @@ class SpanIngestor:
             )
         )
         self._deliver()
+
+
+def _stored_loop_starts(store: SessionStore, session_id: str) -> list[tuple[str, int]]:
+    """The id and start of each loop of `session_id` in `store` (`stored_loop_starts`, as an
+    adapter goes on after them); none when it is not there, or the store fails (logged)."""
+    try:
+        return stored_loop_starts(store, session_id, 0)
+    except SessionNotFound:
+        return []
+    except StoreError as error:
+        logger.warning(
+            "session %r could not be read from the store (%s): its next loop is recorded "
+            "Initial, not continuing the loops stored",
+            session_id,
+            error,
+        )
+        return []
 
 
 class _Evaluation:
@@ -1277,7 +1322,11 @@ class _Rebuild:
         agent, emit = loop.agent, self.ingestor.emit
         attributes = agent.attributes
         again = loop.loop_id in self.resent  # it continues what it did, and is no session's latest
-        previous = self.resent[loop.loop_id] if again else self.ingestor.latest_loop(loop.session_id)
+        previous = (
+            self.resent[loop.loop_id]
+            if again
+            else self.ingestor.latest_loop(loop.session_id, loop.loop_id, agent.start)
+        )
         self.continued[loop.loop_id] = previous
         kind, parent = self._continuation(loop, previous)
         config = self._config(loop)
