@@ -28,6 +28,7 @@ import phi_session as ps
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import InstrumentationError, LoopScope, Tracer, TurnScope
 from phi_session.messages import JsonSchemaFormat, TextFormat
+from phi_session.persist import AutoPersistingRecorder
 from phi_session.recorder import SessionRecorder
 from phi_session.sinks import JsonlSink
 from phi_session.views import timeline
@@ -923,6 +924,43 @@ def test_sub_agent_runs_in_its_own_session_linked_both_ways() -> None:
     [child_record] = child_session.loops
     assert child_record.parent_loop_id == parent.loop_id and child_record.turns[0].triggered_by == "SubAgent"
     assert child_record.config is not None and child_record.config.config_id == "sub"
+
+
+@pytest.mark.parametrize("child_first", [True, False])
+def test_a_sub_agent_another_tracer_records_gets_its_tool_call_once_both_are_saved(
+    tmp_path: Path, child_first: bool
+) -> None:
+    """`tool.sub_agent(tracer=...)` of another adapter, each saving through an
+    AutoPersistingRecorder of its own into one store: the sub-agent's recorder, holding no
+    loop of its spawner, saved it with a spawn ref without the tool call, for good."""
+    clock = FakeClock(START, tick=0.001)
+    ids = uuids()
+    store = ps.SqliteStore(tmp_path / "s.db")
+    parent_agent = AgentSession(clock=clock, id_factory=lambda: next(ids))
+    with (
+        AutoPersistingRecorder(store, journal=tmp_path / "parent", checkpoint_interval=None) as parent_side,
+        AutoPersistingRecorder(store, journal=tmp_path / "child", checkpoint_interval=None) as child_side,
+    ):
+        tracer = Tracer(parent_agent, sinks=[parent_side], config=SNAP)
+        other = Tracer(parent_agent.spawn(), sinks=[child_side], config=SNAP)
+        with tracer.loop() as parent, parent.turn() as turn:
+            answer(turn, "delegating", calls=(call(1, "research"),))
+            with turn.tool(call(1, "research")) as tool:
+                with tool.sub_agent(tracer=other) as child:
+                    simple_loop(child, "found")
+                tool.result("found")
+        for side in (child_side, parent_side) if child_first else (parent_side, child_side):
+            side.flush()
+    spawn = store.load(child.session_id).parent_spawn_ref
+    assert spawn == ps.SpawnRef(
+        parent_session_id=parent.session_id,
+        parent_loop_id=parent.loop_id,
+        tool_call_id="call1",
+        tool_name="research",
+    )
+    [parent_record] = store.load(parent.session_id).loops
+    assert [ref.tool_call_id for ref in parent_record.child_loop_refs] == ["call1"]
+    store.close()
 
 
 # -- identity through the stream -----------------------------------------------------------------------

@@ -2595,3 +2595,47 @@ def test_an_events_int_subclass_counters_are_recorded_as_the_integers_they_hold(
         SessionRecorder().on_event(
             ps.TurnStart(loop_id="s.a", turn_index=Counter(-1), triggered_by="User", timestamp=ts(1))
         )
+
+
+def test_links_to_sub_agents_recorded_elsewhere_are_noted_for_the_store() -> None:
+    """A recorder holding one end of a sub-agent link notes it (`drain_spawn_gaps`) as the
+    session holding that end is drained, for a saver to complete from the store; one
+    holding both ends, or seeing the sub-agent start after the tool call, notes nothing."""
+    spawned = ps.ToolExecutionEnd(
+        loop_id="p.c.1",
+        tool_call_id="t1",
+        tool_name="research",
+        result=ps.ToolResult(content=(), child_loop_id="k.sub.1"),
+        is_error=False,
+    )
+    spawner = [start("p.c.1", "p"), spawned, end("p.c.1", at=4)]
+    sub_agent = [start("k.sub.1", "k", at=1, parent="p.c.1"), end("k.sub.1", at=2)]
+    gaps = {}
+    for side, events in (("spawner", spawner), ("sub-agent", sub_agent)):
+        recorder = SessionRecorder()
+        recorder.record_all(events)
+        recorder.flush()
+        assert recorder.drain_spawn_gaps() == []  # none until the session is drained
+        recorder.drain_completed()
+        gaps[side] = recorder.drain_spawn_gaps()
+        assert recorder.drain_spawn_gaps() == []
+    [noted] = gaps["spawner"]
+    assert (noted.session_id, noted.loop_ids, noted.header, noted.noted_by) == ("k", ("k.sub.1",), None, "p")
+    assert noted.spawn == ps.SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t1", tool_name="research"
+    )
+    [noted] = gaps["sub-agent"]
+    assert (noted.session_id, noted.loop_ids, noted.noted_by) == ("k", ("k.sub.1",), "k")
+    assert noted.spawn == ps.SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="", tool_name=""
+    )
+    assert noted.header is not None and noted.header.loops == [] and noted.header.session_id == "k"
+    for events in ([spawner[0], *sub_agent, *spawner[1:]], [*spawner[:2], *sub_agent, spawner[2]]):
+        recorder = SessionRecorder()
+        for event in events:
+            recorder.on_event(event)
+            recorder.checkpoint()
+            recorder.drain_completed()
+        recorder.flush()
+        recorder.drain_completed()
+        assert recorder.drain_spawn_gaps() == []

@@ -798,3 +798,30 @@ def test_a_spawner_saved_after_a_sub_agent_looked_for_it_is_found_by_the_next(tm
         if session.parent_spawn_ref is not None
     }
     assert spawned == {"k": ("", ""), "m": ("t2", "sub")}
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("every_event", [False, True])
+def test_one_recorder_holding_sub_agents_and_spawners_reads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every_event: bool
+) -> None:
+    """Linking sub-agents to spawners from the store is for recorders holding one end each:
+    one holding both (drained at every event, or once at the end) reads the store never,
+    and saves phi-core's very files."""
+    from .conftest import EXAMPLES
+
+    store = JsonDirStore(tmp_path)
+    reads: list[str] = []
+    monkeypatch.setattr(store, "load_outline", lambda session_id: reads.append(session_id))
+    saver = SessionSaver(store)
+    for events in sorted(EXAMPLES.glob("events-*.jsonl")):
+        recorder = SessionRecorder()
+        for line in events.read_bytes().splitlines():
+            recorder.on_json(line)
+            if every_event:
+                saver.drain(recorder)
+        saver.drain(recorder, flush=True)
+    assert reads == []
+    for expected in sorted(EXAMPLES.glob("session-*.json")):
+        session_id = ps.decode_session(expected.read_bytes()).session_id
+        assert ps.encode_session(store.load(session_id)) == expected.read_bytes(), expected.name

@@ -74,8 +74,8 @@ from .journal.format import out_of_space
 from .journal.recovery import KeptUnsaved, recover_keeping_unsaved
 from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
-from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
-from .saver import OrphanSink, SaveTarget, SessionSaver, check_save_target, not_saved
+from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig, SpawnGap
+from .saver import OrphanSink, SaveOutcome, SaveTarget, SessionSaver, check_save_target, not_saved
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
@@ -210,6 +210,10 @@ class _Pending:
     session: Session
     pin: int | None
     size: int  # `held_bytes`
+    # The sub-agent links its drain left incomplete, completed from the store once it is
+    # saved, before it leaves the queue: its pin keeps its records until then, for a
+    # recovery to note them again.
+    gaps: tuple[SpawnGap, ...] = ()
 
 
 class AutoPersistingRecorder:
@@ -368,7 +372,7 @@ class AutoPersistingRecorder:
         # Lock order: _close_lock, then _lock, then _cond.
         # _close_lock: `close` runs one call at a time (a second waits, then finds it done).
         self._close_lock = threading.Lock()
-        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _drained,
+        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _drained, _gaps,
         # _settled_through, _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
         # Every event takes it twice (`_enter`, `_leave`): there its lock `_mutex` is
         # acquired and released by hand, sparing the Python-level `Condition.__enter__`
@@ -403,6 +407,8 @@ class AutoPersistingRecorder:
         self._warned_pins: set[str] = set()
         # Drained from the recorder, not yet waiting (a hand-over interrupted): the next takes them first.
         self._drained: deque[Session] = deque()
+        # Drained session -> the sub-agent links it left incomplete, until it is lined up.
+        self._gaps: dict[str, list[SpawnGap]] = {}
         self._queue: deque[_Pending] = deque()  # handed to the writer
         self._queued_bytes = 0
         self._waiting: deque[_Pending] = deque()  # drained, waiting for room in the queue
@@ -585,14 +591,18 @@ class AutoPersistingRecorder:
         # Read before draining: every event up to it has been applied by then.
         settled = self.journal.last_seq if self.journal is not None else -1
         self._drained.extend(self.recorder.drain_completed())
+        for gap in self.recorder.drain_spawn_gaps():
+            self._gaps.setdefault(gap.noted_by, []).append(gap)
         handed = len(self._drained)
         while self._drained:  # each left there until lined up: a Ctrl-C keeps the rest
             session = self._drained[0]
             # Unpinned once lined up, carrying its pin: a Ctrl-C before leaves it drained
             # and pinned (one handled right between the two keeps the journal longer).
-            item = _Pending(session, self._pin_of(session.session_id), held_bytes(session))
+            gaps = tuple(self._gaps.get(session.session_id, ()))
+            item = _Pending(session, self._pin_of(session.session_id), held_bytes(session), gaps)
             with self._cond:
                 _move_head(self._drained, self._waiting, item)
+            self._gaps.pop(session.session_id, None)
             self._unpin(session.session_id)
             with self._cond:
                 self._admit()
@@ -781,6 +791,8 @@ class AutoPersistingRecorder:
                 continue
             started = time.thread_time()
             outcomes = self._saver.save_many([item.session for item in batch])
+            for item, outcome in zip(batch, outcomes, strict=True):
+                self._link_spawns(item, outcome)
             with self._cond:
                 self._writer_seconds += time.thread_time() - started
                 for item, outcome in zip(batch, outcomes, strict=True):
@@ -796,6 +808,12 @@ class AutoPersistingRecorder:
             if self._releasing:
                 self._released()
                 last_release = time.monotonic()
+
+    def _link_spawns(self, item: _Pending, outcome: SaveOutcome) -> None:
+        """Complete the sub-agent links `item`, just saved, left incomplete (none if it went
+        to the orphans: not stored, it links nothing)."""
+        if item.gaps and not outcome.orphaned:
+            self._saver.link_spawns(deque(item.gaps))
 
     def _released(self) -> None:
         """The writer tells the journal what is stored and settled; `wait_saved` waits for it."""
@@ -960,6 +978,7 @@ class AutoPersistingRecorder:
                     return
                 item = line[0]
             outcome = self._saver.save(item.session)
+            self._link_spawns(item, outcome)
             with self._cond:
                 line.popleft()
                 if line is self._queue:

@@ -82,7 +82,7 @@ from .model import (
     keep_links,
 )
 
-__all__ = ["OrphanEvent", "SessionRecorder", "SessionRecorderConfig"]
+__all__ = ["OrphanEvent", "SessionRecorder", "SessionRecorderConfig", "SpawnGap"]
 
 logger = logging.getLogger("phi_session.recorder")
 
@@ -94,6 +94,9 @@ _Owed = list[tuple[Session, LoopRecord]]
 # Sub-agents named by a drained spawner's tool call that the recorder does not hold,
 # remembered for when they start (the latest ones only: one never may, or ran already).
 _AWAITED_SPAWNS = 10_000
+# Sub-agent links the recorder could not complete, not yet handed over (`drain_spawn_gaps`;
+# the latest ones only: a caller that drains sessions alone never takes them).
+_SPAWN_GAPS = 10_000
 # Branches of parallel groups that `flush` ended or that were given up, remembered once
 # their session is drained, so that a late end is an orphan even if the session goes on
 # (the latest ones only: such an end may never come).
@@ -154,6 +157,36 @@ class OrphanEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     event: AgentEvent
     reason: str
+
+
+class SpawnGap(msgspec.Struct, frozen=True, kw_only=True):
+    """A link between a sub-agent's session and the tool call that spawned it that the
+    recorder could not complete: the other end was recorded elsewhere (another process's
+    recorder, another adapter's tracer), so the sub-agent is saved with a spawn ref
+    lacking its tool call. `SessionSaver` completes it from the store once the session
+    that noted it (`noted_by`) is saved: one read, the other end's outline.
+
+    * The spawner's side (`header` None), noted as the spawner's session is drained:
+      its loop ``spawn.parent_loop_id`` named ``loop_ids`` by the tool call in `spawn`,
+      and the sub-agent never started here. The sub-agent's session `session_id`, if
+      stored with a spawn ref from that loop lacking the tool call, gets `spawn`.
+    * The sub-agent's side (`header`: its session without loops), noted as it is
+      drained with `spawn` lacking the tool call and that loop not held here: if the
+      spawner's stored loop names one of ``loop_ids``, the session gets its tool call.
+    """
+
+    session_id: str
+    """The sub-agent's session."""
+    loop_ids: tuple[str, ...]
+    """Its loops that the spawner's loop spawned."""
+    spawn: SpawnRef
+    header: Session | None = None
+
+    @property
+    def noted_by(self) -> str:
+        """The drained session that noted the gap: it is linked once that one is saved, so
+        that of two recorders' sides the later read sees the other's save."""
+        return self.session_id if self.header is not None else self.spawn.parent_session_id
 
 
 class _PartialTurn:
@@ -448,6 +481,11 @@ class SessionRecorder:
         # every one deleted before it).
         self._awaited_spawns: OrderedDict[str, tuple[str, str, str, str]] = OrderedDict()
         self._resending: dict[str, _Resent] = {}  # open loop sent again -> what it replaces
+        # Child loops a tool call named whose session is not recorded here (so far): their
+        # links are completed from the store (`_forget`), unless they start here after all.
+        self._unheld_children: set[str] = set()
+        self._spawn_gaps: deque[SpawnGap] = deque(maxlen=_SPAWN_GAPS)  # `drain_spawn_gaps`
+        self._gaps_dropped = False  # the oldest of them were dropped (warned of)
         self._orphans: list[OrphanEvent] = []
         # Session-scoped events that arrive before their session's first AgentStart.
         self._early_events: dict[str, list[AgentEvent]] = {}
@@ -675,6 +713,8 @@ class SessionRecorder:
             loop.turn = existing.turn
         self._loops[event.loop_id] = loop
         self._loop_session[event.loop_id] = event.session_id
+        if self._unheld_children:
+            self._unheld_children.discard(event.loop_id)  # a child started here after all
         held.open_loops += 1
         loop.append(event)
 
@@ -1060,6 +1100,8 @@ class SessionRecorder:
         held = self._open.get(child_session_id) or self._completed.get(child_session_id)
         if held is None and late is not None:
             held = self._amendable(late)  # drained before this tool call ended
+        if held is None and late is None and event.tool_call_id:
+            self._unheld_children.add(child_loop_id)  # recorded elsewhere, or later (`_forget`)
         if held is not None:
             spawn = held.session.parent_spawn_ref
             if (spawn is None and late is not None) or (spawn is not None and not spawn.tool_call_id):
@@ -1505,6 +1547,14 @@ class SessionRecorder:
                 owed = self._late_spawns[spawn.parent_loop_id] = _LateSpawns()
             owed.add(session)
             self._spawner_owing[session.session_id] = spawn.parent_loop_id
+        elif spawn is not None and not spawn.tool_call_id:
+            # Its spawner's loop is not held here (recorded elsewhere): the store may hold it.
+            spawned = tuple(r.loop_id for r in session.loops if r.parent_loop_id == spawn.parent_loop_id)
+            if spawned:  # (else an amendment of loops that were not spawned: noted at its drain)
+                header = replace(session, loops=[], session_events=msgspec.UNSET)
+                self._note_gap(
+                    SpawnGap(session_id=session.session_id, loop_ids=spawned, spawn=spawn, header=header)
+                )
         for record in session.loops:
             group = self._groups.get(record.loop_id)
             if group is not None and (record.ended_at is None or record.ended_at >= group.timestamp):
@@ -1517,11 +1567,43 @@ class SessionRecorder:
                 parent_ref = self._spawns.pop(ref.child_loop_id, None)
                 if parent_ref is not None and ref.child_loop_id not in self._loop_session:
                     self._await_spawn(ref.child_loop_id, parent_ref)
+                if ref.child_loop_id in self._unheld_children:
+                    self._unheld_children.discard(ref.child_loop_id)
+                    spawn = SpawnRef(
+                        parent_session_id=session.session_id,
+                        parent_loop_id=record.loop_id,
+                        tool_call_id=ref.tool_call_id,
+                        tool_name=ref.tool_name,
+                    )
+                    self._note_gap(
+                        SpawnGap(session_id=ref.child_session_id, loop_ids=(ref.child_loop_id,), spawn=spawn)
+                    )
             self._warned_loops.discard(record.loop_id)
             holders = self._closed_by_id.pop(record.loop_id, ())
             kept = tuple(session_id for session_id in holders if session_id != session.session_id)
             if kept:
                 self._closed_by_id[record.loop_id] = kept
+
+    def _note_gap(self, gap: SpawnGap) -> None:
+        if len(self._spawn_gaps) == _SPAWN_GAPS and not self._gaps_dropped:
+            self._gaps_dropped = True  # said once until they are taken
+            logger.warning(
+                "%d sub-agent links to complete from the store were not taken (drain_spawn_gaps):"
+                " the oldest are dropped, their sub-agents saved without the tool call",
+                _SPAWN_GAPS,
+            )
+        self._spawn_gaps.append(gap)
+
+    def drain_spawn_gaps(self) -> list[SpawnGap]:
+        """Hand over the sub-agent links that the sessions drained so far left incomplete
+        (`SpawnGap`), and forget them: the latest `_SPAWN_GAPS`. None arise while one
+        recorder holds both a sub-agent and its spawner. `SessionSaver.drain` takes them
+        with the sessions and completes them from the store once they are saved."""
+        with self._lock:
+            gaps = list(self._spawn_gaps)
+            self._spawn_gaps.clear()
+            self._gaps_dropped = False
+            return gaps
 
     def _owe_group_end(self, session: Session, record: LoopRecord) -> None:
         """Remember the drained branch `record` for its group's end. A version of it drained

@@ -37,6 +37,13 @@ command line use to save sessions, so all of them fail the same way. The policy:
 * **A session's pieces keep their order.** A later piece of a session with pieces kept
   unsaved is saved merged after them (and takes them out of `unsaved`), so an outage
   never has a continuation stored before the loop it continues.
+* **Sub-agent links recorded apart are completed from the store.** A sub-agent whose
+  spawner another recorder holds (another process's, another adapter's tracer) is
+  saved with a spawn ref lacking its tool call. The recorder notes such links
+  (`SpawnGap`), and `drain` completes each once the session that noted it is saved:
+  it reads the other end's outline (once) and, if that holds the link, saves the
+  sub-agent's header with the tool call as an amendment. A read that fails is warned
+  of, not retried.
 * **Every outcome is counted** (`SaveStats`) and logged on ``phi_session.saver``:
   a retry or a session orphaned as a warning, a session given up as an error. A store
   down is said once, not per session: the session given up that takes it to be down
@@ -60,6 +67,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, TypeGuard, TypeVar, runtime_checkable
 
+import msgspec
+from msgspec.structs import replace
+
 from ._checks import check_callable, check_seconds, check_type
 from .errors import (
     ExportError,
@@ -75,8 +85,9 @@ from .errors import (
 from .events import AgentEvent, AgentStart
 from .ids import session_id_from_loop_id
 from .model import ChildLoopRef, Session
-from .recorder import SessionRecorder
+from .recorder import SessionRecorder, SpawnGap
 from .stores.base import SessionStore, escaped_to_save, merge_sessions
+from .stores.outline import SessionOutline
 
 __all__ = ["BatchStore", "OrphanSink", "SaveOutcome", "SaveStats", "SaveTarget", "SessionSaver"]
 
@@ -230,6 +241,7 @@ class SessionSaver:
         self._closed_said = False  # the store's `StoreClosed` was logged, and no save succeeded since
         self._no_attempts_after: float | None = None  # `stop_trying_after`'s monotonic instant
         self._drained: deque[Session] = deque()  # drained, not yet through `save`
+        self._gaps: deque[SpawnGap] = deque()  # drained with them, not yet linked
 
     def __repr__(self) -> str:
         return f"SessionSaver({self.store!r})"
@@ -534,16 +546,24 @@ class SessionSaver:
         """
         saved = []
         for session in one_at_a_time(self._take(recorder, flush)):
-            if self.save(session).saved:
+            outcome = self.save(session)
+            if outcome.saved:
                 saved.append(session)
+            elif outcome.orphaned:
+                self._not_stored(session.session_id)
+        self.link_spawns(self._gaps)
         return saved
 
     async def adrain(self, recorder: SessionRecorder, *, flush: bool = False) -> list[Session]:
         """`drain` through `asave`."""
         saved = []
         for session in one_at_a_time(self._take(recorder, flush)):
-            if (await self.asave(session)).saved:
+            outcome = await self.asave(session)
+            if outcome.saved:
                 saved.append(session)
+            elif outcome.orphaned:
+                self._not_stored(session.session_id)
+        await self.alink_spawns(self._gaps)
         return saved
 
     def _take(self, recorder: SessionRecorder, flush: bool) -> deque[Session]:
@@ -553,7 +573,62 @@ class SessionSaver:
         else:
             recorder.checkpoint()
         self._drained.extend(recorder.drain_completed())
+        self._gaps.extend(recorder.drain_spawn_gaps())  # linked once those sessions are saved
         return self._drained
+
+    def _not_stored(self, session_id: str) -> None:
+        """`session_id` went to the orphans: not stored, it links nothing."""
+        self._gaps = deque(gap for gap in self._gaps if gap.noted_by != session_id)
+
+    # -- links between sub-agents and spawners recorded apart ------------------------------
+
+    def link_spawns(self, gaps: deque[SpawnGap]) -> None:
+        """Complete `gaps` from the store, each left at the head of `gaps` until done (an
+        interrupt leaves it for the next call). Their sessions (`SpawnGap.noted_by`) must be
+        saved first: of two recorders' sides, the later read then sees the other's save."""
+        for gap in one_at_a_time(gaps):
+            amendment = self._completed_link(gap)
+            if amendment is not None:
+                self.save(amendment)
+
+    async def alink_spawns(self, gaps: deque[SpawnGap]) -> None:
+        """`link_spawns` through `asave` (the read runs in a worker thread)."""
+        for gap in one_at_a_time(gaps):
+            amendment = await asyncio.to_thread(self._completed_link, gap)
+            if amendment is not None:
+                await self.asave(amendment)
+
+    def _completed_link(self, gap: SpawnGap) -> Session | None:
+        """The amendment that completes `gap` (the sub-agent's header with the tool call),
+        if the other end's stored outline holds the link; read once, not retried."""
+        store = self.store
+        if not isinstance(store, SessionStore):  # an exporter: nothing to read
+            return None
+        mine = gap.header is not None
+        read = gap.spawn.parent_session_id if mine else gap.session_id
+        if self._past_deadline_while_down():
+            logger.warning(
+                "not reading session %r: %r is down; sub-agent session %r keeps its spawn ref"
+                " without the tool call",
+                read,
+                store,
+                gap.session_id,
+            )
+            return None
+        try:
+            outline = store.load_outline(read)
+        except (SessionNotFound, InvalidSessionId):  # not stored (yet): its own save links it
+            return None
+        except Exception as error:  # a link is not worth failing the drain
+            logger.warning(
+                "session %r could not be read (%s): sub-agent session %r keeps its spawn ref"
+                " without the tool call",
+                read,
+                error if isinstance(error, PhiSessionError) else repr(error),
+                gap.session_id,
+            )
+            return None
+        return _spawn_amendment(gap, outline)
 
     @property
     def pending(self) -> list[Session]:
@@ -638,6 +713,43 @@ class SessionSaver:
                 orphaned=self._orphaned,
                 unsaved=len(self._unsaved_now()),
             )
+
+
+def _spawn_amendment(gap: SpawnGap, outline: SessionOutline) -> Session | None:
+    """The amendment completing `gap` from the other end's stored `outline`, or None if that
+    end holds no such link: the sub-agent's header (loops and session events left out, as
+    the recorder's amendments do), its spawn ref with the tool call. `merge_sessions` lets a
+    spawn ref with the tool call win over one without."""
+    spawn = gap.spawn
+    header = gap.header
+    if header is None:  # the spawner's side: `outline` is the sub-agent's
+        header = outline.session
+        stored = header.parent_spawn_ref
+        if (
+            stored is None
+            or stored.tool_call_id
+            or stored.parent_loop_id != spawn.parent_loop_id
+            or not any(
+                loop.loop_id in gap.loop_ids and loop.parent_loop_id == spawn.parent_loop_id
+                for loop in outline.loops
+            )
+        ):
+            return None
+    else:  # the sub-agent's side: `outline` is the spawner's
+        named = next(
+            (
+                ref
+                for loop in outline.loops
+                if loop.loop_id == spawn.parent_loop_id
+                for ref in loop.record.child_loop_refs
+                if ref.child_loop_id in gap.loop_ids and ref.tool_call_id
+            ),
+            None,
+        )
+        if named is None:
+            return None
+        spawn = replace(spawn, tool_call_id=named.tool_call_id, tool_name=named.tool_name)
+    return replace(header, parent_spawn_ref=spawn, loops=[], session_events=msgspec.UNSET)
 
 
 class SavedSpawners:

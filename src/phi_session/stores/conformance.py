@@ -52,6 +52,7 @@ from ..events import (
     MessageEnd,
     ProgressMessage,
     SessionFormation,
+    ToolExecutionEnd,
     TurnEnd,
     TurnStart,
 )
@@ -65,6 +66,7 @@ from ..messages import (
     TextFormat,
     ThinkingContent,
     ToolCall,
+    ToolResult,
     ToolResultMessage,
     TurnId,
     Usage,
@@ -72,6 +74,7 @@ from ..messages import (
 )
 from ..model import ChildLoopRef, LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef, Turn
 from ..recorder import SessionRecorder
+from ..saver import SessionSaver
 from .base import LoopStarts, SessionStore, SessionSummary, UsageTotal, merge_sessions, summarize
 from .outline import PROMPT_CHARS, session_outline
 from .query import LOOP_STATUSES, GroupBy, PageCursor, PruneCriteria, SessionQuery
@@ -432,6 +435,68 @@ def record_lines(lines: Iterable[bytes]) -> list[Session]:
         recorder.on_json(line)
     recorder.flush()
     return recorder.drain_completed()
+
+
+def _spawned_apart() -> tuple[list[AgentEvent], list[AgentEvent], list[Session]]:
+    """A spawner's events and its sub-agent's, and the sessions one recorder makes of both."""
+
+    def start(session_id: str, loop_id: str, seconds: float, parent: str | None = None) -> AgentStart:
+        return AgentStart(
+            agent_id="a", session_id=session_id, loop_id=loop_id, parent_loop_id=parent, timestamp=at(seconds)
+        )
+
+    def end(loop_id: str, seconds: float) -> AgentEnd:
+        return AgentEnd(loop_id=loop_id, messages=(), usage=_usage(1), timestamp=at(seconds))
+
+    spawned = ToolExecutionEnd(
+        loop_id="p.c.1",
+        tool_call_id="toolu_1",
+        tool_name="researcher",
+        result=ToolResult(content=(), child_loop_id="k.sub.1"),
+        is_error=False,
+    )
+    sub_agent: list[AgentEvent] = [start("k", "k.sub.1", 1, parent="p.c.1"), end("k.sub.1", 2)]
+    spawner: list[AgentEvent] = [start("p", "p.c.1", 0), spawned, end("p.c.1", 4)]
+    recorder = SessionRecorder()
+    recorder.record_all([spawner[0], *sub_agent, *spawner[1:]])
+    recorder.flush()
+    return spawner, sub_agent, recorder.drain_completed()
+
+
+def _save_apart(store: SessionStore, first: str) -> list[Session]:
+    """`_spawned_apart` saved into `store` by two recorders (the ``first`` side's saved and
+    linked first, or both saved before either reads); the sessions one recorder makes."""
+    spawner, sub_agent, reference = _spawned_apart()
+    recorders = {"spawner": SessionRecorder(), "sub-agent": SessionRecorder()}
+    recorders["spawner"].record_all(spawner)
+    recorders["sub-agent"].record_all(sub_agent)
+
+    def drain(side: str) -> None:
+        if side == "sub-agent":  # through the async path
+            asyncio.run(SessionSaver(store).adrain(recorders[side], flush=True))
+        else:
+            SessionSaver(store).drain(recorders[side], flush=True)
+
+    if first != "both saved first":
+        drain(first)
+        drain("sub-agent" if first == "spawner" else "spawner")
+        return reference
+    read = store.load_outline
+    reads: list[str] = []
+
+    def sub_agent_saved_first(session_id: str) -> Any:
+        reads.append(session_id)
+        if reads == ["k"]:  # the spawner's read of the sub-agent: saved (and linked) meanwhile
+            drain("sub-agent")
+        return read(session_id)
+
+    store.load_outline = sub_agent_saved_first  # type: ignore[method-assign]
+    try:
+        drain("spawner")
+    finally:
+        del store.load_outline
+    assert reads == ["k", "p"]
+    return reference
 
 
 def _recorded_parallel() -> Session:
@@ -933,6 +998,18 @@ class StoreConformance:
         store.save(session)
         store.save(session)
         assert encode_session(store.load("replain")) == encode_session(session)
+
+    def test_a_sub_agent_recorded_apart_from_its_spawner_gets_its_tool_call(
+        self, store: SessionStore
+    ) -> None:
+        # Two recorders, each saving through a saver of its own: the spawner's side and the
+        # sub-agent's each read the other's end once saved, whichever is saved first (or
+        # both before either reads), and the store ends as one recorder would leave it.
+        for order in ("spawner", "sub-agent", "both saved first"):
+            reference = _save_apart(store, order)
+            for session in reference:
+                assert encode_session(store.load(session.session_id)) == encode_session(session), order
+                store.delete(session.session_id)
 
     def test_drained_and_continued_session_loses_nothing(self, store: SessionStore) -> None:
         _examples()
