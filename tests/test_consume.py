@@ -486,6 +486,38 @@ def test_a_queue_sink_on_a_queue_whose_stream_ended_is_refused() -> None:
     asyncio.run(main())
 
 
+def test_a_queue_whose_consumer_took_the_end_marker_takes_a_new_stream() -> None:
+    # One queue, consumers one after another: each batch starts consume, makes a sink and
+    # a tracer, closes it, awaits the consumer. The first consumer took the marker and left
+    # the queue empty, yet batch 1's QueueSink was refused (InvalidArgument: 1 of 2 stored).
+    # Taken by consume (read, or taken as it is cancelled), the marker ends nothing more.
+    memory = MemoryStore()
+
+    async def main() -> list[int | None]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        saved: list[int | None] = []
+        for batch in range(3):
+            consumer = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=None))
+            await asyncio.sleep(0)  # the consumer waits for the queue
+            agent = AgentSession(agent_id="a", clock=FakeClock(), id_factory=f"b{batch}".format)
+            tracer, sink = tracer_into(queue, agent)
+            agent_work(tracer, 1)
+            sink.close()
+            if batch == 1:  # cancelled before reading: the marker is taken as it shuts down
+                consumer.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await consumer
+                saved.append(None)
+            else:
+                saved.append((await consumer).saved)
+            assert queue.empty()
+        return saved
+
+    assert asyncio.run(main()) == [1, None, 1]
+    assert sorted(memory.sessions) == ["b0", "b1", "b2"]
+    assert all(s.loops[0].status == "Completed" for s in memory.sessions.values())
+
+
 def test_per_request_tracers_feed_one_consumer_while_the_app_holds_a_sink_open() -> None:
     # The server pattern: one long-lived consumer, a tracer per request closed at its end.
     memory = MemoryStore()

@@ -2,7 +2,8 @@
 
 `consume(source, store)` reads events (typed events, or phi-core JSON lines as
 ``bytes``/``str``) from an ``asyncio.Queue`` (fed by `phi_session.sinks.QueueSink`s;
-``None``, put as the last of them closes, ends the stream) or any async iterable, records them, and every
+``None``, put as the last of them closes, ends the stream; once taken, a new sink may
+start the queue's next stream) or any async iterable, records them, and every
 `checkpoint_interval` seconds saves the sessions that have no open loop. When the
 stream ends, or the task is cancelled, it flushes the recorder (open loops are
 recorded as ``Aborted``) and saves everything, so a clean shutdown loses nothing:
@@ -35,6 +36,7 @@ from .events import EVENT_TYPES, AgentEvent
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder
 from .saver import SessionSaver
+from .sinks import end_marker_taken
 from .stores.base import SessionStore
 
 __all__ = ["ConsumeStats", "RejectedSink", "Source", "consume"]
@@ -137,6 +139,7 @@ class _Consumer:
             while True:
                 item = await source.get()
                 if item is None:
+                    end_marker_taken(source)
                     return
                 self.feed(item)
         else:
@@ -155,6 +158,7 @@ class _Consumer:
             except asyncio.QueueEmpty:
                 return
             if item is None:
+                end_marker_taken(source)
                 return
             self.feed(item)
 

@@ -187,12 +187,14 @@ class QueueSink:
     of several sinks sharing one queue (tracers feeding one consumer), only the last
     to close, the others still open having a stream to send. One garbage-collected
     unclosed no longer counts: if it was the last open one and another has closed, the
-    marker is put then. Once the marker is on its way the queue's stream has ended: a
-    new sink on it is refused (`InvalidArgument`), as its events would follow the
-    marker, unread. Tracers made and closed one after another (one per request) feed one
-    consumer while a sink the application holds open keeps the stream going; closing it
-    ends the stream. The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
-    the agent never waits for the consumer, and no event is dropped.
+    marker is put then. From the moment the marker is on its way until `consume` takes
+    it from the queue, a new sink on it is refused (`InvalidArgument`), as its events
+    would follow the marker, unread by the consumer it ends; once taken, a new sink
+    starts the queue's next stream, for the next consumer. Tracers made and closed one
+    after another (one per request) feed one consumer while a sink the application
+    holds open keeps the stream going; closing it ends the stream. The queue must be
+    unbounded (``asyncio.Queue()``; a bounded one is refused): the agent never waits for
+    the consumer, and no event is dropped.
     """
 
     def __init__(
@@ -240,8 +242,9 @@ class QueueSink:
             if self._sharing.ended:
                 raise InvalidArgument(
                     "QueueSink: the stream of this queue ended when its last QueueSink closed, and "
-                    "its consumer reads no further; give a new consumer a new queue, or hold one "
-                    "QueueSink of the queue open while tracers come and go"
+                    "its consumer reads nothing behind that end marker; make the sink once consume "
+                    "has taken the marker, give a new consumer a new queue, or hold one QueueSink of "
+                    "the queue open while tracers come and go"
                 )
             self._sharing.open += 1
         # Collected unclosed, the sink leaves its queue's open ones (holding neither it nor
@@ -284,8 +287,8 @@ class QueueSink:
 
     def close(self) -> None:
         """Signal the end of the stream to the consumer (after every event already sent),
-        unless another sink on the queue is still open: then the last of them does. The
-        queue's stream has then ended: no new sink may join it.
+        unless another sink on the queue is still open: then the last of them does. Until
+        `consume` takes the marker, no new sink may join the queue.
 
         The marker always goes through the loop's callback queue, behind the events
         other threads have handed over but the loop has not queued yet. Raises
@@ -305,8 +308,8 @@ class QueueSink:
 class _Sharing:
     """The `QueueSink`s of one queue: how many are open (neither closed nor collected),
     whether one closed while others were, owing the end-of-stream marker to the
-    last of them to leave, and whether the marker was handed over (put or on its way:
-    the stream has ended, no sink may join it). Read and changed under `_sharing_lock`."""
+    last of them to leave, and whether the marker was handed over and not yet taken by
+    `consume` (on its way or unread: no sink may join). Read and changed under `_sharing_lock`."""
 
     def __init__(self) -> None:
         self.open = 0
@@ -346,6 +349,18 @@ def _collected_unclosed(
 # Each queue's `_Sharing` (the queue weakly held).
 _sharing: weakref.WeakKeyDictionary[Any, _Sharing] = weakref.WeakKeyDictionary()
 _sharing_lock = threading.Lock()
+
+
+def end_marker_taken(queue: object) -> None:
+    """`consume` took the end-of-stream marker from `queue`: the stream it ended is over,
+    and a new `QueueSink` on the queue starts the next one (for the next consumer)."""
+    with _sharing_lock:
+        try:
+            sharing = _sharing.get(queue)
+        except TypeError:  # a queue that cannot be weakly referenced: its sinks share nothing
+            return
+        if sharing is not None:
+            sharing.ended = False
 
 
 def _closed_queue() -> InstrumentationError:
