@@ -535,10 +535,9 @@ class AdapterCore:
         self._book.unclaim((self.framework, key), self)
 
     def leave_note(self, key: str, note: Any) -> None:
-        """Keep `note` under `key` for the later runs that cores recording into the same
-        place start: an interrupted run's state for the next run of its framework session
-        (`take_note`), the loop of a framework run for the runs going on from it
-        (`read_note`), say."""
+        """Leave `note` under `key` for the next run that a core recording into the same
+        place starts to `take_note`: an interrupted run's state for the next run of its
+        framework session, say."""
         self._record_again()  # the book of the run's destination
         self._book.leave((self.framework, key), note)
 
@@ -547,8 +546,16 @@ class AdapterCore:
         self._record_again()
         return self._book.take((self.framework, key))
 
+    def keep_note(self, key: str, note: Any) -> None:
+        """Keep `note` under `key` for any later runs that cores recording into the same
+        place start to `read_note`: the loop of a framework run for the runs going on
+        from it, say. Kept apart from `leave_note`'s, so that one per run never pushes
+        those out."""
+        self._record_again()
+        self._book.keep((self.framework, key), note)
+
     def read_note(self, key: str) -> Any:
-        """The note left under `key`, if any, kept for the runs reading it later."""
+        """The note kept under `key` (`keep_note`), if any, kept for the runs reading it later."""
         self._record_again()
         return self._book.read((self.framework, key))
 

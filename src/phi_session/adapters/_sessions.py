@@ -37,7 +37,30 @@ if TYPE_CHECKING:
 __all__ = ["EmbeddedStore", "SessionBook", "book_for_sinks", "embedded_store"]
 
 
-_NOTES_KEPT = 4096  # notes (`SessionBook.leave`) a book keeps, the least recently used let go of
+_NOTES_KEPT = 4096  # notes of each kind a book keeps, the least recently used let go of
+
+
+class _Notes:
+    """Notes under keys, the last `_NOTES_KEPT` used kept. Used under its book's lock."""
+
+    def __init__(self) -> None:
+        self._notes: OrderedDict[object, Any] = OrderedDict()
+
+    def put(self, key: object, note: Any) -> None:
+        self._notes.pop(key, None)
+        self._notes[key] = note
+        if len(self._notes) > _NOTES_KEPT:
+            self._notes.popitem(last=False)
+
+    def pop(self, key: object) -> Any:
+        return self._notes.pop(key, None)
+
+    def get(self, key: object) -> Any:
+        """The note under `key`, if any, now the most recently used."""
+        note = self._notes.get(key)
+        if note is not None:
+            self._notes.move_to_end(key)
+        return note
 
 
 class SessionBook:
@@ -60,7 +83,11 @@ class SessionBook:
         self._progress: dict[str, tuple[object, ...]] = {}
         self._stored: dict[str, int] = {}  # session id -> its stored loops read (a store's sessions)
         self._claims: dict[object, object] = {}
-        self._notes: OrderedDict[object, Any] = OrderedDict()
+        # Two kinds of notes, each bounded on its own: the notes a run keeps for any
+        # number of later ones, one per run, never push out the few left for one run
+        # to take (an interrupted thread's, waiting for its human).
+        self._left = _Notes()
+        self._kept = _Notes()
 
     def claim(self, run: object, owner: object) -> object:
         """Who records framework run `run` here: `owner` if no one did yet (a handler
@@ -75,28 +102,27 @@ class SessionBook:
                 del self._claims[run]
 
     def leave(self, key: object, note: Any) -> None:
-        """Keep `note` under `key` for later runs, whichever core records them (an
-        interrupted run's state for the run of framework session `key` resuming it: a
-        handler made per call is the common case); the last `_NOTES_KEPT` are kept."""
+        """Leave `note` for the next run of framework session `key` to `take`, whichever
+        core records it (an interrupted run's state for the run resuming it: a handler
+        made per call is the common case); the last `_NOTES_KEPT` left are kept."""
         with self._lock:
-            notes = self._notes
-            notes.pop(key, None)
-            notes[key] = note
-            if len(notes) > _NOTES_KEPT:
-                notes.popitem(last=False)
+            self._left.put(key, note)
 
     def take(self, key: object) -> Any:
         """The note left for framework session `key` (then forgotten), if any."""
         with self._lock:
-            return self._notes.pop(key, None)
+            return self._left.pop(key)
+
+    def keep(self, key: object, note: Any) -> None:
+        """Keep `note` under `key` for any later run to `read` (the loop of a framework
+        run, for the runs going on from it); the last `_NOTES_KEPT` used are kept."""
+        with self._lock:
+            self._kept.put(key, note)
 
     def read(self, key: object) -> Any:
-        """The note left under `key`, if any, kept (as the most recently used)."""
+        """The note kept under `key`, if any, kept on (as the most recently used)."""
         with self._lock:
-            note = self._notes.get(key)
-            if note is not None:
-                self._notes.move_to_end(key)
-            return note
+            return self._kept.get(key)
 
     def allow_idle(self, max_idle: int) -> None:
         """Keep at least `max_idle` idle sessions (cores sharing a book may ask for more)."""

@@ -742,7 +742,7 @@ class PhiCapability(AbstractCapability[Any]):
             rewound_to=rewound_to,
         )
         if ctx.run_id is not None:
-            self._core.leave_note(ctx.run_id, recording.loop.loop_id)
+            self._core.keep_note(ctx.run_id, recording.loop.loop_id)
         return _Run(recording, self._core, ctx.run_id, ctx.prompt)
 
     def _close(self, run: _Run, error: BaseException | None) -> None:
