@@ -7,8 +7,9 @@ start the queue's next stream) or any async iterable, records them, and every
 `checkpoint_interval` seconds saves the sessions that have no open loop. When the
 stream ends, or the task is cancelled, it flushes the recorder (open loops are
 recorded as ``Aborted``) and saves everything, so a clean shutdown loses nothing:
-on cancellation it first takes every event in the queue, those put while it settles
-included (agent tasks cancelled with it, as ``asyncio.run`` ends, emit their ends then).
+on cancellation it first takes every event in the queue, and goes on taking those put
+while loops are still open, for a short grace (agent tasks cancelled with it, as
+``asyncio.run`` ends, emit their ends from their cleanup then).
 
 A periodic checkpoint hands a session over once it has no open loop; if the agent
 runs another loop in that session later, it is recorded as a new part of the same
@@ -42,6 +43,15 @@ from .stores.base import SessionStore
 __all__ = ["ConsumeStats", "RejectedSink", "Source", "consume"]
 
 logger = logging.getLogger("phi_session.consume")
+
+# After a cancellation, how long (seconds, in all) the consumer goes on taking the events
+# of loops still open: agent tasks cancelled with it write their tools' results and ends
+# from cleanup that may await a few times first (a stream closed, I/O).
+_ENDS_GRACE = 0.5
+# Meanwhile it yields one loop turn between takes while events come and for this many
+# empty takes in a row (cleanup awaiting turns), then polls every _ENDS_POLL seconds.
+_TURNS_BEFORE_POLLING = 8
+_ENDS_POLL = 0.005
 
 _Item_co = TypeVar("_Item_co", covariant=True)
 
@@ -148,27 +158,44 @@ class _Consumer:
                     return
                 self.feed(item)
 
-    def take_queued(self, source: Source) -> None:
-        """Record whatever the producers queued (the stream not ended: on cancellation)."""
-        if not isinstance(source, _GetQueue):
-            return
+    def take_queued(self, queue: _GetQueue[Item]) -> int | None:
+        """Record whatever the producers queued (the stream not ended: on cancellation);
+        how many items it took, or None once it took the end marker (nothing follows)."""
+        taken = 0
         while True:
             try:
-                item = source.get_nowait()
+                item = queue.get_nowait()
             except asyncio.QueueEmpty:
-                return
+                return taken
             if item is None:
-                end_marker_taken(source)
-                return
+                end_marker_taken(queue)
+                return None
             self.feed(item)
+            taken += 1
+
+    async def take_ends(self, queue: _GetQueue[Item]) -> None:
+        """Take what is queued, and go on taking while the recorder has open loops, for
+        at most `_ENDS_GRACE` seconds: the tasks cancelled with the consumer end their
+        tools and loops from their cleanup, which may await a few times (or for I/O)
+        before it writes them. Stops at the end marker, never reading past it."""
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + _ENDS_GRACE
+        empty = 0
+        while True:
+            taken = self.take_queued(queue)
+            if taken is None or not self.recorder.stats()["open_loops"] or clock.time() >= deadline:
+                return
+            empty = 0 if taken else empty + 1
+            await asyncio.sleep(0 if empty <= _TURNS_BEFORE_POLLING else _ENDS_POLL)
 
     async def shutdown(self, cancelled_reading: Source | None) -> None:
-        """Flush the recorder and save everything, first taking what is queued in
-        `cancelled_reading`, the source if cancelled while reading it: taken only now,
-        once the consumer has settled, what the tasks cancelled with it emitted meanwhile
-        (their finally blocks ending tools and loops) is recorded too."""
-        if cancelled_reading is not None:
-            self.take_queued(cancelled_reading)
+        """Flush the recorder and save everything, first taking the ends of open loops
+        queued in `cancelled_reading`, the source if cancelled while reading it (a queue):
+        taken only now, once the consumer has settled, and a while longer if loops are
+        still open, what the tasks cancelled with it emitted meanwhile (their cleanup
+        ending tools and loops) is recorded too."""
+        if isinstance(cancelled_reading, _GetQueue):
+            await self.take_ends(cancelled_reading)
         await self.saver.adrain(self.recorder, flush=True)
         if self.saver.stats().unsaved:  # one more round, then hand them back rather than drop them
             await self.saver.aretry_unsaved()
@@ -196,7 +223,12 @@ async def consume(
     options). Sessions are saved by a `SessionSaver`: a failed save is retried for
     `retry_for` seconds, then once more at shutdown, and what still fails is handed
     back in `ConsumeStats.unsaved`. On cancellation the final flush and save still
-    run (shielded from a second cancellation), then ``CancelledError`` propagates. Decoding errors of
+    run (shielded from a second cancellation), then ``CancelledError`` propagates; a
+    queue is first read of what it holds and, while the recorder has loops open, of what
+    comes next, for a grace of at most 0.5 s in all (the agent tasks cancelled with the
+    consumer write their tools' results and loops' ends from their cleanup): it stops
+    as soon as no loop is open or at the end-of-stream marker, and a loop still open
+    then is saved as it is, ``Aborted``. Decoding errors of
     JSON lines are logged and counted, never raised; `rejected` (default: none, such
     items are not kept) is called with each item that could not be recorded, exactly as
     taken from the source; if it raises, that is logged and the run goes on. Returns the
