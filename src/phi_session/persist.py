@@ -373,7 +373,7 @@ class AutoPersistingRecorder:
         # _close_lock: `close` runs one call at a time (a second waits, then finds it done).
         self._close_lock = threading.Lock()
         # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _drained, _gaps,
-        # _settled_through, _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
+        # _settled_through, _unwritten_orphans, _since_checkpoint, _events, _counters, _warned_pins.
         # Every event takes it twice (`_enter`, `_leave`): there its lock `_mutex` is
         # acquired and released by hand, sparing the Python-level `Condition.__enter__`
         # and the bound methods a `with` statement makes.
@@ -401,8 +401,9 @@ class AutoPersistingRecorder:
         # Orphans drained, not yet in orphans.jsonl (or, with no journal, handed to the sink).
         self._unwritten_orphans: list[OrphanEvent] = []
         self._since_checkpoint = 0
+        self._events = 0  # events recorded: every event adds one, cheaper to an attribute than in `_counters`
         self._counters = dict.fromkeys(
-            ("events", "checkpoints", "orphans_written", "orphans_dropped", "segments_removed"), 0
+            ("checkpoints", "orphans_written", "orphans_dropped", "segments_removed"), 0
         )
         self._warned_pins: set[str] = set()
         # Drained from the recorder, not yet waiting (a hand-over interrupted): the next takes them first.
@@ -468,9 +469,13 @@ class AutoPersistingRecorder:
         except BaseException:
             self._leave(start)
             raise
-        session_id = cast(_SessionEvent, event).session_id if _opens_session(type(event)) else None
+        # Only a journal is pinned by a session's events (`_leave`).
+        journaled = self.journal is not None
+        session_id = (
+            cast(_SessionEvent, event).session_id if journaled and _opens_session(type(event)) else None
+        )
         due = self._leave(start, session_id, recorded=True)
-        if due or self.journal is not None:
+        if due or journaled:
             self._after_event(seq, due)
 
     def on_json(self, data: bytes | str) -> None:
@@ -498,7 +503,8 @@ class AutoPersistingRecorder:
         """A producer starts recording one event; returns the journal seq it may be numbered from."""
         self._mutex.acquire()
         try:
-            self._check_open()
+            if self._closed:
+                self._check_open()
             start = self.journal.last_seq + 1 if self.journal is not None else 0
             self._feeding[start] = self._feeding.get(start, 0) + 1
             return start
@@ -509,17 +515,18 @@ class AutoPersistingRecorder:
         """The producer is done; pins `session_id` from `start`. Returns whether a checkpoint is due."""
         self._mutex.acquire()
         try:
-            if self._feeding[start] == 1:
-                del self._feeding[start]
-                if self._closed and not self._feeding:
+            feeding = self._feeding
+            if feeding[start] == 1:
+                del feeding[start]
+                if self._closed and not feeding:
                     self._lock.notify_all()  # `close` waits for the last producer
             else:
-                self._feeding[start] -= 1
+                feeding[start] -= 1
             if session_id is not None and self.journal is not None:
                 self._pin(session_id, start)
             if not recorded:
                 return False
-            self._counters["events"] += 1
+            self._events += 1
             self._since_checkpoint += 1
             return self._since_checkpoint >= self.checkpoint_every
         finally:
@@ -1027,7 +1034,7 @@ class AutoPersistingRecorder:
         segments removed and sequence numbers, plus the recorder's own `stats`."""
         saver = self._saver.stats()
         with self._lock, self._cond:
-            stats: dict[str, float] = dict(self._counters)
+            stats: dict[str, float] = {"events": self._events, **self._counters}
             stats.update(
                 {
                     "sessions_saved": saver.saved,
