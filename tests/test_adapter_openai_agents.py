@@ -1018,7 +1018,7 @@ def assert_chat_calc_recorded(loop: Any) -> None:
         ("ToolCall", "call_1"),
     ]
     assert first.output_message.content[1].arguments == {"a": 2, "b": 40}
-    assert [m.tool_call_id for m in first.tool_results] == ["call_1"]
+    assert [(m.tool_call_id, m.content[0].text) for m in first.tool_results] == [("call_1", "42")]
     assert second.output_message.content[0].text == "The answer is 42"
     assert [(turn.usage.input, turn.usage.output) for turn in loop.turns] == [(11, 7), (21, 3)]
 
@@ -1066,6 +1066,27 @@ def test_the_hooks_give_the_content_a_span_with_usage_lacks(
     asyncio.run(go())
     (loop,) = sessions(recorder)["chat-red"].loops
     assert_chat_calc_recorded(loop)
+
+
+def test_the_hooks_give_a_failed_tool_the_text_the_model_got_whatever_the_span_keeps(
+    recorder: SessionRecorder,
+) -> None:
+    # trace_include_sensitive_data=False: the function spans keep no output, and the failed
+    # one's error says the details are redacted; the hooks see what the model is sent.
+    model = scripted(
+        [
+            function_call("add", {"a": 1, "b": 2}, call_id="k1"),
+            function_call("broken", {"x": 2}, call_id="k2"),
+        ],
+        [assistant_message("done")],
+    )
+    config = RunConfig(trace_metadata={"phi.session_id": "red-tools"}, trace_include_sensitive_data=False)
+    result = run(Agent(name="calc", model=model, tools=[add, broken]), "go", run_config=config)
+    sent = [item.output for item in result.new_items if type(item).__name__ == "ToolCallOutputItem"]
+    (loop,) = sessions(recorder)["red-tools"].loops
+    recorded = [(m.tool_call_id, m.is_error, m.content[0].text) for m in loop.turns[0].tool_results]  # type: ignore[union-attr]
+    assert recorded == [("k1", False, "3"), ("k2", True, sent[1])]
+    assert sent[1].startswith("An error occurred while running the tool")
 
 
 def test_stream_wrapper_records_text_deltas() -> None:

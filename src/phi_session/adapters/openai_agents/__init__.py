@@ -262,6 +262,11 @@ def _running_task() -> asyncio.Task[Any] | None:
         return None
 
 
+def _output_text(output: Any) -> str:
+    """A tool's output as recorded: the SDK's string form (None: no text)."""
+    return "" if output is None else str(output)
+
+
 def _error_text(error: Any) -> str:
     """A span error as text: the SDK's message ("Error in agent run", "Error running tool")
     and the cause it keeps in the error's data."""
@@ -415,6 +420,9 @@ class _Tool:
     args: Any = None
     scope: ToolScope | None = None
     token: Any = None
+    # What the model is sent as its result, as `PhiRunHooks` saw it (`on_tool_end`): the
+    # span keeps it only with sensitive data, and a failure's only as "redacted".
+    output: str | None = None
 
     def started(self) -> ToolScope | None:
         if self.scope is None and self.turn.running:
@@ -717,6 +725,12 @@ class _Mapper:
             tool.call_id, tool.args = call_id, tool.loop.take_call(call_id, arguments)
             tool.started()
 
+    def tool_output(self, span_id: str, result: Any) -> None:
+        """The hooks' result of a function span's tool (before the span ends)."""
+        tool = self._tools.get(span_id)
+        if tool is not None:
+            tool.output = _output_text(result)
+
     def _tool_ended(self, span_id: str, data: Any, error: Any) -> None:
         tool = self._tools.pop(span_id, None)
         if tool is None:
@@ -730,7 +744,7 @@ class _Mapper:
         leave_tool(tool.token)
         if scope is None or not scope.running:
             return
-        output = "" if data.output is None else str(data.output)
+        output = tool.output if tool.output is not None else _output_text(data.output)
         if error is not None:
             scope.error(output or _error_text(error))
         else:
@@ -937,8 +951,9 @@ _installed_with: tuple[object, ...] = ()  # the arguments of the `install` in fo
 class PhiRunHooks(RunHooks[Any]):
     """Run hooks that make the recording exact: pass ``hooks=PhiRunHooks()`` to ``Runner.run``.
 
-    Inside a function span, `on_tool_start` sees the tool call's id and arguments;
-    `on_agent_start` gives the agent's model name, `on_llm_start` the prompt and
+    Inside a function span, `on_tool_start` sees the tool call's id and arguments and
+    `on_tool_end` the result the model is sent (a failed tool's too), whatever the span
+    keeps; `on_agent_start` gives the agent's model name, `on_llm_start` the prompt and
     `on_llm_end` the content and usage of a model whose spans carry none. Return values are the SDK's own
     (None); a fault is counted by the adapter, never raised.
     """
@@ -993,6 +1008,17 @@ class PhiRunHooks(RunHooks[Any]):
             call_id = getattr(context, "tool_call_id", None)
             if span is not None and call_id is not None:
                 mapper.exact_call(span.span_id, call_id, getattr(context, "tool_arguments", None))
+        except Exception as caught:
+            mapper.core.fault(caught)
+
+    async def on_tool_end(self, context: Any, agent: Any, tool: Any, result: Any) -> None:
+        mapper = _processor.mapper
+        if mapper is None:
+            return
+        try:
+            span = get_current_span()
+            if span is not None:
+                mapper.tool_output(span.span_id, result)
         except Exception as caught:
             mapper.core.fault(caught)
 
