@@ -912,6 +912,89 @@ def test_without_hooks_parallel_calls_of_one_tool_keep_their_ids(recorder: Sessi
     assert kinds == ["ToolExecutionStart", "ToolExecutionStart", "ToolExecutionEnd", "ToolExecutionEnd"]
 
 
+@function_tool(needs_approval=True)
+def delete_file(path: str) -> str:
+    """Delete a file, once a human approved it."""
+    return f"deleted {path}"
+
+
+@function_tool
+def forget(key: str) -> None:
+    """Forget a key; returns nothing."""
+
+
+def call_item(name: str, arguments: dict[str, Any], call_id: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": f"fc_{call_id}",
+        "call_id": call_id,
+        "name": name,
+        "arguments": json.dumps(arguments),
+        "status": "completed",
+    }
+
+
+def message_item(text: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}]
+    return {"type": "message", "id": "m", "role": "assistant", "status": "completed", "content": content}
+
+
+def responses_model(*outputs: list[dict[str, Any]]) -> OpenAIResponsesModel:
+    """A Responses model answering with each output in turn (its spans carry the content)."""
+    return OpenAIResponsesModel("gpt-test-1", responses_client(*(response_body(o, 10, 1) for o in outputs)))
+
+
+def approval_agent() -> Agent[Any]:
+    """An agent calling `delete_file` on /tmp/x (call d1), then answering "all done"."""
+    model = responses_model([call_item("delete_file", {"path": "/tmp/x"}, "d1")], [message_item("all done")])
+    return Agent(name="ops", tools=[delete_file], model=model)
+
+
+def results_of(loop: Any) -> list[tuple[str, bool, str]]:
+    return [
+        (m.tool_call_id, m.is_error, m.content[0].text)
+        for m in loop.messages
+        if isinstance(m, ToolResultMessage)
+    ]
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
+@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+def test_a_call_awaiting_approval_gets_a_result_saying_so(
+    recorder: SessionRecorder, hooks: bool, task_spans: bool
+) -> None:
+    # The SDK checks the approval in a function span, which ends with no output nor error.
+    config = RunConfig(group_id="hitl", tracing={"include_task_and_turn_spans": task_spans})
+    hooked = openai_agents.PhiRunHooks() if hooks else None
+    result = run(approval_agent(), "delete it", hooks=hooked, run_config=config)
+    assert [item.raw_item.call_id for item in result.interruptions] == ["d1"]
+    (loop,) = sessions(recorder)["hitl"].loops
+    assert results_of(loop) == [("d1", False, "[deferred: needs_approval]")]
+    assert loop.status == "Completed" and len(loop.turns) == 1
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
+@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+@pytest.mark.parametrize("sensitive", [True, False], ids=["sensitive", "not-sensitive"])
+def test_a_tool_returning_none_still_returned(
+    recorder: SessionRecorder, hooks: bool, task_spans: bool, sensitive: bool
+) -> None:
+    # Its span ends as a call awaiting approval does; the run goes on after it.
+    model = responses_model([call_item("forget", {"key": "k"}, "f1")], [message_item("forgotten")])
+    config = RunConfig(
+        group_id="none",
+        trace_include_sensitive_data=sensitive,
+        tracing={"include_task_and_turn_spans": task_spans},
+    )
+    hooked = openai_agents.PhiRunHooks() if hooks else None
+    run(Agent(name="mem", tools=[forget], model=model), "forget k", hooks=hooked, run_config=config)
+    (loop,) = sessions(recorder)["none"].loops
+    ((call_id, is_error, text),) = results_of(loop)
+    assert (is_error, text) == (False, "")
+    assert call_id == "f1" or not (hooks or sensitive)  # else nothing shows the call
+    assert loop.status == "Completed" and len(loop.turns) == 2
+
+
 def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(

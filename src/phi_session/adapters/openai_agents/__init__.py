@@ -17,7 +17,10 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
   (text, reasoning, tool calls with their ids, usage of that response only; model
   from the response);
 * ``function`` -> the tool's events and result (a span error -> ``is_error``); a run
-  started inside a tool is that tool's sub-agent (own session, linked both ways);
+  started inside a tool is that tool's sub-agent (own session, linked both ways); a call
+  the run ends awaiting approval (``needs_approval``: the SDK checks it in a function span
+  ending with no output nor error, as a tool returning None does before the run goes on)
+  gets the result ``[deferred: needs_approval]``;
 * ``handoff`` -> the transfer call's result as the SDK writes it (``{"assistant": name}``);
   the reply that calls it stops with ``handoff``, function tools it calls too (their spans
   come first) notwithstanding (`_Mapper._hands_off`);
@@ -78,6 +81,7 @@ from .._core import (
     AdapterCore,
     AdapterRun,
     SinkArg,
+    deferred_result,
     enter_tool,
     leave_tool,
     loop_config,
@@ -277,6 +281,9 @@ def _error_text(error: Any) -> str:
 
 
 _MODEL_SPANS = frozenset(("response", "generation"))
+# The result of a call the run left awaiting approval (``needs_approval``: one of the
+# result's ``interruptions``), which a run resumed from its state runs or rejects.
+_AWAITING_APPROVAL = deferred_result("needs_approval")
 # The output the SDK gives each handoff call of a response after the first, which it acts on.
 _IGNORED_HANDOFF = "Multiple handoffs detected, ignoring this one."
 _LOOP_SPANS = frozenset(("task", "agent"))
@@ -426,8 +433,9 @@ class _Tool:
 
     def started(self) -> ToolScope | None:
         if self.scope is None and self.turn.running:
-            call_id = self.call_id if self.call_id is not None else self.loop.new_call_id()
-            self.scope = self.turn.tool(id=call_id, name=self.name, args=self.args or {}).start()
+            if self.call_id is None:
+                self.call_id = self.loop.new_call_id()
+            self.scope = self.turn.tool(id=self.call_id, name=self.name, args=self.args or {}).start()
         return self.scope
 
 
@@ -459,6 +467,9 @@ class _Loop:
     handing_off: bool = False  # a handoff span started since the running agent's
     place: tuple[str, asyncio.Task[Any] | None] | None = None  # its trace and task (no task spans)
     rejection: str | None = None  # a tripped input guardrail's, recorded as the run ends
+    # Tools whose span ended with neither an output nor an error: awaiting approval if the
+    # run ends next, else they returned nothing (`_Mapper._settle`).
+    undecided: list[_Tool] = field(default_factory=list)
 
     def match_call(self, name: str) -> ToolCall | None:
         """The response's next unmatched call named `name`, if any."""
@@ -559,7 +570,7 @@ class _Mapper:
             if loop is not None:
                 self._model_ended(loop, span)
         elif kind == "turn":
-            if loop is not None:
+            if loop is not None and not loop.undecided:  # else it ends once they are decided
                 self._end_turn(loop)
         elif kind == "task":
             if loop is not None:
@@ -740,16 +751,35 @@ class _Mapper:
             self._end_loop(nested, error)
         if tool.args is None:
             tool.args = _arguments(data.input)
-        scope = tool.started()
+        tool.started()
         leave_tool(tool.token)
+        output = tool.output if tool.output is not None else data.output
+        if output is None and error is None:
+            tool.loop.undecided.append(tool)
+            return
+        self._tool_result(tool, _output_text(output), error)
+
+    @staticmethod
+    def _tool_result(tool: _Tool, output: str, error: Any) -> None:
+        scope = tool.started()
         if scope is None or not scope.running:
             return
-        output = tool.output if tool.output is not None else _output_text(data.output)
         if error is not None:
             scope.error(output or _error_text(error))
         else:
             scope.result(output)
         scope.end()
+
+    def _settle(self, loop: _Loop, *, went_on: bool) -> None:
+        """Give the undecided tools their results. The SDK checks a call that needs approval
+        in a function span that it ends with no output nor error while the call awaits
+        approval, the run then ending with it among its interruptions; the span of a tool
+        that returned None ends alike (and every span without sensitive data, the hooks
+        giving no result), but the run goes on (`went_on`: a model call, a turn, a handoff):
+        then it returned nothing, else it awaits approval."""
+        undecided, loop.undecided = loop.undecided, []
+        for tool in undecided:
+            self._tool_result(tool, "" if went_on else _AWAITING_APPROVAL, None)
 
     def _handed_off(self, loop: _Loop, agent_name: str) -> None:
         """The handoff calls' results, as the SDK writes them into the history: the
@@ -796,6 +826,8 @@ class _Mapper:
             loop.rejection = f"input guardrail {name} triggered"
 
     def _end_turn(self, loop: _Loop) -> None:
+        if loop.undecided:  # the run goes on past them
+            self._settle(loop, went_on=True)
         self._finish_message(loop)
         turn = loop.turn
         if turn is not None and turn.running:
@@ -812,6 +844,8 @@ class _Mapper:
         run = loop.run
         if run is None:
             return
+        if loop.undecided:  # the run ends with them: awaiting approval, unless it failed
+            self._settle(loop, went_on=error is not None)
         reason = loop.rejection
         if reason is not None:
             if run.loop.running:

@@ -75,6 +75,7 @@ from .._core import (
     AdapterCore,
     AdapterRun,
     SinkArg,
+    deferred_result,
     enter_tool,
     jsonable,
     leave_tool,
@@ -250,16 +251,12 @@ def _tool_result_message(part: pai.ToolReturnPart, timestamp: int) -> ToolResult
     )
 
 
-def _deferred(name: str) -> str:
-    return f"[deferred: {name}]"
-
-
 def _deferred_returns(requests: DeferredToolRequests) -> list[pai.ToolReturnPart]:
     """A result saying so for each call handed back to the caller, as a tool raising
     `CallDeferred` or `ApprovalRequired` gets (tools needing approval and external tools
     never run, so no tool hook sees them)."""
     return [
-        pai.ToolReturnPart(call.tool_name, _deferred(kind.__name__), call.tool_call_id)
+        pai.ToolReturnPart(call.tool_name, deferred_result(kind.__name__), call.tool_call_id)
         for kind, calls in ((CallDeferred, requests.calls), (ApprovalRequired, requests.approvals))
         for call in calls
     ]
@@ -951,7 +948,7 @@ def _tool_end(
         tool.result(_tool_result_content(call, error.result))
     elif isinstance(error, (CallDeferred, ApprovalRequired)):
         # Handed back to the caller (DeferredToolRequests): no result yet.
-        tool.result(_deferred(type(error).__name__))
+        tool.result(deferred_result(type(error).__name__))
     else:
         tool.end(error)
         return
