@@ -945,9 +945,30 @@ def responses_model(*outputs: list[dict[str, Any]]) -> OpenAIResponsesModel:
 
 
 def approval_agent() -> Agent[Any]:
-    """An agent calling `delete_file` on /tmp/x (call d1), then answering "all done"."""
-    model = responses_model([call_item("delete_file", {"path": "/tmp/x"}, "d1")], [message_item("all done")])
-    return Agent(name="ops", tools=[delete_file], model=model)
+    """An agent calling `delete_file` on /tmp/x (call d1), then answering "all done"
+    (streamed or not: `chat_client`)."""
+    client = chat_client(("", [("d1", "delete_file", {"path": "/tmp/x"})], 10, 1), ("all done", [], 7, 1))
+    return Agent(name="ops", tools=[delete_file], model=OpenAIChatCompletionsModel("gpt-chat-1", client))
+
+
+def resume(agent: Agent[Any], state: Any, hooks: bool, config: RunConfig, *, streamed: bool = False) -> Any:
+    """Run `agent` on `state` (a run's ``to_state()``), as `run` does, streamed or not."""
+    hooked = openai_agents.PhiRunHooks() if hooks else None
+    if not streamed:
+        return run(agent, state, hooks=hooked, run_config=config)
+
+    async def go() -> Any:
+        result = Runner.run_streamed(agent, state, hooks=hooked, run_config=config)
+        async for _ in openai_agents.stream(result):
+            pass
+        return result
+
+    return asyncio.run(go())
+
+
+# Runs with and without `PhiRunHooks`, with and without task and turn spans.
+each_hooks = pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
+each_task_spans = pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
 
 
 def results_of(loop: Any) -> list[tuple[str, bool, str]]:
@@ -958,8 +979,8 @@ def results_of(loop: Any) -> list[tuple[str, bool, str]]:
     ]
 
 
-@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
-@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+@each_hooks
+@each_task_spans
 def test_a_call_awaiting_approval_gets_a_result_saying_so(
     recorder: SessionRecorder, hooks: bool, task_spans: bool
 ) -> None:
@@ -973,8 +994,8 @@ def test_a_call_awaiting_approval_gets_a_result_saying_so(
     assert loop.status == "Completed" and len(loop.turns) == 1
 
 
-@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
-@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+@each_hooks
+@each_task_spans
 @pytest.mark.parametrize("sensitive", [True, False], ids=["sensitive", "not-sensitive"])
 def test_a_tool_returning_none_still_returned(
     recorder: SessionRecorder, hooks: bool, task_spans: bool, sensitive: bool
@@ -993,6 +1014,131 @@ def test_a_tool_returning_none_still_returned(
     assert (is_error, text) == (False, "")
     assert call_id == "f1" or not (hooks or sensitive)  # else nothing shows the call
     assert loop.status == "Completed" and len(loop.turns) == 2
+
+
+@each_hooks
+@each_task_spans
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "streamed"])
+def test_a_run_resumed_after_approval_continues_the_interrupted_loop(
+    recorder: SessionRecorder, hooks: bool, task_spans: bool, streamed: bool
+) -> None:
+    # The SDK resumes in the interrupted run's trace without telling processors, and runs
+    # the approved tool before any turn.
+    config = RunConfig(group_id="hitl", tracing={"include_task_and_turn_spans": task_spans})
+    agent = approval_agent()
+    first = resume(agent, "delete it", hooks, config, streamed=streamed)
+    state = first.to_state()
+    state.approve(first.interruptions[0])
+    second = resume(agent, state, hooks, config, streamed=streamed)
+    assert second.final_output == "all done"
+    core = openai_agents.installed()
+    assert core is not None and core.open_runs == 0 and core.fault_count == 0
+    found = sessions(recorder)
+    assert list(found) == ["hitl"]
+    interrupted, resumed = found["hitl"].loops
+    assert results_of(interrupted) == [("d1", False, "[deferred: needs_approval]")]
+    assert resumed.parent_loop_id == interrupted.loop_id and resumed.kind.kind == "Default"
+    assert resumed.status == "Completed" and (resumed.usage.input, resumed.usage.output) == (7, 1)
+    # The tool's result goes in ahead of the first turn's reply, as in the request.
+    result, reply = resumed.messages
+    (turn,) = resumed.turns
+    assert turn.input_messages == (result,) and turn.output_message == reply
+    assert results_of(resumed) == [("d1", False, "deleted /tmp/x")]
+    assert reply.content[0].text == "all done"  # type: ignore[union-attr]
+
+
+@each_hooks
+@each_task_spans
+def test_a_run_resumed_after_a_rejection_records_what_the_model_is_sent(
+    recorder: SessionRecorder, hooks: bool, task_spans: bool
+) -> None:
+    # A rejected call gets no span: its result is the output the resumed run sends the model.
+    config = RunConfig(
+        trace_metadata={"phi.session_id": "rej"}, tracing={"include_task_and_turn_spans": task_spans}
+    )
+    agent = approval_agent()
+    first = resume(agent, "delete it", hooks, config)
+    state = first.to_state()
+    state.reject(first.interruptions[0], rejection_message="not /tmp/x")
+    second = resume(agent, state, hooks, config)
+    sent = [item.output for item in second.new_items if type(item).__name__ == "ToolCallOutputItem"]
+    assert sent == ["not /tmp/x"]
+    interrupted, resumed = sessions(recorder)["rej"].loops
+    assert resumed.parent_loop_id == interrupted.loop_id and resumed.status == "Completed"
+    assert results_of(resumed) == [("d1", False, "not /tmp/x")]
+    assert resumed.messages[-1].content[0].text == "all done"  # type: ignore[union-attr]
+
+
+def test_a_resumed_run_tells_its_approved_call_from_its_rejected_one(recorder: SessionRecorder) -> None:
+    # Both calls are of one tool: matched by name, the approved one's span would take d1.
+    model = responses_model(
+        [call_item("delete_file", {"path": "/a"}, "d1"), call_item("delete_file", {"path": "/b"}, "d2")],
+        [message_item("one left")],
+    )
+    agent = Agent(name="ops", tools=[delete_file], model=model)
+    first = run(agent, "delete both", run_config=in_session("mixed"))
+    state = first.to_state()
+    rejected, approved = first.interruptions
+    state.reject(rejected, rejection_message="keep /a")
+    state.approve(approved)
+    run(agent, state, run_config=in_session("mixed"))
+    interrupted, resumed = sessions(recorder)["mixed"].loops
+    assert results_of(interrupted) == [
+        ("d1", False, "[deferred: needs_approval]"),
+        ("d2", False, "[deferred: needs_approval]"),
+    ]
+    assert sorted(results_of(resumed)) == [("d1", False, "keep /a"), ("d2", False, "deleted /b")]
+
+
+@each_hooks
+def test_a_call_a_resumed_run_leaves_awaiting_approval_is_answered_in_the_next(
+    recorder: SessionRecorder, hooks: bool
+) -> None:
+    model = responses_model(
+        [call_item("delete_file", {"path": "/a"}, "d1"), call_item("delete_file", {"path": "/b"}, "d2")],
+        [message_item("kept /b")],
+    )
+    agent = Agent(name="ops", tools=[delete_file], model=model)
+    first = resume(agent, "delete both", hooks, in_session("twice"))
+    state = first.to_state()
+    state.approve(first.interruptions[0])  # d2 undecided: the run stops again, calling no model
+    second = resume(agent, state, hooks, in_session("twice"))
+    assert [item.raw_item.call_id for item in second.interruptions] == ["d2"]
+    state = second.to_state()
+    state.reject(second.interruptions[0], rejection_message="keep /b")
+    resume(agent, state, hooks, in_session("twice"))
+    interrupted, approved, rejected = sessions(recorder)["twice"].loops
+    assert [loop.parent_loop_id for loop in (approved, rejected)] == [interrupted.loop_id, approved.loop_id]
+    assert results_of(approved) == [("d1", False, "deleted /a")] and not approved.turns
+    assert results_of(rejected) == [("d2", False, "keep /b")]
+    assert rejected.messages[-1].content[0].text == "kept /b"  # type: ignore[union-attr]
+
+
+@each_task_spans
+def test_an_agent_a_resumed_run_calls_as_an_approved_tool_is_its_sub_agent(
+    recorder: SessionRecorder, task_spans: bool
+) -> None:
+    # Run before the first turn, no tool scope runs to make it one: it took the session.
+    researcher = Agent(name="researcher", model=responses_model([message_item("found it")]))
+    lead = Agent(
+        name="lead",
+        tools=[researcher.as_tool(tool_name="research", tool_description="r", needs_approval=True)],
+        model=responses_model([call_item("research", {"input": "q"}, "r1")], [message_item("done")]),
+    )
+    config = RunConfig(group_id="lead", tracing={"include_task_and_turn_spans": task_spans})
+    first = run(lead, "go", run_config=config)
+    state = first.to_state()
+    state.approve(first.interruptions[0])
+    run(lead, state, run_config=config)
+    found = sessions(recorder)
+    interrupted, resumed = found.pop("lead").loops
+    assert resumed.parent_loop_id == interrupted.loop_id
+    assert results_of(resumed) == [("r1", False, "found it")]
+    (child,) = found.values()
+    (child_loop,) = child.loops
+    assert child.parent_spawn_ref is not None and child.parent_spawn_ref.parent_loop_id == resumed.loop_id
+    assert child_loop.parent_loop_id == resumed.loop_id
+    assert child_loop.turns[0].triggered_by == "SubAgent"
 
 
 def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> None:

@@ -10,9 +10,9 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
 * a ``task`` span (one ``Runner`` run) is a loop; its first ``agent`` span names the
   agent, a later one is a handoff (the loop ends with stop reason ``handoff`` and the
   next agent's loop continues it); with ``include_task_and_turn_spans`` off the agent
-  span is the loop and each model span a turn, and a later agent span of the run (in
-  its trace and asyncio task) is a handoff only after a ``handoff`` span (else it is
-  the next run);
+  span is the loop (ending with the run's last agent span) and each model span a turn,
+  and a later agent span of the run (in its trace and asyncio task) is a handoff only
+  after a ``handoff`` span (else it is the next run);
 * ``turn`` -> TurnStart/TurnEnd; ``response``/``generation`` -> the assistant message
   (text, reasoning, tool calls with their ids, usage of that response only; model
   from the response);
@@ -21,6 +21,13 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
   the run ends awaiting approval (``needs_approval``: the SDK checks it in a function span
   ending with no output nor error, as a tool returning None does before the run goes on)
   gets the result ``[deferred: needs_approval]``;
+* a run resumed from its ``RunState`` (``Runner.run(agent, state)`` after
+  ``state.approve`` or ``state.reject``) continues the interrupted loop: the SDK goes on
+  in its trace without telling processors, the session is read from it
+  (`_Mapper._session`); the approved calls it runs before its first model call and the
+  rejected ones (the output the model is sent) are tool results ahead of its first
+  turn's reply, as in its request (no turn holds them: no tool events; an agent run as
+  an approved tool is a sub-agent linked one way, `AdapterCore.start_sub_agent`);
 * ``handoff`` -> the transfer call's result as the SDK writes it (``{"assistant": name}``);
   the reply that calls it stops with ``handoff``, function tools it calls too (their spans
   come first) notwithstanding (`_Mapper._hands_off`);
@@ -246,6 +253,36 @@ def _user_texts(items: Any) -> list[str]:
     return [_text_of(_get(item, "content")) for item in new if _get(item, "role") == "user"]
 
 
+def _tool_outputs(items: Any) -> dict[str, str]:
+    """The tool outputs a model input sends after its last output item, by call id
+    (Responses ``function_call_output`` items or Chat ``tool`` messages)."""
+    if isinstance(items, str):
+        return {}
+    outputs: dict[str, str] = {}
+    for item in since_last_reply(list(items or ()), _is_output):
+        get = _getter(item)
+        if get("type", None) == "function_call_output":
+            call_id, output = get("call_id", None), get("output", None)
+        elif get("role", None) == "tool":
+            call_id, output = get("tool_call_id", None), get("content", None)
+        else:
+            continue
+        outputs[str(call_id)] = output if isinstance(output, str) else _text_of(output)
+    return outputs
+
+
+def _tool_result_message(
+    call_id: str, name: str, text: str, run: AdapterRun, *, is_error: bool
+) -> ToolResultMessage:
+    return ToolResultMessage(
+        tool_call_id=call_id,
+        tool_name=name,
+        content=(TextContent(text=text),),
+        is_error=is_error,
+        timestamp=run.tracer.agent.millis(),
+    )
+
+
 _CANCELLED = {"message": "cancelled"}
 
 
@@ -394,6 +431,15 @@ def request_payload(
     )
 
 
+def _session_of(trace: Trace) -> str | None:
+    """The framework session of a trace's runs: its ``phi.session_id``, else its group."""
+    metadata = getattr(trace, "metadata", None) or {}
+    session = metadata.get("phi.session_id")  # "" too is an id (made a UUIDv5, as any unusable)
+    if session is None:
+        session = getattr(trace, "group_id", None)
+    return str(session) if session is not None else None
+
+
 def _guardrail_names(guardrails: Any) -> frozenset[str]:
     return frozenset(guardrail.get_name() for guardrail in guardrails or ())
 
@@ -422,7 +468,7 @@ class _Tool:
 
     loop: _Loop
     name: str
-    turn: TurnScope
+    turn: TurnScope | None  # None: run before the loop's first turn (`_Mapper._tool_result`)
     call_id: str | None = None
     args: Any = None
     scope: ToolScope | None = None
@@ -432,7 +478,7 @@ class _Tool:
     output: str | None = None
 
     def started(self) -> ToolScope | None:
-        if self.scope is None and self.turn.running:
+        if self.scope is None and self.turn is not None and self.turn.running:
             if self.call_id is None:
                 self.call_id = self.loop.new_call_id()
             self.scope = self.turn.tool(id=self.call_id, name=self.name, args=self.args or {}).start()
@@ -453,6 +499,8 @@ class _Loop:
     prompted: bool = False
     reply: tuple[list[Content], list[ToolCall], Usage | None, str | None] | None = None
     request: AnnotatedRequestPayload | None = None  # the next turn's, from the hooks
+    # The reply's calls no function span took yet; before the first turn, those of the loop
+    # it continues that a resumed run takes over, awaiting approval (`_Mapper._awaited`).
     calls: list[ToolCall] = field(default_factory=list)
     call_number: int = 0
     # The guardrail names of the running agent (from the hooks), telling an output
@@ -466,6 +514,10 @@ class _Loop:
     hooked: bool = False  # run with `PhiRunHooks`: they give each tool's exact call
     handing_off: bool = False  # a handoff span started since the running agent's
     place: tuple[str, asyncio.Task[Any] | None] | None = None  # its trace and task (no task spans)
+    agent_keyed: bool = False  # no task span: it is its first agent's span, and ends with its last
+    # The loop whose tool started this run before that loop's first turn (an approved
+    # agent-as-tool of a resumed run): no tool scope runs to make it a sub-agent.
+    spawner: _Loop | None = None
     rejection: str | None = None  # a tripped input guardrail's, recorded as the run ends
     # Tools whose span ended with neither an output nor an error: awaiting approval if the
     # run ends next, else they returned nothing (`_Mapper._settle`).
@@ -517,11 +569,7 @@ class _Mapper:
     # -- traces ---------------------------------------------------------------------------
 
     def trace_started(self, trace: Trace) -> None:
-        metadata = getattr(trace, "metadata", None) or {}
-        session = metadata.get("phi.session_id")  # "" too is an id (made a UUIDv5, as any unusable)
-        if session is None:
-            session = getattr(trace, "group_id", None)
-        self._sessions[trace.trace_id] = str(session) if session is not None else None
+        self._sessions[trace.trace_id] = _session_of(trace)
 
     def trace_ended(self, trace: Trace) -> None:
         self._sessions.pop(trace.trace_id, None)
@@ -529,6 +577,18 @@ class _Mapper:
             left = [loop for loop in self._loops.values() if loop.trace_id == trace.trace_id]
         for loop in left:
             self._end_loop(loop, None)
+
+    def _session(self, trace_id: str) -> str | None:
+        """The framework session of the runs of trace `trace_id`. A run resumed from its
+        ``RunState`` (after a tool approval) goes on in the interrupted run's trace, which
+        the SDK reattaches without telling processors (``reattach_trace``): no
+        `trace_started`, and no `trace_ended` either; it is the current trace."""
+        try:
+            return self._sessions[trace_id]
+        except KeyError:
+            pass
+        trace = get_current_trace()
+        return _session_of(trace) if trace is not None and trace.trace_id == trace_id else None
 
     # -- spans ----------------------------------------------------------------------------
 
@@ -582,11 +642,17 @@ class _Mapper:
             self._guardrail_triggered(loop, data.name, under_agent=span.parent_id == loop.agent_span)
         elif kind == "agent" and loop is not None:
             error = _error_of(span)
-            if error is not None or loop.rejection is not None:  # the run raises now
+            # The run raises now, or (no task span) its last agent is done: no trace end
+            # may follow (a resumed run's trace, `_session`).
+            if error is not None or loop.rejection is not None or (loop.agent_keyed and not loop.handing_off):
                 self._end_loop(loop, error)
 
     def _new_loop(self, key: str, span: Span[Any]) -> _Loop:
-        loop = _Loop(key, span.trace_id, self._sessions.get(span.trace_id))
+        loop = _Loop(key, span.trace_id, self._session(span.trace_id))
+        parent_id = span.parent_id
+        tool = self._tools.get(parent_id) if parent_id is not None else None
+        if tool is not None and tool.turn is None:
+            loop.spawner = tool.loop
         with self._lock:
             self._loops[key] = loop
         self._of_span[span.span_id] = loop
@@ -616,6 +682,7 @@ class _Mapper:
                 owner = None
             if owner is None:
                 owner = self._new_loop(key, span)
+                owner.agent_keyed = True
                 if place is not None:
                     owner.place = place
                     self._in_trace[place] = owner
@@ -623,10 +690,17 @@ class _Mapper:
         owner.agent_span, owner.agent_data = span_id, span.span_data
         owner.handoff_tools = frozenset()  # the hooks give the new agent's
         config = _config(name, owner.model)
-        if owner.run is None:
+        spawner = owner.spawner.run if owner.spawner is not None else None
+        if owner.run is None and spawner is not None:
+            owner.run = self.core.start_sub_agent(
+                owner.key, config, spawner.loop.loop_id, metadata={"agent": name}
+            )
+            owner.run.loop.first_trigger = "SubAgent"
+        elif owner.run is None:
             owner.run = self.core.start_run(
                 owner.key, config, framework_session_id=owner.session_id, metadata={"agent": name}
             )
+            owner.calls = self._awaited(owner.run)
         else:
             self._finish_message(owner, stop_reason="handoff")
             self._end_turn(owner)
@@ -634,6 +708,17 @@ class _Mapper:
             owner.turn = None
             owner.prompted = True
             owner.handing_off = False
+
+    def _awaited(self, run: AdapterRun) -> list[ToolCall]:
+        """The calls left awaiting approval by the loop `run` continues (`_end_loop`): a run
+        resumed from its ``RunState`` runs the approved ones before its first model call,
+        matched as a turn's tools are (`_Loop.calls`), and sends that call the output of
+        those it rejects."""
+        note = self.core.take_note(run.loop.session_id)
+        if note is None:
+            return []
+        loop_id, calls = note
+        return list(calls) if loop_id == run.loop.parent_loop_id else []
 
     def _open_turn(self, loop: _Loop) -> TurnScope | None:
         run = loop.run
@@ -645,6 +730,8 @@ class _Mapper:
         return loop.turn
 
     def _model_started(self, loop: _Loop) -> None:
+        if loop.undecided:  # the run goes on past them
+            self._settle(loop, went_on=True)
         self._finish_message(loop)
         turn = loop.turn
         if turn is not None and turn.message is not None:  # no turn spans: one model call, one turn
@@ -668,8 +755,8 @@ class _Mapper:
             items, usage, model = data.output, data.usage, data.model
         if not loop.prompted and turn.index == 0:
             loop.prompted = True
-            for text in _user_texts(data.input):
-                turn.user(text)
+            for new in self._first_inputs(loop, data.input):
+                turn.user(new)
         blocks, calls = _output_blocks(items)
         loop.calls = list(calls)
         if model:
@@ -701,11 +788,12 @@ class _Mapper:
 
     def _tool_started(self, loop: _Loop, span_id: str, name: str) -> None:
         turn = loop.turn
-        if turn is None:
+        if turn is not None:
+            # The SDK runs a response's function tools before its handoff, whose span comes
+            # too late to give the reply the stop reason it gives a reply that only hands off.
+            self._finish_message(loop, stop_reason="handoff" if self._hands_off(loop) else None)
+        elif loop.run is None:
             return
-        # The SDK runs a response's function tools before its handoff, whose span comes
-        # too late to give the reply the stop reason it gives a reply that only hands off.
-        self._finish_message(loop, stop_reason="handoff" if self._hands_off(loop) else None)
         tool = _Tool(loop, name, turn)
         # Matched as the spans start, in the order of the response's calls: parallel
         # calls end in any order.
@@ -732,9 +820,23 @@ class _Mapper:
     def exact_call(self, span_id: str, call_id: str, arguments: Any) -> None:
         """The hooks' exact call id and arguments for a function span (before it starts)."""
         tool = self._tools.get(span_id)
-        if tool is not None and tool.scope is None:
-            tool.call_id, tool.args = call_id, tool.loop.take_call(call_id, arguments)
-            tool.started()
+        if tool is None or tool.scope is not None:
+            return
+        if tool.call_id is not None and tool.call_id != call_id:
+            self._give_back(tool, ToolCall(id=tool.call_id, name=tool.name, arguments=tool.args), call_id)
+        tool.call_id, tool.args = call_id, tool.loop.take_call(call_id, arguments)
+        tool.started()
+
+    def _give_back(self, tool: _Tool, matched: ToolCall, call_id: str) -> None:
+        """The call `tool` was matched to by name, the hooks saying it is `call_id`: to the
+        tool of its loop matched to `call_id` in its place, if its scope waits for its
+        exact call, else back among the unmatched. Only some calls of one tool may have a
+        span (a resumed run runs those approved, not those rejected)."""
+        for other in list(self._tools.values()):
+            if other.loop is tool.loop and other.call_id == call_id and other.scope is None:
+                other.call_id, other.args = matched.id, matched.arguments
+                return
+        tool.loop.calls.insert(0, matched)
 
     def tool_output(self, span_id: str, result: Any) -> None:
         """The hooks' result of a function span's tool (before the span ends)."""
@@ -761,25 +863,48 @@ class _Mapper:
 
     @staticmethod
     def _tool_result(tool: _Tool, output: str, error: Any) -> None:
+        text = (output or _error_text(error)) if error is not None else output
+        if tool.turn is None:
+            # Run before the loop's first turn (an approved call of a resumed run): no turn
+            # holds it, its result goes in ahead of that turn's reply, as in the request.
+            loop, run = tool.loop, tool.loop.run
+            if run is None or not run.loop.running:
+                return
+            if tool.call_id is None:
+                tool.call_id = loop.new_call_id()
+            run.loop.user(
+                _tool_result_message(tool.call_id, tool.name, text, run, is_error=error is not None)
+            )
+            return
         scope = tool.started()
         if scope is None or not scope.running:
             return
         if error is not None:
-            scope.error(output or _error_text(error))
+            scope.error(text)
         else:
-            scope.result(output)
+            scope.result(text)
         scope.end()
 
-    def _settle(self, loop: _Loop, *, went_on: bool) -> None:
-        """Give the undecided tools their results. The SDK checks a call that needs approval
-        in a function span that it ends with no output nor error while the call awaits
-        approval, the run then ending with it among its interruptions; the span of a tool
-        that returned None ends alike (and every span without sensitive data, the hooks
-        giving no result), but the run goes on (`went_on`: a model call, a turn, a handoff):
-        then it returned nothing, else it awaits approval."""
+    def _settle(self, loop: _Loop, *, went_on: bool) -> list[ToolCall]:
+        """Give the undecided tools their results; returns the calls left awaiting approval.
+        The SDK checks a call that needs approval in a function span that it ends with no
+        output nor error while the call awaits approval, the run then ending with it among
+        its interruptions; the span of a tool that returned None ends alike (and every span
+        without sensitive data, the hooks giving no result), but the run goes on
+        (`went_on`: a model call, a turn, a handoff): then it returned nothing, else it
+        awaits approval. One a resumed run checks again before its first turn awaits it
+        still: its result is the interrupted loop's."""
         undecided, loop.undecided = loop.undecided, []
+        awaiting: list[ToolCall] = []
         for tool in undecided:
-            self._tool_result(tool, "" if went_on else _AWAITING_APPROVAL, None)
+            if went_on:
+                self._tool_result(tool, "", None)
+                continue
+            if tool.turn is not None:
+                self._tool_result(tool, _AWAITING_APPROVAL, None)
+            if tool.call_id is not None:
+                awaiting.append(ToolCall(id=tool.call_id, name=tool.name, arguments=tool.args or {}))
+        return awaiting
 
     def _handed_off(self, loop: _Loop, agent_name: str) -> None:
         """The handoff calls' results, as the SDK writes them into the history: the
@@ -844,8 +969,13 @@ class _Mapper:
         run = loop.run
         if run is None:
             return
-        if loop.undecided:  # the run ends with them: awaiting approval, unless it failed
-            self._settle(loop, went_on=error is not None)
+        # The run ends with them: awaiting approval (unless it failed), for the run resuming it;
+        # so do the calls it took over (`_awaited`) if it ended before its first model call.
+        awaiting = self._settle(loop, went_on=error is not None) if loop.undecided else []
+        if not loop.prompted:
+            awaiting += loop.calls
+        if awaiting:
+            self.core.leave_note(run.loop.session_id, (run.loop.loop_id, awaiting))
         reason = loop.rejection
         if reason is not None:
             if run.loop.running:
@@ -881,15 +1011,36 @@ class _Mapper:
         return self._of_span.get(span.span_id) if span is not None else None
 
     def prompt(self, items: Any) -> None:
-        """The hooks' model input: before the loop's first turn, its user messages are the prompt."""
+        """The hooks' model input: before the loop's first turn, its new messages are the prompt."""
         loop = self._current_loop()
-        if loop is None or loop.prompted or loop.run is None or loop.turn is not None:
+        if loop is None:
+            return
+        if loop.undecided:  # the model is called: the run went on past them
+            self._settle(loop, went_on=True)
+        if loop.prompted or loop.run is None or loop.turn is not None:
             return
         if not loop.run.loop.running:  # a loop ended already takes no prompt
             return
         loop.prompted = True
-        for text in _user_texts(items):
-            loop.run.loop.user(text)
+        for message in self._first_inputs(loop, items):
+            loop.run.loop.user(message)
+
+    @staticmethod
+    def _first_inputs(loop: _Loop, items: Any) -> list[str | ToolResultMessage]:
+        """The new messages of the loop's first model input (`_user_texts`), after the results
+        it sends for the calls a resumed run took over awaiting approval that no span
+        answered (`_awaited`): those it rejected (the SDK runs no span for them), their
+        output as the model gets it ("" when the input is not traced)."""
+        messages: list[str | ToolResultMessage] = []
+        awaited, loop.calls = loop.calls, []
+        run = loop.run
+        if awaited and run is not None:
+            outputs = _tool_outputs(items)
+            for call in awaited:
+                text = outputs.get(call.id, "")
+                messages.append(_tool_result_message(call.id, call.name, text, run, is_error=False))
+        messages += _user_texts(items)
+        return messages
 
     def request(self, payload: AnnotatedRequestPayload) -> None:
         """The hooks' model request: the next turn's ``TurnRequest``."""
