@@ -2318,3 +2318,27 @@ def test_spans_waiting_for_their_roots_are_bounded_in_bytes_too() -> None:
     assert (ingestor.buffered_spans, ingestor.buffered_bytes) == (0, 0)
     recorder.flush()
     assert len(recorder.drain_completed()) == 3
+
+
+def test_a_loop_recorded_before_the_span_naming_its_session_stays_where_it_was() -> None:
+    # The agent span's batch came first and recorded the trace, in a session of its own; the
+    # model call naming conv-L joined it later and its loop was rebuilt in conv-L under a new
+    # loop id: the first record stayed behind, an empty loop in a session of its own.
+    second = 10**9
+    agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.AGENT_NAME: "bot"}
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.CONVERSATION_ID: "conv-L"}
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    for trace in (1, 2):
+        at = trace * 100 * second
+        top = trace * 16
+        ingestor.add([_span(top, None, "invoke_agent bot", at, at + 5 * second, trace_id=trace, **agent)])
+        ingestor.add([_span(top + 1, top, "chat m", at + second, at + 2 * second, trace_id=trace, **chat)])
+    recorder.flush()
+    loops = {
+        (s.session_id, loop.loop_id, loop.turn_count())
+        for s in recorder.drain_completed()
+        for loop in s.loops
+    }
+    assert loops == {(f"{trace:032x}", f"{trace:032x}.otel.{trace * 16:016x}", 1) for trace in (1, 2)}
+    assert any("does not move it" in loss for losses in LOSSES.values() for loss in losses)

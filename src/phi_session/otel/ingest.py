@@ -20,9 +20,11 @@ Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInferenc
 conventions put the conversation id on model calls too, and a web server's root standing
 in for a loop has none), else one session per trace (for a part served under a remote parent, one
 per served root span, so that it is named alike whether its caller's spans come first,
-with it, later or never). An id of these no store takes as a session
-id (or holding a ``.``) becomes its UUIDv5, as a framework's session id does in the
-adapters (`session_id_for`); the original is the loop's ``metadata["otel"]["conversation_id"]``.
+with it, later or never). A loop sent again (spans of its trace coming after it was
+recorded) keeps the session it was recorded in, even if a span coming later names another.
+An id of these no store takes as a session id (or holding a ``.``) becomes its UUIDv5, as a
+framework's session id does in the adapters (`session_id_for`); the original is the loop's
+``metadata["otel"]["conversation_id"]``.
 """
 
 from __future__ import annotations
@@ -111,6 +113,10 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "tool call ids are made up from span ids when missing (listed in metadata)",
         "tool calls of a loop without any chat span are one turn, made up (listed in metadata)",
         "a trace without an agent span (bare model calls) is one loop, its root standing in",
+        "a session named by a span of the loop that comes after the loop was recorded (the "
+        "agent span's batch exported first, the model call naming the conversation later): a "
+        "name arriving after its loop was recorded does not move it, the loop stays in the "
+        "session it was recorded in (its trace's, when nothing named one), under its id",
         "a chat span inside another (one call traced by two instrumentations) is one turn: the "
         "outer span's, with what only the inner had",
     ),
@@ -437,16 +443,37 @@ class _Trace:
         self.updates = False  # holds newer versions of spans recorded: joins them, even a root
 
 
+class _Sent:
+    """What the loops of a trace were given when recorded, for when they are sent again whole
+    (the spans a later payload brings join them): the same places."""
+
+    __slots__ = ("continued", "sessions")
+
+    def __init__(self) -> None:
+        self.continued: dict[str, str | None] = {}  # loop id -> the loop it continued
+        # Loop span id -> its session, and the producer's id it was named from when no store
+        # takes that one. A span naming another session may come later: the loop recorded
+        # stays where it is, under its id (a record elsewhere would leave this one behind).
+        self.sessions: dict[int, tuple[str, str | None]] = {}
+
+    def then(self, later: _Sent) -> _Sent:
+        """These, with what `later` gave (the same loops sent again, or others)."""
+        both = _Sent()
+        both.continued = {**self.continued, **later.continued}
+        both.sessions = {**self.sessions, **later.sessions}
+        return both
+
+
 class _Kept:
     """A trace's spans already recorded, kept a while (`trace_timeout`): another service's
     part of the trace may come later, calling them or called by them (a remote parent)."""
 
-    __slots__ = ("at", "bytes", "continued", "spans")
+    __slots__ = ("at", "bytes", "sent", "spans")
 
-    def __init__(self, at: float, spans: dict[int, SpanData], continued: dict[str, str | None]) -> None:
+    def __init__(self, at: float, spans: dict[int, SpanData], sent: _Sent) -> None:
         self.at = at
         self.spans = spans  # span id -> span
-        self.continued = continued  # loop id -> the loop it continued when recorded
+        self.sent = sent  # what its loops were given when recorded
         self.bytes = sum(map(span_bytes, spans.values()))
 
 
@@ -779,21 +806,21 @@ class SpanIngestor:
         joined = kept if kept is not None and _joins(kept, trace) else None
         # A newer version of a recorded span takes its place.
         spans = trace.spans if joined is None else {**joined.spans, **trace.spans}
-        resent = {} if joined is None else joined.continued
-        continued, waiting = self._replay(
+        resent = _Sent() if joined is None else joined.sent
+        sent, waiting = self._replay(
             trace_id, sorted(spans.values(), key=lambda s: (s.start, s.end)), complete, resent
         )
         self._forget_kept(trace_id)
         if kept is not None:  # joined or not, both parts may yet meet a later one
             spans = {**kept.spans, **trace.spans}
-            continued = {**kept.continued, **continued}
+            sent = kept.sent.then(sent)
         if waiting:  # not recorded: they wait, as spans coming after the trace was recorded do
             again = self._traces[trace_id] = _Trace(trace.last_seen)
             again.spans = {span_id: spans[span_id] for span_id in waiting}
             self._buffered += len(waiting)
             self._wait_bytes(again, sum(map(span_bytes, again.spans.values())))
             spans = {span_id: span for span_id, span in spans.items() if span_id not in waiting}
-        self._keep(trace_id, spans, continued)
+        self._keep(trace_id, spans, sent)
         # Only once recorded: a payload whose recording failed is taken again when retried.
         recorded = self._recorded.pop(trace_id, set())
         taken = trace.spans.keys() - waiting
@@ -803,8 +830,8 @@ class SpanIngestor:
         while self._recorded_spans > _RECORDED_MEMORY:
             self._recorded_spans -= len(self._recorded.popitem(last=False)[1])
 
-    def _keep(self, trace_id: int, spans: dict[int, SpanData], continued: dict[str, str | None]) -> None:
-        kept = self._kept[trace_id] = _Kept(self._clock(), spans, continued)
+    def _keep(self, trace_id: int, spans: dict[int, SpanData], sent: _Sent) -> None:
+        kept = self._kept[trace_id] = _Kept(self._clock(), spans, sent)
         self._kept_spans += len(spans)
         self._kept_bytes += kept.bytes
         while self._kept_spans > _KEPT_MEMORY or self._kept_bytes > _KEPT_BYTES:
@@ -817,12 +844,12 @@ class SpanIngestor:
             self._kept_bytes -= kept.bytes
 
     def _replay(
-        self, trace_id: int, spans: list[SpanData], complete: bool, resent: dict[str, str | None]
-    ) -> tuple[dict[str, str | None], set[int]]:
-        """Replay `spans`; returns the loop each loop continued (None for our own export,
-        replayed exactly: its events say), and the ids of the spans left waiting (ours cut
-        off from their loop's span, in a trace whose root came: that span is still to come).
-        `resent` holds the loops recorded before (and the loop each continued then), sent again."""
+        self, trace_id: int, spans: list[SpanData], complete: bool, resent: _Sent
+    ) -> tuple[_Sent, set[int]]:
+        """Replay `spans`; returns what its loops were given (our own export, replayed
+        exactly, continued None: its events say), and the ids of the spans left waiting (ours
+        cut off from their loop's span, in a trace whose root came: that span is still to
+        come). `resent` is what the loops recorded before were given; they are sent again."""
         if any(attr.PHI_EVENTS in span.attributes for span in spans):
             try:
                 exact = _ExactReplay(self, spans, complete)
@@ -834,11 +861,13 @@ class SpanIngestor:
                     error,
                 )
             else:
-                exact.run(resent)
-                return dict.fromkeys(exact.loop_ids), exact.waiting
+                exact.run(resent.continued)
+                sent = _Sent()
+                sent.continued = dict.fromkeys(exact.loop_ids)
+                return sent, exact.waiting
         rebuild = _Rebuild(self, trace_id, spans, complete, resent)
         rebuild.run()
-        return rebuild.continued, set()
+        return rebuild.sent, set()
 
     # -- helpers for the replays ------------------------------------------------------------
 
@@ -1195,11 +1224,11 @@ class _Rebuild:
         trace_id: int,
         spans: list[SpanData],
         complete: bool,
-        resent: dict[str, str | None],
+        resent: _Sent,
     ) -> None:
         self.ingestor = ingestor
-        self.resent = resent  # loops recorded before, sent again -> the loop each continued then
-        self.continued: dict[str, str | None] = {}  # every loop -> the loop it continues
+        self.resent = resent  # what the loops recorded before, sent again, were given then
+        self.sent = _Sent()  # what every loop is given
         self.complete = complete
         self.trace_hex = f"{trace_id:032x}"
         self.spans = spans
@@ -1280,7 +1309,6 @@ class _Rebuild:
 
     def _open_loop(self, agent: SpanData) -> None:
         attributes = agent.attributes
-        named = self.named_by.get(agent.span_id, agent).attributes
         parent: _Loop | None = None
         tool: SpanData | None = None
         served = agent if agent.remote_parent_id is not None else None  # the root of a called service
@@ -1292,6 +1320,26 @@ class _Rebuild:
                 tool = ancestor
             if served is None and ancestor.remote_parent_id is not None:
                 served = ancestor
+        session_id, renamed = self.resent.sessions.get(agent.span_id) or self._session(agent, parent, served)
+        self.sent.sessions[agent.span_id] = session_id, renamed
+        loop_id = _text(attributes.get(attr.PHI_LOOP_ID))
+        loop = _Loop(agent, loop_id or f"{session_id}.otel.{agent.span_id:016x}", session_id)
+        loop.conversation_id = renamed
+        if loop_id is None:
+            loop.synthesized.append("loop_id")
+        if parent is not None:
+            loop.parent_loop = parent.loop_id
+            if tool is not None:
+                self.child_loops[tool.span_id] = loop.loop_id
+        self.loops[agent.span_id] = loop
+
+    def _session(
+        self, agent: SpanData, parent: _Loop | None, served: SpanData | None
+    ) -> tuple[str, str | None]:
+        """The session of the loop of `agent` (under `parent`, within the part `served`
+        under a remote parent, if any), and the producer's id it is named from when no store
+        takes that one."""
+        named = self.named_by.get(agent.span_id, agent).attributes
         given = next(filter(None, (_text(named.get(name)) for name in _SESSION_NAMES)), None)
         # One no store takes (ours too: a producer may set phi.session.id), as the adapters a
         # framework's: its UUIDv5, the original kept in the loop's metadata.
@@ -1306,28 +1354,18 @@ class _Rebuild:
         elif parent is not None and (session_id is None or session_id == parent.session_id):
             # A sub-agent has its own session.
             session_id = session_id_for(f"{parent.session_id}-{agent.span_id:016x}")
-        session_id = session_id or self.trace_hex
-        loop_id = _text(attributes.get(attr.PHI_LOOP_ID))
-        loop = _Loop(agent, loop_id or f"{session_id}.otel.{agent.span_id:016x}", session_id)
-        loop.conversation_id = renamed
-        if loop_id is None:
-            loop.synthesized.append("loop_id")
-        if parent is not None:
-            loop.parent_loop = parent.loop_id
-            if tool is not None:
-                self.child_loops[tool.span_id] = loop.loop_id
-        self.loops[agent.span_id] = loop
+        return session_id or self.trace_hex, renamed
 
     def _replay(self, loop: _Loop) -> None:
         agent, emit = loop.agent, self.ingestor.emit
         attributes = agent.attributes
-        again = loop.loop_id in self.resent  # it continues what it did, and is no session's latest
+        again = loop.loop_id in self.resent.continued  # it continues what it did, and is no session's latest
         previous = (
-            self.resent[loop.loop_id]
+            self.resent.continued[loop.loop_id]
             if again
             else self.ingestor.latest_loop(loop.session_id, loop.loop_id, agent.start)
         )
-        self.continued[loop.loop_id] = previous
+        self.sent.continued[loop.loop_id] = previous
         kind, parent = self._continuation(loop, previous)
         config = self._config(loop)
         named = agent.name.removeprefix(attr.OP_INVOKE_AGENT).strip() if _role(agent) == "agent" else ""
