@@ -1159,9 +1159,10 @@ def test_a_trace_failing_to_record_keeps_no_other_trace_of_its_payload_waiting()
     recorder.checkpoint()
     [session] = recorder.drain_completed()
     assert [loop.status for loop in session.loops] == ["Completed", "Completed"]
-    # The loop that failed was no loop to continue: each had the other as its parent.
+    # The loop that failed was no loop to continue: each had the other as its parent. (Nor is
+    # one started later: the first, retried, continues none.)
     second, first = session.loops
-    assert (second.parent_loop_id, first.parent_loop_id) == (None, second.loop_id)
+    assert (second.parent_loop_id, first.parent_loop_id) == (None, None)
 
 
 def test_a_loop_whose_rebuild_fails_midway_reaches_the_recorder_whole_or_not_at_all(
@@ -2342,3 +2343,52 @@ def test_a_loop_recorded_before_the_span_naming_its_session_stays_where_it_was()
     }
     assert loops == {(f"{trace:032x}", f"{trace:032x}.otel.{trace * 16:016x}", 1) for trace in (1, 2)}
     assert any("does not move it" in loss for losses in LOSSES.values() for loss in losses)
+
+
+@pytest.mark.parametrize("with_store", [False, True], ids=["memory", "store"])
+def test_a_loop_arriving_after_a_later_one_continues_the_latest_started_before_it(
+    tmp_path: Path, with_store: bool
+) -> None:
+    # Traces 1, 3, 2 of one conversation (trace 2's batch retried after trace 3's went
+    # through): loop 2 continued loop 3, started after it, or with a store (not saved to
+    # yet) was Initial without a parent, memory knowing only loop 3.
+    second = 10**9
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder, store=JsonDirStore(tmp_path) if with_store else None)
+    agent = {
+        attr.OPERATION_NAME: attr.OP_INVOKE_AGENT,
+        attr.AGENT_NAME: "bot",
+        attr.CONVERSATION_ID: "conv-O",
+    }
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m"}
+    for trace in (1, 3, 2):
+        at, top = trace * 100 * second, trace * 16
+        ingestor.add(
+            [
+                _span(top + 1, top, "chat m", at + second, at + 2 * second, trace_id=trace, **chat),
+                _span(top, None, "invoke_agent bot", at, at + 5 * second, trace_id=trace, **agent),
+            ]
+        )
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    loops = {loop.loop_id: (loop.kind.kind, loop.parent_loop_id) for loop in session.loops}
+    first = f"conv-O.otel.{16:016x}"
+    assert loops == {
+        first: ("Initial", None),
+        f"conv-O.otel.{48:016x}": ("Default", first),
+        f"conv-O.otel.{32:016x}": ("Default", first),
+    }
+
+
+def test_the_loops_remembered_are_bounded_per_session_and_all_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ingest_module, "_LOOPS_PER_SESSION", 2)  # the latest started of each session
+    monkeypatch.setattr(ingest_module, "_MEMORY", 3)  # loops of all sessions
+    ingestor = SpanIngestor(lambda event: None)
+    for start in (3, 1, 2):
+        ingestor.loop_recorded("a", f"a{start}", start)
+    assert [ingestor.latest_loop("a", "next", start) for start in (1, 2, 9)] == [None, "a2", "a3"]
+    ingestor.loop_recorded("b", "b1", 1)
+    ingestor.loop_recorded("b", "b2", 2)  # four: the session used least lately is let go
+    assert (ingestor.latest_loop("a", "next", 9), ingestor.latest_loop("b", "next", 9)) == (None, "b2")

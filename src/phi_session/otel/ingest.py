@@ -29,6 +29,7 @@ framework's session id does in the adapters (`session_id_for`); the original is 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import sys
 import threading
@@ -154,7 +155,10 @@ _SPAN_EVENT_TYPES: dict[str, type] = {
 }
 _LAST_U32 = 2**32 - 1  # phi-core's turn indices are u32
 _LAST_U64 = 2**64 - 1  # and its counts u64
-_MEMORY = 100_000  # sessions remembered for continuation inference
+_MEMORY = 100_000  # parallel groups remembered, and loop starts (all sessions' together)
+# Loops remembered per session, the latest started: a loop arriving after later ones (its
+# batch retried) continues the latest started before it, most often among these.
+_LOOPS_PER_SESSION = 16
 _RECORDED_MEMORY = 100_000  # span ids of the last traces recorded (a retry comes soon); ~10 MB
 _KEPT_MEMORY = 10_000  # spans of the last traces recorded, for a caller or callee exporting later
 _KEPT_BYTES = 64 * 2**20  # and their bytes (`span_bytes`: their text, our export's events)
@@ -546,11 +550,12 @@ class SpanIngestor:
     A loop's events reach `target` once it is rebuilt, each checked as a recorder checks
     it: a trace failing to record leaves no loop of it half recorded.
 
-    A rebuilt loop continues (``Default``) its session's latest loop started before it:
-    the one this ingestor recorded, else, given `store` (where `target` saves: after a
-    restart, memory knows no loop of the conversation), the one the store holds, read once
-    per session (one index read), and again only for a loop that started before the one
-    remembered. A store failing that read is logged; the loop is then ``Initial``.
+    A rebuilt loop continues (``Default``) its session's latest loop started before it,
+    whatever order they arrive in: of those this ingestor remembers (recorded or read, the
+    latest ``_LOOPS_PER_SESSION`` started of each session, ``_MEMORY`` all together), else,
+    given `store` (where `target` saves: after a restart, memory knows no loop of the
+    conversation), of those the store holds (one index read), read when memory knows none
+    started before it. A store failing that read is logged; the loop is then ``Initial``.
 
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
@@ -593,8 +598,9 @@ class SpanIngestor:
         self._kept: OrderedDict[int, _Kept] = OrderedDict()  # trace -> its spans recorded lately
         self._kept_spans = 0
         self._kept_bytes = 0
-        # Session -> its loop started last (of those recorded, or stored), and that start (ns).
-        self._last_loop: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        # Session -> its loops known (recorded, or stored), least recently used first.
+        self._session_loops: OrderedDict[str, _SessionLoops] = OrderedDict()
+        self._loops_known = 0  # their loops, all together
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
         # Parallel group -> the end (ns) of its last ParallelLoopEnd emitted.
         self._ended_groups: OrderedDict[tuple[str, ...], int] = OrderedDict()
@@ -896,32 +902,34 @@ class SpanIngestor:
 
     def latest_loop(self, session_id: str, loop_id: str, start: int) -> str | None:
         """The loop `loop_id` of `session_id`, starting at `start` (ns), continues: its session's
-        latest loop started before it, other than itself; from memory, else from `store`."""
-        known = self._last_loop.get(session_id)
-        if known is not None and known[0] != loop_id and known[1] <= start:
-            return known[0]
-        if self.store is None:  # (a loop coming after a later one continues that one)
-            return known[0] if known is not None and known[0] != loop_id else None
+        latest loop started before it, other than itself; from memory, else from `store`
+        (after a restart memory knows none of it, or only later ones)."""
+        known = self._session_loops.get(session_id)
+        latest = known.latest_before(loop_id, start) if known is not None else None
+        if latest is not None or self.store is None:
+            return latest
         stored = _stored_loop_starts(self.store, session_id)
-        if known is None and stored:  # the session's latest loop, for the loops to come
-            self._remember(session_id, *max(stored, key=lambda item: item[1]))
+        self._learn(session_id, stored)  # for the loops to come
         before = [(at, stored_id) for stored_id, at in stored if stored_id != loop_id and at <= start]
         return max(before)[1] if before else None
 
     def loop_recorded(self, session_id: str, loop_id: str, start: int) -> None:
-        """Remember `loop_id`, started at `start` (ns), as its session's latest unless a loop
-        of it started later, once its AgentEnd is taken: a loop whose recording failed is none
-        to continue (retried, it would continue its successor)."""
+        """Remember `loop_id`, started at `start` (ns), among its session's loops once its
+        AgentEnd is taken: a loop whose recording failed is none to continue (retried, it
+        would continue its successor)."""
         self.counters["loops"] += 1
-        known = self._last_loop.get(session_id)
-        if known is None or known[1] <= start:
-            self._remember(session_id, loop_id, start)
+        self._learn(session_id, [(loop_id, start)])
 
-    def _remember(self, session_id: str, loop_id: str, start: int) -> None:
-        self._last_loop.pop(session_id, None)
-        self._last_loop[session_id] = (loop_id, start)
-        if len(self._last_loop) > _MEMORY:
-            self._last_loop.popitem(last=False)
+    def _learn(self, session_id: str, loops: list[tuple[str, int]]) -> None:
+        """Remember `loops` (id, start) of `session_id`, within `_MEMORY` all together."""
+        known = self._session_loops.pop(session_id, None) or _SessionLoops()
+        self._session_loops[session_id] = known  # the most recently used, forgotten last
+        self._loops_known -= len(known.starts)
+        for loop_id, start in loops:
+            known.add(loop_id, start)
+        self._loops_known += len(known.starts)
+        while self._loops_known > _MEMORY:
+            self._loops_known -= len(self._session_loops.popitem(last=False)[1].starts)
 
     def start_loop(self, session_id: str, loop_id: str, span: SpanData) -> None:
         """Before the AgentStart of `loop_id` (`span`: its loop span): ParallelLoopStart before
@@ -1012,6 +1020,25 @@ def _stored_loop_starts(store: SessionStore, session_id: str) -> list[tuple[str,
             error,
         )
         return []
+
+
+class _SessionLoops:
+    """The loops of one session an ingestor knows, for the loops to come to continue: the
+    latest `_LOOPS_PER_SESSION` started."""
+
+    __slots__ = ("starts",)
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[int, str]] = []  # (start in ns, loop id), in start order
+
+    def latest_before(self, loop_id: str, start: int) -> str | None:
+        """The latest started at or before `start` other than `loop_id`, if remembered."""
+        return next((known for at, known in reversed(self.starts) if at <= start and known != loop_id), None)
+
+    def add(self, loop_id: str, start: int) -> None:
+        if (start, loop_id) not in self.starts:  # one sent again, or read from the store too
+            bisect.insort(self.starts, (start, loop_id))
+            del self.starts[:-_LOOPS_PER_SESSION]
 
 
 class _Evaluation:
