@@ -2392,3 +2392,42 @@ def test_the_loops_remembered_are_bounded_per_session_and_all_together(
     ingestor.loop_recorded("b", "b1", 1)
     ingestor.loop_recorded("b", "b2", 2)  # four: the session used least lately is let go
     assert (ingestor.latest_loop("a", "next", 9), ingestor.latest_loop("b", "next", 9)) == (None, "b2")
+
+
+@pytest.mark.parametrize("order", ["together", "callee first", "caller first"])
+def test_a_called_services_loop_is_named_by_its_own_span_whatever_comes_first(order: str) -> None:
+    # The caller names conv-X on its agent span; the service it calls lacks the id on its own
+    # agent span, but its model call carries it (propagated as baggage). Apart, the callee
+    # was recorded in conv-X as a top-level loop, the caller's loop then a Default of it;
+    # together, in the session of its served root: where it went hung on the arrival order.
+    second = 10**9
+    agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT}
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m"}
+    conversation = {attr.CONVERSATION_ID: "conv-X"}
+    caller = [
+        _span(1, None, "invoke_agent bot", 0, 100 * second, **agent, **conversation),
+        _span(2, 1, "chat m", 1 * second, 2 * second, **chat),
+        _span(
+            3, 1, "execute_tool ask", 3 * second, 50 * second, **{attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL}
+        ),
+    ]
+    callee = [
+        replace(_span(10, None, "invoke_agent helper", 4 * second, 40 * second, **agent), remote_parent_id=3),
+        _span(11, 10, "chat m", 5 * second, 6 * second, **chat, **conversation),
+    ]
+    payloads = {
+        "together": [caller + callee],
+        "callee first": [callee, caller],
+        "caller first": [caller, callee],
+    }
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    for payload in payloads[order]:
+        ingestor.add(payload)
+    recorder.flush()
+    sessions = {session.session_id: session.loops for session in recorder.drain_completed()}
+    served = f"{0xA1:032x}-{10:016x}"
+    assert sorted(sessions) == [served, "conv-X"]
+    [(helper)], [bot] = sessions[served], sessions["conv-X"]
+    assert (bot.loop_id, bot.kind.kind, bot.parent_loop_id) == (f"conv-X.otel.{1:016x}", "Initial", None)
+    assert (helper.loop_id, helper.parent_loop_id) == (f"{served}.otel.{10:016x}", bot.loop_id)

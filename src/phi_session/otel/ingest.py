@@ -18,13 +18,14 @@ Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInferenc
 ``session.id``, read from the loop's span, else from the first of the loop's own spans
 (under it, not under another loop's span; by start time, then span id) that has one (the
 conventions put the conversation id on model calls too, and a web server's root standing
-in for a loop has none), else one session per trace (for a part served under a remote parent, one
-per served root span, so that it is named alike whether its caller's spans come first,
-with it, later or never). A loop sent again (spans of its trace coming after it was
-recorded) keeps the session it was recorded in, even if a span coming later names another.
-An id of these no store takes as a session id (or holding a ``.``) becomes its UUIDv5, as a
-framework's session id does in the adapters (`session_id_for`); the original is the loop's
-``metadata["otel"]["conversation_id"]``.
+in for a loop has none), else one session per trace. A part served under a remote parent
+is named by its loop's span only, else has one session per served root span: so it is
+named alike whether its caller's spans come first, with it, later or never (its other
+spans may carry the caller's conversation, propagated). A loop sent again (spans of its
+trace coming after it was recorded) keeps the session it was recorded in, even if a span
+coming later names another. An id of these no store takes as a session id (or holding a
+``.``) becomes its UUIDv5, as a framework's session id does in the adapters
+(`session_id_for`); the original is the loop's ``metadata["otel"]["conversation_id"]``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "tool call ids are made up from span ids when missing (listed in metadata)",
         "tool calls of a loop without any chat span are one turn, made up (listed in metadata)",
         "a trace without an agent span (bare model calls) is one loop, its root standing in",
+        "a session named only on the model calls of a loop served under a remote parent (not "
+        "on its loop's span, or its root standing in): the loop is in its served root's own "
+        "session, as when its caller's spans are here",
         "a session named by a span of the loop that comes after the loop was recorded (the "
         "agent span's batch exported first, the model call naming the conversation later): a "
         "name arriving after its loop was recorded does not move it, the loop stays in the "
@@ -1366,7 +1370,10 @@ class _Rebuild:
         """The session of the loop of `agent` (under `parent`, within the part `served`
         under a remote parent, if any), and the producer's id it is named from when no store
         takes that one."""
-        named = self.named_by.get(agent.span_id, agent).attributes
+        # A part served to a caller is named by its own loop span only: its spans may carry
+        # the caller's conversation (propagated), which named it when they came before the
+        # caller's and not when with them, the same loop recorded in two sessions.
+        named = (agent if served is not None else self.named_by.get(agent.span_id, agent)).attributes
         given = next(filter(None, (_text(named.get(name)) for name in _SESSION_NAMES)), None)
         # One no store takes (ours too: a producer may set phi.session.id), as the adapters a
         # framework's: its UUIDv5, the original kept in the loop's metadata.
