@@ -37,7 +37,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
@@ -459,10 +459,9 @@ class _Sent:
 
     def __init__(self) -> None:
         self.continued: dict[str, str | None] = {}  # loop id -> the loop it continued
-        # Loop span id -> its session, and the producer's id it was named from when no store
-        # takes that one. A span naming another session may come later: the loop recorded
-        # stays where it is, under its id (a record elsewhere would leave this one behind).
-        self.sessions: dict[int, tuple[str, str | None]] = {}
+        # Loop span id -> its session. A span naming another session may come later: the loop
+        # recorded stays where it is, under its id (a record elsewhere would leave this one behind).
+        self.sessions: dict[int, _Naming] = {}
 
     def then(self, later: _Sent) -> _Sent:
         """These, with what `later` gave (the same loops sent again, or others)."""
@@ -559,7 +558,9 @@ class SpanIngestor:
     latest ``_LOOPS_PER_SESSION`` started of each session, ``_MEMORY`` all together), else,
     given `store` (where `target` saves: after a restart, memory knows no loop of the
     conversation), of those the store holds (one index read), read when memory knows none
-    started before it. A store failing that read is logged; the loop is then ``Initial``.
+    started before it: once per session the producer named (a session made up here, of a
+    trace, is never read), again only for a loop started before every one memory kept of
+    it. A store failing that read is logged; the loop is then ``Initial``.
 
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
@@ -904,17 +905,24 @@ class SpanIngestor:
                 self._groups.pop(event.loop_ids, None)
         self._loop_events.clear()
 
-    def latest_loop(self, session_id: str, loop_id: str, start: int) -> str | None:
+    def latest_loop(self, session_id: str, loop_id: str, start: int, *, stored: bool = True) -> str | None:
         """The loop `loop_id` of `session_id`, starting at `start` (ns), continues: its session's
-        latest loop started before it, other than itself; from memory, else from `store`
-        (after a restart memory knows none of it, or only later ones)."""
+        latest loop started before it, other than itself; from memory, else, for a session
+        that may be `stored` (named by the producer: after a restart memory knows none of its
+        loops, or only later ones), from `store`. That is read once per session (an index
+        read under the lock, on the path of every trace), and again only for a loop started
+        before every one memory kept of it."""
         known = self._session_loops.get(session_id)
         latest = known.latest_before(loop_id, start) if known is not None else None
-        if latest is not None or self.store is None:
+        if latest is not None or self.store is None or not stored:
             return latest
-        stored = _stored_loop_starts(self.store, session_id)
-        self._learn(session_id, stored)  # for the loops to come
-        before = [(at, stored_id) for stored_id, at in stored if stored_id != loop_id and at <= start]
+        if known is not None and known.read and (known.first_let_go is None or start < known.first_let_go):
+            return None  # what the store had of it is here: none started before this one
+        loops = _stored_loop_starts(self.store, session_id)
+        if loops is None:
+            return None
+        self._learn(session_id, loops).read = True  # for the loops to come
+        before = [(at, stored_id) for stored_id, at in loops if stored_id != loop_id and at <= start]
         return max(before)[1] if before else None
 
     def loop_recorded(self, session_id: str, loop_id: str, start: int) -> None:
@@ -924,7 +932,7 @@ class SpanIngestor:
         self.counters["loops"] += 1
         self._learn(session_id, [(loop_id, start)])
 
-    def _learn(self, session_id: str, loops: list[tuple[str, int]]) -> None:
+    def _learn(self, session_id: str, loops: list[tuple[str, int]]) -> _SessionLoops:
         """Remember `loops` (id, start) of `session_id`, within `_MEMORY` all together."""
         known = self._session_loops.pop(session_id, None) or _SessionLoops()
         self._session_loops[session_id] = known  # the most recently used, forgotten last
@@ -934,6 +942,7 @@ class SpanIngestor:
         self._loops_known += len(known.starts)
         while self._loops_known > _MEMORY:
             self._loops_known -= len(self._session_loops.popitem(last=False)[1].starts)
+        return known
 
     def start_loop(self, session_id: str, loop_id: str, span: SpanData) -> None:
         """Before the AgentStart of `loop_id` (`span`: its loop span): ParallelLoopStart before
@@ -1009,9 +1018,10 @@ class SpanIngestor:
         self._deliver()
 
 
-def _stored_loop_starts(store: SessionStore, session_id: str) -> list[tuple[str, int]]:
+def _stored_loop_starts(store: SessionStore, session_id: str) -> list[tuple[str, int]] | None:
     """The id and start of each loop of `session_id` in `store` (`stored_loop_starts`, as an
-    adapter goes on after them); none when it is not there, or the store fails (logged)."""
+    adapter goes on after them); none when it is not there; None when the store fails
+    (logged)."""
     try:
         return stored_loop_starts(store, session_id, 0)
     except SessionNotFound:
@@ -1023,17 +1033,19 @@ def _stored_loop_starts(store: SessionStore, session_id: str) -> list[tuple[str,
             session_id,
             error,
         )
-        return []
+        return None
 
 
 class _SessionLoops:
     """The loops of one session an ingestor knows, for the loops to come to continue: the
     latest `_LOOPS_PER_SESSION` started."""
 
-    __slots__ = ("starts",)
+    __slots__ = ("first_let_go", "read", "starts")
 
     def __init__(self) -> None:
         self.starts: list[tuple[int, str]] = []  # (start in ns, loop id), in start order
+        self.read = False  # the store's were read, and added
+        self.first_let_go: int | None = None  # the earliest start of those let go
 
     def latest_before(self, loop_id: str, start: int) -> str | None:
         """The latest started at or before `start` other than `loop_id`, if remembered."""
@@ -1042,7 +1054,9 @@ class _SessionLoops:
     def add(self, loop_id: str, start: int) -> None:
         if (start, loop_id) not in self.starts:  # one sent again, or read from the store too
             bisect.insort(self.starts, (start, loop_id))
-            del self.starts[:-_LOOPS_PER_SESSION]
+            if len(self.starts) > _LOOPS_PER_SESSION:
+                at, _ = self.starts.pop(0)
+                self.first_let_go = at if self.first_let_go is None else min(self.first_let_go, at)
 
 
 class _Evaluation:
@@ -1214,6 +1228,7 @@ class _Loop:
         "agent",
         "chats",
         "conversation_id",
+        "given",
         "loop_id",
         "parent_loop",
         "session_id",
@@ -1222,17 +1237,26 @@ class _Loop:
         "tools",
     )
 
-    def __init__(self, agent: SpanData, loop_id: str, session_id: str) -> None:
+    def __init__(self, agent: SpanData, loop_id: str, naming: _Naming) -> None:
         self.agent = agent
         self.stand_in = _role(agent) != "agent"  # no agent span: the trace's root stands in
         self.loop_id = loop_id
-        self.session_id = session_id
+        self.session_id, self.conversation_id, self.given = naming
         self.chats: list[SpanData] = []
         self.tools: list[SpanData] = []
         self.parent_loop: str | None = None
         self.synthesized: list[str] = []
-        # The producer's session or conversation id, when no store takes it as a session id.
-        self.conversation_id: str | None = None
+
+
+class _Naming(NamedTuple):
+    """A loop's session."""
+
+    session_id: str
+    # The producer's session or conversation id, when no store takes it as a session id.
+    conversation_id: str | None
+    # Whether the producer named it: not one made up here (a trace's, a served part's, a
+    # sub-agent's), which no loop recorded before this ingestor started can be in.
+    given: bool
 
 
 _SESSION_NAMES = (attr.PHI_SESSION_ID, attr.CONVERSATION_ID, attr.OPENINFERENCE_SESSION_ID)  # first set wins
@@ -1351,11 +1375,10 @@ class _Rebuild:
                 tool = ancestor
             if served is None and ancestor.remote_parent_id is not None:
                 served = ancestor
-        session_id, renamed = self.resent.sessions.get(agent.span_id) or self._session(agent, parent, served)
-        self.sent.sessions[agent.span_id] = session_id, renamed
+        naming = self.resent.sessions.get(agent.span_id) or self._session(agent, parent, served)
+        self.sent.sessions[agent.span_id] = naming
         loop_id = _text(attributes.get(attr.PHI_LOOP_ID))
-        loop = _Loop(agent, loop_id or f"{session_id}.otel.{agent.span_id:016x}", session_id)
-        loop.conversation_id = renamed
+        loop = _Loop(agent, loop_id or f"{naming.session_id}.otel.{agent.span_id:016x}", naming)
         if loop_id is None:
             loop.synthesized.append("loop_id")
         if parent is not None:
@@ -1364,12 +1387,9 @@ class _Rebuild:
                 self.child_loops[tool.span_id] = loop.loop_id
         self.loops[agent.span_id] = loop
 
-    def _session(
-        self, agent: SpanData, parent: _Loop | None, served: SpanData | None
-    ) -> tuple[str, str | None]:
+    def _session(self, agent: SpanData, parent: _Loop | None, served: SpanData | None) -> _Naming:
         """The session of the loop of `agent` (under `parent`, within the part `served`
-        under a remote parent, if any), and the producer's id it is named from when no store
-        takes that one."""
+        under a remote parent, if any)."""
         # A part served to a caller is named by its own loop span only: its spans may carry
         # the caller's conversation (propagated), which named it when they came before the
         # caller's and not when with them, the same loop recorded in two sessions.
@@ -1384,11 +1404,15 @@ class _Rebuild:
         ):
             # Served to a caller in another process: a session of its own, named alike whether
             # the caller's spans are here or come later (then its loops are sent again, linked).
-            session_id = session_id_for(f"{self.trace_hex}-{served.span_id:016x}")
+            made_up = session_id_for(f"{self.trace_hex}-{served.span_id:016x}")
         elif parent is not None and (session_id is None or session_id == parent.session_id):
             # A sub-agent has its own session.
-            session_id = session_id_for(f"{parent.session_id}-{agent.span_id:016x}")
-        return session_id or self.trace_hex, renamed
+            made_up = session_id_for(f"{parent.session_id}-{agent.span_id:016x}")
+        elif session_id is None:
+            made_up = self.trace_hex
+        else:
+            return _Naming(session_id, renamed, given=True)
+        return _Naming(made_up, renamed, given=False)
 
     def _replay(self, loop: _Loop) -> None:
         agent, emit = loop.agent, self.ingestor.emit
@@ -1397,7 +1421,7 @@ class _Rebuild:
         previous = (
             self.resent.continued[loop.loop_id]
             if again
-            else self.ingestor.latest_loop(loop.session_id, loop.loop_id, agent.start)
+            else self.ingestor.latest_loop(loop.session_id, loop.loop_id, agent.start, stored=loop.given)
         )
         self.sent.continued[loop.loop_id] = previous
         kind, parent = self._continuation(loop, previous)
