@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -2470,3 +2472,64 @@ def test_the_store_is_read_once_per_conversation_and_never_for_a_session_made_up
         ("60", "Default", conversation.loops[0].loop_id),
         ("40", "Initial", None),  # (loop 5 was recorded before it came)
     ]
+
+
+def _float_vectors(span_id: int) -> SpanData:
+    """An embedding call's span as OpenInference records it: 20 vectors of 1536 floats."""
+    vectors = {
+        f"embedding.embeddings.{n}.embedding.vector": tuple(0.1 * i for i in range(1536)) for n in range(20)
+    }
+    return _span(span_id, 1, "embeddings m", 1, 2, **vectors)
+
+
+def _bare_events(span_id: int) -> SpanData:
+    """A span with 20 000 events without attributes (a log of ticks)."""
+    span = _span(span_id, 1, "work", 1, 2)
+    span.events.extend(SpanEvent(f"tick {n % 10}", n, {}) for n in range(20_000))
+    return span
+
+
+def _model_call(span_id: int) -> SpanData:
+    """A model call's span of the GenAI conventions, its content captured."""
+    attributes: dict[str, Any] = {
+        attr.OPERATION_NAME: attr.OP_CHAT,
+        attr.REQUEST_MODEL: "gpt-4o",
+        attr.RESPONSE_MODEL: "gpt-4o-2024-08-06",
+        attr.PROVIDER_NAME: "openai",
+        attr.USAGE_INPUT_TOKENS: 1234,
+        attr.USAGE_OUTPUT_TOKENS: 321,
+        attr.RESPONSE_FINISH_REASONS: ("stop",),
+        attr.CONVERSATION_ID: "conv-1234",
+        "gen_ai.request.temperature": 0.7,
+        "server.port": 443,
+        attr.INPUT_MESSAGES: _json_text(
+            [{"role": "user", "parts": [{"type": "text", "content": "x" * 1500}]}]
+        ),
+        attr.OUTPUT_MESSAGES: _json_text(
+            [{"role": "assistant", "parts": [{"type": "text", "content": "y" * 500}]}]
+        ),
+    }
+    span = _span(span_id, 1, "chat gpt-4o", 1, 2, **attributes)
+    span.events.append(SpanEvent(attr.EVENT_OPERATION_DETAILS, 2, {}))
+    return span
+
+
+@pytest.mark.parametrize("make", [_float_vectors, _bare_events, _model_call], ids=lambda make: make.__name__)
+def test_the_bytes_counted_of_waiting_spans_are_near_the_memory_they_hold(
+    make: Callable[[int], SpanData],
+) -> None:
+    # Only texts were counted: 5 spans of float vectors held 24.7 MB counted 48 KB, spans of
+    # bare events 105 MB counted 3.5 KB; max_buffered_bytes bounded nothing for such spans.
+    ingestor = SpanIngestor(lambda event: None)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for trace in range(1, 6):
+            ingestor.add([replace(make(0x10 + trace), trace_id=trace)])
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert ingestor.buffered_spans == 5
+    assert held / 2 <= ingestor.buffered_bytes <= held * 2
