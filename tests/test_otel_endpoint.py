@@ -1397,3 +1397,41 @@ def test_a_store_that_cannot_say_the_latest_loop_leaves_the_loop_initial_and_say
     endpoint.close()
     assert [loop.parent_loop_id for loop in store.load("conv-R").loops] == [None, None]
     assert any("conv-R" in r.getMessage() and "disk on fire" in r.getMessage() for r in caplog.records)
+
+
+def test_spans_recorded_at_once_are_not_refused_as_waiting(tmp_path: Path) -> None:
+    # A trace whose root is under a remote parent (recorded at once, no caller waiting) with
+    # a 2 MiB model call was 413 with at most 1 MiB waiting, nothing buffered, while the same
+    # trace with a local root was 200; so was a late span under a recorded root.
+    mib = 2**20
+
+    def span(trace: int, span_id: int, parent: int | None, name: str, **extra: object) -> dict:
+        attributes = {attr.OPERATION_NAME: name.split()[0], attr.INPUT_MESSAGES: "x" * 2 * mib}
+        if name.startswith("invoke_agent"):
+            del attributes[attr.INPUT_MESSAGES]
+        return {
+            "traceId": f"{trace:032x}",
+            "spanId": f"{span_id:016x}",
+            **({"parentSpanId": f"{parent:016x}"} if parent is not None else {}),
+            "name": name,
+            "startTimeUnixNano": str(T0_CONVERSATION + span_id),
+            "endTimeUnixNano": str(T0_CONVERSATION + 1000),
+            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attributes.items()],
+            **extra,
+        }
+
+    def post(*spans: dict) -> int:
+        document = {"resourceSpans": [{"scopeSpans": [{"spans": list(spans)}]}]}
+        return made.post(json.dumps(document).encode(), "application/json").status
+
+    made = Receiver(tmp_path, max_buffered_bytes=mib)
+    try:
+        served = span(1, 0x10, 0xCA11E2, "invoke_agent helper", flags=0x300)
+        assert post(served, span(1, 0x11, 0x10, "chat m")) == 200
+        assert post(span(2, 0x20, None, "invoke_agent helper")) == 200
+        assert post(span(2, 0x21, 0x20, "chat m")) == 200  # under the root recorded: joins it
+        assert post(span(3, 0x31, 0x30, "chat m")) == 413  # waits for its root: never fits
+        assert made.endpoint.ingestor.buffered_spans == 0
+    finally:
+        sessions = made.close()
+    assert sorted(loop.turn_count() for session in sessions for loop in session.loops) == [1, 1]

@@ -223,10 +223,11 @@ class OtlpEndpoint:
 
     def _check_room(self, spans: list[SpanData]) -> None:
         ingestor = self.ingestor
-        # What the payload leaves waiting, less what its roots free: a root of a waiting trace
-        # is let in (refused, the trace's spans were recorded apart once timed out), as is a
-        # trace whole in it (recorded at once).
-        rooted = {span.trace_id for span in spans if span.parent_id is None and span.remote_parent_id is None}
+        # What the payload leaves waiting, less what it frees: the traces it completes (a root,
+        # a root under a remote parent no caller waits for, a span under one recorded) are
+        # recorded at once, what of them waited too; so a root of a waiting trace is let in
+        # (refused, the trace's spans were recorded apart once timed out).
+        rooted = ingestor.recorded_at_once(spans)
         waiting = [span for span in spans if span.trace_id not in rooted]
         size = sum(map(span_bytes, waiting))
         if size > ingestor.max_buffered_bytes:  # never fits: a 429 would have the client retry it forever

@@ -461,13 +461,12 @@ def span_bytes(span: SpanData) -> int:
 
 
 class _Trace:
-    __slots__ = ("bytes", "last_seen", "root_ended", "spans", "updates")
+    __slots__ = ("bytes", "last_seen", "spans", "updates")
 
     def __init__(self, now: float) -> None:
         self.spans: dict[int, SpanData] = {}  # span id -> span, in arrival order
         self.bytes = 0  # `span_bytes` of its spans
         self.last_seen = now  # a long run's spans keep coming: it times out once they stop
-        self.root_ended = False
         self.updates = False  # holds newer versions of spans recorded: joins them, even a root
 
 
@@ -523,11 +522,11 @@ def _joins(kept: _Kept, trace: _Trace) -> bool:
     )
 
 
-def _caller_waiting(trace: _Trace) -> bool:
-    """Whether `trace` holds spans of a caller besides those under remote parents (the
-    spans of a service it called): then the caller exports here too, and the trace waits
-    for the caller's root (its tool span links the service's agent as its sub-agent)."""
-    by_id = trace.spans
+def _caller_waiting(by_id: dict[int, SpanData]) -> bool:
+    """Whether a trace's spans (`by_id`) hold spans of a caller besides those under remote
+    parents (the spans of a service it called): then the caller exports here too, and the
+    trace waits for the caller's root (its tool span links the service's agent as its
+    sub-agent)."""
     for span in by_id.values():
         seen = {span.span_id}
         while span.parent_id in by_id and span.parent_id not in seen:
@@ -670,13 +669,52 @@ class SpanIngestor:
             traces = [trace for trace in map(self._traces.get, trace_ids) if trace is not None]
             return sum(len(trace.spans) for trace in traces), sum(trace.bytes for trace in traces)
 
+    def recorded_at_once(self, spans: list[SpanData]) -> set[int]:
+        """The traces of `spans` that taking them (`add`) records at once: none of their
+        spans waits, and those of them waiting wait no more."""
+        with self._lock:
+            payload: dict[int, dict[int, SpanData]] = {}
+            for span in spans:
+                payload.setdefault(span.trace_id, {})[span.span_id] = span
+
+            def with_payload(trace_id: int) -> dict[int, SpanData]:
+                trace = self._traces.get(trace_id)
+                return payload[trace_id] if trace is None else {**trace.spans, **payload[trace_id]}
+
+            def updates(span: SpanData) -> bool:
+                trace = self._traces.get(span.trace_id)
+                return (trace is None or span.span_id not in trace.spans) and self._newer_than_kept(span)
+
+            return set(self._complete([(span, updates(span)) for span in spans], with_payload))
+
+    def _complete(
+        self, taken: list[tuple[SpanData, bool]], trace_spans: Callable[[int], dict[int, SpanData]]
+    ) -> list[int]:
+        """The traces that the spans `taken` (each with whether it is a newer version of one
+        recorded) complete, in the order they did: the traces to record now. `trace_spans`
+        gives a trace's spans, with those taken."""
+        ready: dict[int, None] = {}
+        served: dict[int, None] = {}  # traces where a span under a remote parent ended
+        for span, updates in taken:
+            if (
+                updates  # recorded again at once with the rest of what was recorded
+                or (span.parent_id is None and span.remote_parent_id is None)
+                or self._under_recorded(span)  # its root was recorded already: it joins that
+            ):
+                ready[span.trace_id] = None
+            elif span.parent_id is None:  # decided once all are in: the caller's spans may be there
+                served[span.trace_id] = None
+        for trace_id in served:
+            if trace_id not in ready and not _caller_waiting(trace_spans(trace_id)):
+                ready[trace_id] = None
+        return list(ready)
+
     def add(self, spans: Iterable[SpanData]) -> None:
         """Take finished spans; record every trace that is now complete."""
         spans = check_each("spans", spans, SpanData, "SpanData")  # before any is taken
         with self._lock:
             now = self._clock()
-            ready: list[int] = []
-            served: list[tuple[int, _Trace]] = []  # traces where a span under a remote parent ended
+            taken: list[tuple[SpanData, bool]] = []
             for span in spans:
                 trace = self._traces.get(span.trace_id)
                 waiting = trace.spans.get(span.span_id) if trace is not None else None
@@ -703,25 +741,10 @@ class SpanIngestor:
                 self._wait_bytes(trace, span_bytes(span))
                 trace.spans[span.span_id] = span  # a newer version takes the waiting one's place
                 trace.updates = trace.updates or updates
-                if trace.root_ended:
-                    continue
-                if updates:  # recorded again at once with the rest of what was recorded
-                    trace.root_ended = True
-                    ready.append(span.trace_id)
-                elif span.parent_id is None:
-                    if span.remote_parent_id is None:
-                        trace.root_ended = True
-                        ready.append(span.trace_id)
-                    else:  # decided once the whole payload is in: the caller's spans may be in it
-                        served.append((span.trace_id, trace))
-                elif self._under_recorded(span):  # its root was recorded already: it joins that
-                    trace.root_ended = True
-                    ready.append(span.trace_id)
-            for trace_id, trace in served:
-                if not trace.root_ended and not _caller_waiting(trace):
-                    trace.root_ended = True
-                    ready.append(trace_id)
-            self._record_each(ready, complete=True)
+                taken.append((span, updates))
+            self._record_each(
+                self._complete(taken, lambda trace_id: self._traces[trace_id].spans), complete=True
+            )
             self._expire(now)
 
     def _wait_bytes(self, trace: _Trace, size: int) -> None:
