@@ -1435,3 +1435,33 @@ def test_spans_recorded_at_once_are_not_refused_as_waiting(tmp_path: Path) -> No
     finally:
         sessions = made.close()
     assert sorted(loop.turn_count() for session in sessions for loop in session.loops) == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        {"foo": 1, "bar": 2},
+        {"bytesValue": "!!notbase64"},
+        {"intValue": "99999999999999999999999"},
+        {"doubleValue": "many"},
+        {"kvlistValue": {"values": [{"value": {"stringValue": "no key"}}]}},
+        {"arrayValue": {"values": {"stringValue": "not an array"}}},
+        [1, 2],
+    ],
+    ids=["two members", "bytes", "int range", "double", "pair without key", "values not array", "not object"],
+)
+def test_an_invalid_attribute_value_is_refused_at_any_depth(leaf: object) -> None:
+    # Below 32 levels the value was kept as its text unchecked: an AnyValue a shallower
+    # attribute was refused for (400) was taken there.
+    for levels in (2, 40):
+        value = leaf
+        for _ in range(levels):
+            value = {"arrayValue": {"values": [value]}}
+        body = _one_span_json({"attributes": [{"key": "app.value", "value": value}]})
+        with pytest.raises(OtlpDecodeError):
+            spans_from_otlp_json(body)
+    deep_but_valid = {"kvlistValue": {"values": [{"key": "k", "value": _any_value_nested(40, "leaf")}]}}
+    [span] = spans_from_otlp_json(
+        _one_span_json({"attributes": [{"key": "app.value", "value": deep_but_valid}]})
+    )[0]
+    assert span.attributes["app.value"]["k"]

@@ -9,7 +9,8 @@ replaced with U+FFFD in that string only, and counted: the endpoint says so in a
 success with no span rejected (the OTLP spec's warning form). So is an attribute value
 nested deeper than `_MAX_DEPTH` levels (valid OTLP: protobuf reads some 45): below that
 level it is kept as its OTLP JSON text (as `clip_depth` keeps what is nested too deep in a
-session), bounded by the payload's size, rather than refusing the payload (a 400 is final
+session; checked as the levels above are: an invalid AnyValue is refused at any depth),
+bounded by the payload's size, rather than refusing the payload (a 400 is final
 for an exporter: the batch's other spans were lost) or the span (its loop lost for a value
 ingest never reads: it reads text and flat arrays only).
 """
@@ -277,37 +278,64 @@ def _proto_ids(span: Any) -> tuple[int, int, int | None] | None:
 
 def _json_value(value: Any, clipped: list[int], depth: int = 0) -> Any:
     if depth > _MAX_DEPTH:
+        _check_json_value(value)  # as valid as above: only its depth differs
         return _too_deep(value, clipped)
+    member, inner = _any_value(value)
+    if member == "arrayValue":
+        return tuple(_json_value(v, clipped, depth + 1) for v in inner)
+    if member == "kvlistValue":
+        return _json_attributes(inner, clipped, depth + 1)
+    return inner
+
+
+def _check_json_value(value: Any) -> None:
+    """Raise `OtlpDecodeError` if `value`, an AnyValue nested at any depth, is not one
+    (iteratively: it may be nested as deep as the body is long)."""
+    stack = [value]
+    while stack:
+        member, inner = _any_value(stack.pop())
+        if member == "arrayValue":
+            stack.extend(inner)
+        elif member == "kvlistValue":
+            stack.extend(_pair(pair)[1] for pair in inner)
+
+
+def _any_value(value: Any) -> tuple[str | None, Any]:
+    """The member of an AnyValue and its value: a scalar read, or the list of an arrayValue's
+    values or a kvlistValue's pairs (unread); (None, None) for none. Raises `OtlpDecodeError`."""
     if not isinstance(value, dict) or len(value) > 1:
         raise OtlpDecodeError("an AnyValue must be an object with at most one member")
     for key, inner in value.items():
         if inner is None:  # the mapping's null: the member's default, as if unset
-            return None
+            return None, None
         if key == "stringValue" and isinstance(inner, str):
-            return inner
+            return key, inner
         if key == "boolValue" and isinstance(inner, bool):
-            return inner
+            return key, inner
         if key == "intValue" and isinstance(inner, (int, str)) and not isinstance(inner, bool):
-            return _int(inner, "intValue", signed=True)
+            return key, _int(inner, "intValue", signed=True)
         if key == "doubleValue" and isinstance(inner, (int, float, str)) and not isinstance(inner, bool):
-            return _float(inner)
+            return key, _float(inner)
         if key == "bytesValue" and isinstance(inner, str):
-            return _bytes(inner)
-        if key == "arrayValue" and isinstance(inner, dict):
-            values = _list(_member(inner, "values", []), "values")
-            return tuple(_json_value(v, clipped, depth + 1) for v in values)
-        if key == "kvlistValue" and isinstance(inner, dict):
-            return _json_attributes(_member(inner, "values", []), clipped, depth + 1)
+            return key, _bytes(inner)
+        if key in ("arrayValue", "kvlistValue") and isinstance(inner, dict):
+            return key, _list(_member(inner, "values", []), "values")
         raise OtlpDecodeError(f"unsupported AnyValue member {key!r}")
-    return None
+    return None, None
+
+
+def _pair(pair: Any) -> tuple[str, Any]:
+    """The key and AnyValue of a KeyValue. Raises `OtlpDecodeError`."""
+    if not isinstance(pair, dict) or not isinstance(pair.get("key"), str):
+        raise OtlpDecodeError("an attribute must be an object with a string key")
+    return pair["key"], _member(pair, "value", {})
 
 
 def _json_attributes(pairs: Any, clipped: list[int], depth: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in _list(pairs, "attributes"):
-        if not isinstance(pair, dict) or not isinstance(pair.get("key"), str):
-            raise OtlpDecodeError("an attribute must be an object with a string key")
-        out[pair["key"]] = _json_value(_member(pair, "value", {}), clipped, depth)
+        key, value = _pair(pair)
+        out[key] = _json_value(value, clipped, depth)
     return out
 
 
