@@ -1278,6 +1278,70 @@ def test_import_of_nothing_leaves_no_new_store(tmp_path: Path, store: str | None
     assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.json"]
 
 
+# Past what msgspec reads (its RecursionError), unclosed and closed, an array and an object.
+TOO_DEEP = [b"[" * 100_000, b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000]
+
+
+@pytest.mark.parametrize("deep", TOO_DEEP)
+def test_import_skips_a_file_nested_too_deep_and_imports_the_rest(
+    store_dir: Path, tmp_path: Path, deep: bytes
+) -> None:
+    """One such file made the whole import an internal error (RecursionError), importing
+    nothing and leaving an empty store behind."""
+    (store_dir / "00-deep.json").write_bytes(deep)
+    result = run("import", store_dir, "--store", f"{tmp_path}/copy/", "--json")
+    assert result.exit_code == EXIT_FAILURE
+    data = json.loads(result.stdout)
+    assert sorted(row["session_id"] for row in data["imported"]) == sorted(EXAMPLE_IDS)
+    [error] = data["errors"]
+    assert error["path"] == str(store_dir / "00-deep.json")
+    assert "nesting too deep (phi-core allows 128 levels)" in error["error"]
+    assert_one_line_error(result, EXIT_FAILURE, "00-deep.json", "nesting too deep")
+    for session_id in EXAMPLE_IDS:
+        name = f"{session_id}.json"
+        assert (tmp_path / "copy" / name).read_bytes() == (store_dir / name).read_bytes()
+
+
+@pytest.mark.parametrize("deep", TOO_DEEP)
+def test_import_of_only_a_file_nested_too_deep_leaves_no_new_store(tmp_path: Path, deep: bytes) -> None:
+    (tmp_path / "deep.json").write_bytes(deep)
+    result = run("import", tmp_path / "deep.json", "--store", "new.db")
+    assert_one_line_error(result, EXIT_FAILURE, "deep.json: ", "nesting too deep")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["deep.json"]
+
+
+@pytest.mark.parametrize("deep", TOO_DEEP)
+def test_record_skips_a_first_line_nested_too_deep_and_records_the_rest(tmp_path: Path, deep: bytes) -> None:
+    """Told from a session file by reading it as JSON, such a first line made the whole record
+    an internal error (RecursionError), recording nothing and leaving an empty store behind;
+    later in the stream it was already one skipped line."""
+    (tmp_path / "in.jsonl").write_bytes(deep + b"\n" + "\n".join(example_lines()).encode() + b"\n")
+    result = run("record", "in.jsonl", "--store", f"{tmp_path}/out/", "--json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["totals"]["events"], data["totals"]["malformed_lines"]) == (len(example_lines()), 1)
+    [error] = data["errors"]
+    assert error["line"] == 1 and error["error"] == "nesting too deep (phi-core allows 128 levels)"
+    assert result.stderr.splitlines() == [
+        "phi-session: in.jsonl: line 1: skipped: nesting too deep (phi-core allows 128 levels)"
+    ]
+    clean = tmp_path / "clean"
+    run("record", EXAMPLE_STREAM, "--dir", clean)
+    for session_id in EXAMPLE_IDS:
+        name = f"{session_id}.json"
+        assert (tmp_path / "out" / name).read_bytes() == (clean / name).read_bytes()
+
+
+@pytest.mark.parametrize("deep", TOO_DEEP)
+def test_record_of_only_a_line_nested_too_deep_leaves_no_new_store(tmp_path: Path, deep: bytes) -> None:
+    (tmp_path / "in.jsonl").write_bytes(deep + b"\n")
+    result = run("record", "in.jsonl", "--store", "new.db")
+    assert result.exit_code == EXIT_FAILURE
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert "nothing recorded" in result.stderr.splitlines()[-1]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 @pytest.mark.parametrize("store", ["kept.db", "kept/"])
 @pytest.mark.parametrize("orphans", ["input", "store"])
 def test_record_orphans_file_is_never_the_input_nor_the_store(

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from operator import is_
 from types import UnionType
-from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin, overload
 
 import msgspec
 from msgspec.structs import force_setattr, replace
@@ -1338,6 +1338,27 @@ def _repair_session(obj: Any, path: str, hidden: _Placeholders) -> Any:
     return obj
 
 
+def _too_deep() -> DecodeError:
+    """What a value nested past what msgspec reads (its `RecursionError`) is: one line."""
+    return DecodeError(f"nesting too deep (phi-core allows {_strict.MAX_DEPTH} levels)")
+
+
+@overload
+def decode_json(data: bytes) -> Any: ...
+@overload
+def decode_json(data: bytes, tp: type[_V]) -> _V: ...
+def decode_json(data: bytes, tp: Any = Any) -> Any:
+    """`data` as plain JSON (of `tp`, as ``msgspec.json.decode`` reads it), any reason it
+    cannot be read a `DecodeError`: a value nested too deep too, which msgspec raises as a
+    `RecursionError` no caller of it expects."""
+    try:
+        return msgspec.json.decode(data, type=tp)
+    except msgspec.DecodeError as error:
+        raise DecodeError(str(error)) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
 def _decode(
     data: bytes | str,
     decoder: msgspec.json.Decoder[Any],
@@ -1359,7 +1380,7 @@ def _decode(
     except (ValueError, OverflowError) as error:  # raised by our own parsers (timestamps, tagged enums)
         raise DecodeError(str(error)) from None
     except RecursionError:
-        raise DecodeError(f"nesting too deep (phi-core allows {_strict.MAX_DEPTH} levels)") from None
+        raise _too_deep() from None
     tree = None
     if check is not None:
         try:
@@ -1384,7 +1405,7 @@ def _decode(
     except (ValueError, OverflowError) as error:
         raise DecodeError(str(error)) from None
     except RecursionError:
-        raise DecodeError(f"nesting too deep (phi-core allows {_strict.MAX_DEPTH} levels)") from None
+        raise _too_deep() from None
     return restore(value, hidden.restore) if hidden.items else value
 
 

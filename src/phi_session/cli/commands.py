@@ -20,7 +20,7 @@ import msgspec
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
+from ..codec import decode_event, decode_json, decode_session, encode_event, encode_message, encode_session
 from ..cost import Cost, Pricer
 from ..errors import (
     DecodeError,
@@ -598,11 +598,11 @@ def _is_session_file(source: _LineSource, first: bytes, may_wait: bool) -> bool:
     except DecodeError:
         pass
     try:
-        msgspec.json.decode(first)
-    except msgspec.DecodeError:
-        # Not JSON on its own: a pretty-printed file starts with a bracket alone on its
-        # line, which a file is read whole for; any other line is a broken one of a
-        # stream, whose size is not to be held in memory to tell.
+        decode_json(first)
+    except DecodeError:
+        # Not JSON on its own (or nested too deep to read): a pretty-printed file starts
+        # with a bracket alone on its line, which a file is read whole for; any other line
+        # is a broken one of a stream, whose size is not to be held in memory to tell.
         if may_wait or first.strip() not in (b"{", b"["):
             return False
         at = source.stream.tell()
@@ -922,8 +922,8 @@ def _read_sessions(data: bytes) -> list[Session | DecodeError]:
     """
     if data.lstrip()[:1] == b"[":
         try:
-            items = msgspec.json.decode(data, type=list[msgspec.Raw])
-        except msgspec.DecodeError as error:
+            items = decode_json(data, list[msgspec.Raw])
+        except DecodeError as error:
             raise DecodeError(f"not a JSON array of sessions: {error}") from None
         read: list[Session | DecodeError] = []
         for number, item in enumerate(items, start=1):
