@@ -26,14 +26,15 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from rich.console import Console
+from rich.console import Console, Group
+from rich.text import Text
 
 import phi_session as ps
 from phi_session._time import Timestamp
 from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MAX_TREE_DEPTH, main, render
 from phi_session.codec import decode_event, decode_session, encode_event, encode_session
 from phi_session.events import SessionFormation
-from phi_session.messages import Usage
+from phi_session.messages import TextContent, ThinkingContent, Usage, UserMessage
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.json_dir import JsonDirStore
@@ -871,6 +872,51 @@ def test_show_looks_loops_up_in_one_index() -> None:
     assert s.loops.passes <= 3  # type: ignore[attr-defined]
     assert out.getvalue().count("(not in this session)") == 1
     assert "continues loop elsewhere.c.1 (not in this session)" in out.getvalue()
+
+
+# Many lines of text as tools give them: blank ones, a trailing newline, tabs, lines wider
+# than the terminal, markup and controls that must stay escaped.
+MANY_LINES = "\n".join(f"{n}\t[bold]x[/] \x1b[31m" + "y" * (n % 97) for n in range(300)) + "\n\n\u202e end\n"
+
+
+def _message_with(text: str) -> UserMessage:
+    return UserMessage(
+        content=(TextContent(text=text), ThinkingContent(thinking=text), TextContent(text="")), timestamp=0
+    )
+
+
+def _drawn(renderable: Any, color: bool) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=60, force_terminal=color, color_system="truecolor" if color else None)
+    console.print(renderable)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_context_draws_a_text_of_many_lines_as_one_text_drew_it(color: bool) -> None:
+    """The lines are handed to rich one by one (see the next test): the output is what the
+    whole text as one `Text` gave, escapes, wrapping and styles alike."""
+    view = render.message_view(_message_with(MANY_LINES))
+    before = Group(
+        view.renderables[0],
+        render.plain(MANY_LINES),
+        render.plain(f"(thinking) {MANY_LINES}", "dim italic"),
+        render.plain(""),
+        Text(),
+    )
+    assert _drawn(view, color) == _drawn(before, color)
+    assert "\x1b" not in _drawn(view, False) and "\\x1b[31m" in _drawn(view, False)
+
+
+def test_context_hands_rich_the_lines_of_a_text_one_by_one() -> None:
+    """rich re-partitions one `Text`'s text at each of its newlines (Segment.split_and_crop_lines):
+    a tool result of n lines took time in n squared (80,000 lines: 21 s to print)."""
+    lines = 5_000
+    view = render.message_view(_message_with("line\n" * lines))
+    texts = [renderable for renderable in view.renderables if isinstance(renderable, Text)]
+    assert len(texts) == len(view.renderables)
+    assert all("\n" not in text.plain for text in texts)
+    assert len(texts) >= 2 * lines
 
 
 def test_show_events(store_dir: Path) -> None:

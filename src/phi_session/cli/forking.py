@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 import msgspec
+from rich.console import Group
 
 from ..codec import encode_message
 from ..diff import find_loop
@@ -88,7 +89,7 @@ def fork_command(
     request = turn.request
     if request.system_prompt is not None:
         console.print(render.plain("system prompt", "bold"))
-        console.print(render.plain(request.system_prompt))
+        console.print(Group(*render.plain_lines(request.system_prompt)))
         console.print()
     if request.tools is not None:
         names = ", ".join(tool.name for tool in request.tools) or "(none)"
