@@ -51,6 +51,7 @@ from .web_support import (
     example_lines,
     record_into,
     running_server,
+    session_of_texts,
     xss_lines,
 )
 
@@ -155,6 +156,19 @@ def watched(browser: Any, server: ViewerServer) -> Iterator[Watched]:
 
 def loop_details(page: Page, loop_id: str) -> Any:
     return page.locator(f'details.loop[data-loop-id="{loop_id}"]')
+
+
+@contextmanager
+def first_loop_opened(browser: Any, tmp_path: Path, session: Session) -> Iterator[tuple[Page, Any]]:
+    """The page of `session`, saved alone in a new store, and its first loop, opened."""
+    with SqliteStore(tmp_path / "one.db") as store, running_server(store) as running:
+        store.save(session)
+        with watched_page(browser, running.url) as watcher:
+            page = watcher.page
+            page.goto(f"/#/session/{session.session_id}")
+            details = loop_details(page, session.loops[0].loop_id)
+            details.locator("summary").first.click()
+            yield page, details
 
 
 def test_session_list_and_filters(watched: Watched, demo_ids: dict[str, Any]) -> None:
@@ -645,21 +659,41 @@ def test_extension_messages_show_their_kind_and_data_whatever_their_role(
     turn = loop.turns[0]
     turn = msgspec.structs.replace(turn, input_messages=(*turn.input_messages, loop.messages[2]))
     session = msgspec.structs.replace(session, loops=[msgspec.structs.replace(loop, turns=(turn,))])
-    with SqliteStore(tmp_path / "ext.db") as store, running_server(store) as running:
-        store.save(session)
-        with watched_page(browser, running.url) as watcher:
-            page = watcher.page
-            page.goto("/#/session/ext")
-            details = loop_details(page, session.loops[0].loop_id)
-            details.locator("summary").first.click()
-            extensions = details.locator(".structured .msg-extension")
-            expect(extensions).to_have_count(2)
-            assert "approval" in extensions.first.inner_text() and "alice" in extensions.first.inner_text()
-            assert "plan" in extensions.nth(1).inner_text() and "answer" in extensions.nth(1).inner_text()
-            assert details.locator(".structured .msg-user").all_inner_texts()[0].endswith("Go on?")
-            assert details.locator(".structured .msg-user, .structured .msg-assistant").count() == 2
-            details.locator("button.view-chat").click()  # the conversation: no empty bubbles
-            assert details.locator(".chat .bubble").all_inner_texts() == ["Go on?", "Done."]
+    with first_loop_opened(browser, tmp_path, session) as (_, details):
+        extensions = details.locator(".structured .msg-extension")
+        expect(extensions).to_have_count(2)
+        assert "approval" in extensions.first.inner_text() and "alice" in extensions.first.inner_text()
+        assert "plan" in extensions.nth(1).inner_text() and "answer" in extensions.nth(1).inner_text()
+        assert details.locator(".structured .msg-user").all_inner_texts()[0].endswith("Go on?")
+        assert details.locator(".structured .msg-user, .structured .msg-assistant").count() == 2
+        details.locator("button.view-chat").click()  # the conversation: no empty bubbles
+        assert details.locator(".chat .bubble").all_inner_texts() == ["Go on?", "Done."]
+
+
+def test_a_long_text_shows_cut_and_whole_on_demand_as_text(browser: Any, tmp_path: Path) -> None:
+    """A loop of twelve 5 MB tool results came whole to the page: 91 MB for the loop,
+    303 MB for a page of its events."""
+    long = XSS_TEXT + "\n" + "r" * 100_000
+    size = f"{len(long.encode()):,}"
+    session = session_of_texts("long", [long, "short"])
+    with first_loop_opened(browser, tmp_path, session) as (page, details):
+        result = details.locator(".structured .msg-toolResult").first
+        expect(result.locator(".block.text .clipped")).to_contain_text(f"\u2026 [clipped: {size} bytes]")
+        assert (result.locator(".block.text").text_content() or "").startswith(long[:1000])
+        result.locator("button.show-all", has_text=f"show all ({size} bytes)").click()
+        expect(result.locator("button.show-all")).to_have_count(0)
+        assert result.locator(".block.text").text_content() == long
+        assert "short" in details.locator(".structured .msg-toolResult").nth(1).inner_text()
+        # In the event log, the cut text is a JSON string of the event's, whole on demand.
+        page.click("#show-events")
+        row = page.locator("#event-log tbody tr", has_text="ToolExecutionEnd").first
+        row.locator("summary").click()
+        event = row.locator("pre")
+        expect(event).to_contain_text(f"[clipped: {size} bytes]")
+        event.locator("button.show-all").click()
+        expect(event.locator("button.show-all")).to_have_count(0)
+        assert msgspec.json.encode(long).decode() in (event.text_content() or "")
+        assert page.locator("#app img, #app script").count() == 0  # the HTML in it stayed text
 
 
 def test_search_box_and_cost(watched: Watched) -> None:

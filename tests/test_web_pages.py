@@ -6,10 +6,12 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
-from phi_session.codec import decode_loop, decode_session
+from phi_session.codec import decode_loop, decode_session, encode_event, encode_loop, encode_session
 from phi_session.events import TurnStart
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
@@ -22,9 +24,11 @@ from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import PROMPT_CHARS, first_prompt
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.views import SUB_AGENT_LOOPS, timeline
+from phi_session.web import pages
+from phi_session.web.pages import CLIP_BYTES, PAGE_BYTES
 from phi_session.web.server import ViewerServer
 
-from .test_web_api import get_json, ids
+from .test_web_api import get_json, ids, request
 from .web_support import (
     CHILD_ID,
     EXAMPLE_IDS,
@@ -33,6 +37,7 @@ from .web_support import (
     example_lines,
     record_into,
     running_server,
+    session_of_texts,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -370,3 +375,138 @@ def test_the_timeline_of_a_loop_that_never_ended_spans_to_its_last_recorded_even
     assert body["span_ms"] == 3000
     loop = next(bar for bar in body["bars"] if bar["kind"] == "loop")
     assert loop["status"] == "Aborted" and loop["end"] == str(ts(3000)) and loop["duration_ms"] == 3000
+
+
+# -- long texts: cut in the views, given whole on demand; pages bounded in bytes -----------------
+
+LONG_RESULT = "<b>r</b>\n" * 10_000 + "\u00e9" * 50_000  # 190,000 bytes of UTF-8
+LONG_ARGUMENT = "w" * (CLIP_BYTES + 1)
+
+
+def _at(tree: Any, pointer: str) -> Any:
+    for token in pointer.split("/")[1:]:
+        key = token.replace("~1", "/").replace("~0", "~")
+        tree = tree[int(key)] if isinstance(tree, list) else tree[key]
+    return tree
+
+
+@pytest.fixture(scope="module")
+def long_texts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ViewerServer, Session]]:
+    session = session_of_texts("long", [LONG_RESULT, "short"], LONG_ARGUMENT)
+    session.loops[0].error = "e" * (CLIP_BYTES + 5)  # in the loop list too
+    with SqliteStore(tmp_path_factory.mktemp("long") / "s.db") as store, running_server(store) as running:
+        store.save(session)
+        yield running, session
+
+
+def test_a_loop_view_cuts_each_long_text_and_the_field_view_gives_it_whole(
+    long_texts: tuple[ViewerServer, Session],
+) -> None:
+    """A loop of twelve 5 MB tool results was one 91 MB answer."""
+    server, session = long_texts
+    loop = get_json(server, "/api/sessions/long/loops/0")
+    stored = json.loads(encode_loop(msgspec.structs.replace(session.loops[0], events=[])))
+    cuts = {cut["path"]: cut for cut in loop.pop("clipped")}
+    result = "/turns/0/tool_results/0/content/0/text"
+    argument = "/turns/0/output_message/content/0/arguments/a~1b~0c"
+    assert {result, argument, "/error", "/messages/1/content/0/arguments/a~1b~0c"} <= set(cuts)
+    assert all(len(_at(stored, path).encode()) > CLIP_BYTES for path in cuts)
+    assert cuts[result]["bytes"] == len(LONG_RESULT.encode()) == 190_000
+    shown = _at(loop, result)
+    assert shown.startswith(LONG_RESULT[:1000]) and shown.endswith("\u2026 [clipped: 190,000 bytes]")
+    assert len(shown.encode()) <= CLIP_BYTES + 100
+    # Everything else is the stored loop's, short texts whole.
+    assert _at(loop, "/turns/0/tool_results/1/content/0/text") == "short"
+    for path in cuts:
+        assert _at(loop, path) != _at(stored, path)
+        _set(loop, path, _at(stored, path))
+    assert loop == stored
+    for path, cut in cuts.items():
+        assert get_json(server, f"/api/sessions/long/field?{cut['field']}") == _at(stored, path)
+    assert len(request(server, "/api/sessions/long/loops/0")[2]) < 8 * CLIP_BYTES
+
+
+def _set(tree: Any, pointer: str, value: Any) -> None:
+    *parents, last = pointer.split("/")[1:]
+    holder = _at(tree, "".join(f"/{token}" for token in parents))
+    key = last.replace("~1", "/").replace("~0", "~")
+    holder[int(key) if isinstance(holder, list) else key] = value
+
+
+def test_the_event_log_and_loop_list_cut_long_texts_and_the_stores_and_exports_never(
+    long_texts: tuple[ViewerServer, Session],
+) -> None:
+    server, session = long_texts
+    log = get_json(server, "/api/sessions/long/event-log")
+    events = {item.sequence: json.loads(encode_event(item.event)) for item in session.loops[0].events}
+    assert len(log["events"]) == len(events) and log["next"] is None
+    assert sum(len(row["clipped"]) for row in log["events"]) >= 5  # calls, results, turn and agent ends
+    for row in log["events"]:
+        for cut in row["clipped"]:
+            whole = get_json(server, f"/api/sessions/long/field?{cut['field']}")
+            assert whole == _at(events[row["sequence"]], cut["path"]) and len(whole.encode()) == cut["bytes"]
+            _set(row["event"], cut["path"], whole)
+        assert row["event"] == events[row["sequence"]]
+    [row] = get_json(server, "/api/sessions/long/loops")["loops"]
+    [cut] = row["clipped"]
+    assert cut["path"] == "/error" and row["loop"]["error"].endswith(f"[clipped: {CLIP_BYTES + 5:,} bytes]")
+    assert get_json(server, f"/api/sessions/long/field?{cut['field']}") == session.loops[0].error
+    # The whole session's JSON (export) is as stored.
+    assert request(server, "/api/sessions/long")[2] == encode_session(session, pretty=False)
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "fragment"),
+    [
+        ("loop=1&path=/error", 400, "loop must be a whole number below 1"),
+        ("loop=x&path=/error", 400, "loop must be a whole number"),
+        ("event=0&path=/error", 400, "event must be a whole number below 0"),
+        ("path=/error", 400, "name a loop"),
+        ("loop=0&event=0&path=/error", 400, "name a loop"),
+        ("sequence=1&path=/error", 400, "name a loop"),
+        ("loop=0", 400, "path must be a JSON pointer"),
+        ("loop=0&path=error", 400, "path must be a JSON pointer"),
+        ("loop=0&path=/error&x=1", 400, "unknown query parameter 'x'"),
+        ("loop=0&sequence=999&path=/error", 404, "loop #1 holds no event 999"),
+        ("loop=0&path=/nope", 404, "nothing at '/nope'"),
+        ("loop=0&path=/turns/9", 404, "nothing at"),
+        ("loop=0&path=/turns/00", 404, "nothing at"),
+        ("loop=0&path=/turns", 404, "is no text"),
+        ("loop=0&sequence=0&path=/loop_id/x", 404, "nothing at"),
+    ],
+)
+def test_bad_field_requests_are_one_line_errors(
+    long_texts: tuple[ViewerServer, Session], query: str, status: int, fragment: str
+) -> None:
+    body = get_json(long_texts[0], f"/api/sessions/long/field?{query}", status)
+    assert list(body) == ["error"] and fragment in body["error"] and "\n" not in body["error"]
+
+
+def test_an_event_log_page_ends_once_it_holds_its_bytes_and_pages_on_from_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of 200 events of a session of twelve 5 MB tool results was 303 MB (three
+    asked at once: the server's RSS 2.2 GB)."""
+    session = session_of_texts("sized", [f"{n}" * 30_000 for n in range(10)])
+    sizes_of = {item.sequence: len(encode_event(item.event)) for item in session.loops[0].events}
+    monkeypatch.setattr(pages, "PAGE_BYTES", 100_000)
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
+        store.save(session)
+        for event_type in ("", "MessageEnd"):
+            expected = _events_of(session, event_type or None)
+            seen: list[tuple[str | None, int | None, str]] = []
+            offset: int | None = 0
+            while offset is not None:
+                page = get_json(server, f"/api/sessions/sized/event-log?type={event_type}&offset={offset}")
+                assert page["total"] == len(expected) and 1 <= len(page["events"]) < 200
+                # Full at the event that reached the budget, and not before.
+                sizes = [sizes_of[row["sequence"]] for row in page["events"]]
+                assert sum(sizes[:-1]) < 100_000 and (sum(sizes) >= 100_000 or page["next"] is None)
+                seen += [(row["loop_id"], row["sequence"], row["event"]["type"]) for row in page["events"]]
+                assert page["next"] == (len(seen) if len(seen) < len(expected) else None)
+                offset = page["next"]
+            assert seen == expected  # none skipped, none twice
+        monkeypatch.setattr(pages, "PAGE_BYTES", 1)  # an event bigger than a page still comes, alone
+        page = get_json(server, "/api/sessions/sized/event-log?offset=3")
+        assert len(page["events"]) == 1 and page["next"] == 4
+    assert PAGE_BYTES == 4 * 1024 * 1024

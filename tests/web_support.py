@@ -14,6 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from phi_session.cost import Pricer
+from phi_session.identity import AgentSession
+from phi_session.instrument import Tracer
+from phi_session.messages import ToolCall
+from phi_session.model import LoopConfigSnapshot, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import SessionStore
 from phi_session.web.server import ViewerServer, make_server
@@ -51,6 +55,34 @@ def xss_lines() -> list[str]:
         .replace('"Hello!"', f'"{XSS_REPLY}"')
         for line in lines
     ]
+
+
+def session_of_texts(session_id: str, results: Iterable[str], argument: str = "") -> Session:
+    """One loop of one turn: a call of ``read`` per result, each given `argument` under the
+    key ``a/b~c`` (a JSON pointer escapes both), answered by its result."""
+    recorder = SessionRecorder()
+    tracer = Tracer(
+        AgentSession(session_id=session_id),
+        sinks=[recorder],
+        config=LoopConfigSnapshot(model="m", provider="p"),
+    )
+    texts = list(results)
+    with tracer.loop() as loop:
+        loop.user("go")
+        with loop.turn() as turn:
+            with turn.assistant() as reply:
+                calls = [
+                    ToolCall(id=f"c{n}", name="read", arguments={"a/b~c": argument})
+                    for n in range(len(texts))
+                ]
+                reply.finish(tool_calls=calls)
+            for call, text in zip(turn.tool_calls, texts, strict=True):
+                with turn.tool(call) as tool:
+                    tool.result(text)
+    tracer.close()
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
 
 
 def record_into(store: SessionStore, lines: Iterable[str]) -> None:

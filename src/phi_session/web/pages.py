@@ -10,6 +10,13 @@ read, and for the timeline's axis those that never ended if their outlines lack 
 last event's time) and the two loops a loop diff compares. The browser asks only for
 what it shows; only a diff of two sessions loads them whole. Everything here returns
 JSON bytes.
+
+A loop or an event may hold texts of megabytes (a tool result, a file an argument
+writes): in the loop list, a loop's and the event log's JSON every text longer than
+`CLIP_BYTES` is cut (`clip`), each cut listed with its full size and the query of the
+``field`` view that gives it whole (`CachedSession.loop_text`, `CachedSession.scoped_text`);
+an event-log page ends early once its events reach `PAGE_BYTES`. Only these views are
+cut: the stores, the whole session's JSON and the CLI's exports never are.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
+from itertools import islice
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 
@@ -34,7 +43,16 @@ from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
 from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
 
-__all__ = ["CachedSession", "Page", "SessionCache"]
+__all__ = ["CLIP_BYTES", "PAGE_BYTES", "CachedSession", "FieldNotFound", "Page", "SessionCache", "clip"]
+
+CLIP_BYTES = 64 * 1024
+"""A text longer than this in UTF-8 is cut in the viewer's loop and event views to its first
+`_CLIP_CHARS` characters and a marker saying its full size (a loop of twelve 5 MB tool
+results was one answer of 91 MB, a page of 10 of its events 15 MB)."""
+_CLIP_CHARS = CLIP_BYTES // 4  # at most CLIP_BYTES in UTF-8, whatever the characters
+PAGE_BYTES = 4 * 1024 * 1024
+"""An event-log page ends once the JSON of its events reaches this, holding one event at
+least (a page of 200 events of that loop was 303 MB)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,62 @@ class Page:
 
     def of(self, items: list[Any]) -> list[Any]:
         return items[self.offset : self.offset + self.limit]
+
+
+class FieldNotFound(LookupError):
+    """The loop or event a ``field`` request names holds no text at its path (the server's 404)."""
+
+
+def clip(data: bytes, field: str) -> tuple[bytes, list[dict[str, Any]]]:
+    """`data`, the JSON of a loop or an event, with every text longer than `CLIP_BYTES` cut
+    (`_CLIP_CHARS` characters, then ``… [clipped: N bytes]``), and the list of the cuts:
+    ``{"path": JSON pointer (RFC 6901), "bytes": N, "field": the field view's query}``,
+    `field` its query naming the loop or event. JSON too short to hold such a text is
+    passed on unread."""
+    if len(data) <= CLIP_BYTES:
+        return data, []
+    tree = msgspec.json.decode(data)
+    cuts: list[dict[str, Any]] = []
+    # Depth first with a stack: the path of each container, the pointer written only for a cut.
+    stack: list[tuple[Any, tuple[str, ...]]] = [(tree, ())]
+    while stack:
+        node, path = stack.pop()
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(value, str):
+                if len(value) > _CLIP_CHARS and (size := len(value.encode())) > CLIP_BYTES:
+                    node[key] = f"{value[:_CLIP_CHARS]}\u2026 [clipped: {size:,} bytes]"
+                    pointer = "".join(f"/{_escaped(part)}" for part in (*path, str(key)))
+                    cuts.append(
+                        {"path": pointer, "bytes": size, "field": f"{field}&path={quote(pointer, safe='')}"}
+                    )
+            elif isinstance(value, (dict, list)):
+                stack.append((value, (*path, str(key))))
+    if not cuts:
+        return data, []
+    cuts.sort(key=lambda cut: cut["path"])
+    return msgspec.json.encode(tree), cuts
+
+
+def _escaped(key: str) -> str:
+    """A key as a JSON pointer's token (RFC 6901: ``~`` as ``~0``, ``/`` as ``~1``)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _text_at(data: bytes, pointer: str) -> str:
+    """The text at `pointer` (a JSON pointer: `clip`'s paths) in `data`, JSON. Raises
+    `FieldNotFound`."""
+    value: Any = msgspec.json.decode(data)
+    for token in pointer.split("/")[1:]:
+        key = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(value, dict) and key in value:
+            value = value[key]
+        elif isinstance(value, list) and key.isdigit() and str(int(key)) == key and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            raise FieldNotFound(f"nothing at {pointer[:200]!r}")
+    if not isinstance(value, str):
+        raise FieldNotFound(f"{pointer[:200]!r} is no text")
+    return value
 
 
 class StaleOutline(Exception):
@@ -150,11 +224,13 @@ class CachedSession:
         )
 
     def loops(self, page: Page) -> bytes:
-        """Loops in tree order, each without messages, turns and events, with counts instead."""
+        """Loops in tree order, each without messages, turns and events, with counts instead
+        (and its long texts cut: `clip`)."""
         local = {loop.loop_id for loop in self.outline.loops}
         rows = []
         for index, depth in page.of(self.tree_order):
             loop = self.outline.loops[index]
+            record, cuts = clip(bytes(loop.record_json), f"loop={index}")
             rows.append(
                 {
                     "index": index,
@@ -166,25 +242,50 @@ class CachedSession:
                     "billed_usage": msgspec.to_builtins(loop.billed_usage),
                     "unfinished_usage": msgspec.to_builtins(loop.unfinished_usage),
                     "parent_in_session": loop.parent_loop_id in local,
-                    "loop": loop.record_json,
+                    "loop": msgspec.Raw(record),
+                    "clipped": cuts,
                 }
             )
         return msgspec.json.encode({"total": len(self.tree_order), "loops": rows})
 
-    def loop(self, index: int) -> bytes:
-        """One loop with its turns and messages (its events are on the event log's pages)."""
+    def _loop_json(self, index: int) -> bytes:
         [record] = self._loops(index, index + 1)  # the index is checked
         return encode_loop(msgspec.structs.replace(record, events=[]), pretty=False)
 
+    def loop(self, index: int) -> bytes:
+        """One loop with its turns and messages (its events are on the event log's pages),
+        its long texts cut (`clip`): then listed under its ``"clipped"`` key."""
+        data, cuts = clip(self._loop_json(index), f"loop={index}")
+        if not cuts:
+            return data
+        return data[:-1] + b',"clipped":' + msgspec.json.encode(cuts) + b"}"  # into the loop's object
+
+    def loop_text(self, loop: int, sequence: int | None, pointer: str) -> bytes:
+        """The whole text at `pointer` (JSON, a string) that `clip` cut in loop `loop` as
+        `loop` serves it, or in its event of that `sequence`. Raises `FieldNotFound`."""
+        if sequence is None:
+            return msgspec.json.encode(_text_at(self._loop_json(loop), pointer))
+        [record] = self._loops(loop, loop + 1)
+        found = next((item.event for item in record.events if item.sequence == sequence), None)
+        if found is None:
+            raise FieldNotFound(f"loop #{loop + 1} holds no event {sequence}")
+        return msgspec.json.encode(_text_at(encode_event(found), pointer))
+
+    def scoped_text(self, event: int, pointer: str) -> bytes:
+        """The whole text at `pointer` that `clip` cut in the `event`-th session-scoped event."""
+        return msgspec.json.encode(_text_at(encode_event(self.scoped_events[event]), pointer))
+
     def event_log(self, page: Page, event_type: str | None, loop: int | None) -> bytes:
         """A page of the stored events (each loop's by sequence, then the session-scoped
-        ones), of one type and/or one loop when asked, with every type's count. Only the
-        loops the page covers are read: the outline counts the others."""
+        ones), of one type and/or one loop when asked, with every type's count and the
+        offset of the next page (null after the last). A page ends early once its events'
+        JSON reaches `PAGE_BYTES`, their long texts cut (`clip`). Only the loops the page
+        covers are read: the outline counts the others."""
         outlines = self.outline.loops
         wanted = range(len(outlines)) if loop is None else range(loop, loop + 1)
-        scoped = [] if loop is not None else self.scoped_events
+        scoped = [] if loop is not None else list(enumerate(self.scoped_events))
         if event_type is not None:
-            scoped = [event for event in scoped if type(event).__name__ == event_type]
+            scoped = [(position, event) for position, event in scoped if type(event).__name__ == event_type]
         counts = [
             outlines[index].event_types.get(event_type, 0) if event_type else outlines[index].event_count
             for index in wanted
@@ -201,18 +302,43 @@ class CachedSession:
             held += counts[last - wanted.start]
             last += 1
         rows: list[dict[str, Any]] = []
-        records = self._loops(first, last) if first < last else []
-        for index, record in enumerate(records, first):
+        size = 0
+        for row in islice(self._event_rows(range(first, last), skip, event_type, scoped), page.limit):
+            rows.append(row)
+            size += len(row["event"])
+            if size >= PAGE_BYTES:
+                break
+        total = sum(counts) + len(scoped)
+        following = page.offset + len(rows)
+        return msgspec.json.encode(
+            {
+                "total": total,
+                "types": self.event_types,
+                "next": following if following < total else None,
+                "events": rows,
+            }
+        )
+
+    def _event_rows(
+        self, loops: range, skip: int, event_type: str | None, scoped: list[tuple[int, Any]]
+    ) -> Iterator[dict[str, Any]]:
+        """The event log's rows from the `skip`-th event of the first of `loops` on, of
+        `event_type` if one is given, then the session-scoped events (each with its
+        position among them all, which names it in a cut's field). Each loop is read as
+        its rows are taken, and let go before the next: a loop may hold hundreds of MB,
+        and those past a full page are never read."""
+        for index in loops:
+            [record] = self._loops(index, index + 1)
             stored = sorted(record.events, key=lambda item: item.sequence)
             if event_type is not None:
                 stored = [item for item in stored if type(item.event).__name__ == event_type]
-            for item in stored[skip : skip + page.limit - len(rows)]:
-                rows.append(_event_row(index, record.loop_id, item.sequence, item.event))
+            for item in stored[skip:]:
+                field = f"loop={index}&sequence={item.sequence}"
+                yield _event_row(index, record.loop_id, item.sequence, item.event, field)
             skip = 0
-        for event in scoped[skip : skip + page.limit - len(rows)]:
-            rows.append(_event_row(None, None, None, event))
-        total = sum(counts) + len(scoped)
-        return msgspec.json.encode({"total": total, "types": self.event_types, "events": rows})
+            del record, stored
+        for position, event in scoped[skip:]:
+            yield _event_row(None, None, None, event, f"event={position}")
 
     def timeline(self, page: Page, pricer: Pricer) -> bytes:
         """The waterfall's bars of a page of loops in tree order (``offset`` and ``limit``
@@ -270,13 +396,15 @@ class CachedSession:
 
 
 def _event_row(
-    loop_index: int | None, loop_id: str | None, sequence: int | None, event: Any
+    loop_index: int | None, loop_id: str | None, sequence: int | None, event: Any, field: str
 ) -> dict[str, Any]:
+    data, cuts = clip(encode_event(event), field)
     return {
         "loop_index": loop_index,
         "loop_id": loop_id,
         "sequence": sequence,
-        "event": msgspec.Raw(encode_event(event)),
+        "event": msgspec.Raw(data),
+        "clipped": cuts,
     }
 
 

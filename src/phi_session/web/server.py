@@ -50,7 +50,15 @@ until a request finds the session deleted):
   with its turns (the loop at that index as stored now: its ``loop_id`` says which, another
   than the listed one's if the session was saved anew since);
 * ``/api/sessions/{id}/event-log?offset=&limit=&type=&loop=`` a page of the events,
-  filtered by type name and/or loop index, with each type's count;
+  filtered by type name and/or loop index, with each type's count and ``next``, the next
+  page's offset (null after the last): a page ends early once it holds
+  `pages.PAGE_BYTES` (4 MiB) of events;
+* ``/api/sessions/{id}/field?loop=N&path=P`` (in loop N), ``?loop=N&sequence=S&path=P``
+  (in its event S), ``?event=K&path=P`` (in the K-th session-scoped event) the whole
+  text at JSON pointer P that the loop, loop list and event-log views cut: each of
+  those cuts a text over `pages.CLIP_BYTES` (64 KiB) and lists it as ``{"path", "bytes",
+  "field"}`` (``field`` this view's query) under the loop's ``clipped`` key, or its
+  row's (`pages.clip`); 400 for a bad index or path, 404 for no text there;
 * ``/api/sessions/{id}/timeline?offset=&limit=`` the waterfall's bars of a page of loops
   in tree order (``offset``/``limit`` count loops: default 20, at most 500; the first
   page starts with the session's bar), the session's loop and turn bars with their
@@ -124,7 +132,7 @@ from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
 from ..stores.query import MAX_COUNT, SessionQuery, parse_cost_by, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
-from .pages import CachedSession, Page, SessionCache, StaleOutline
+from .pages import CachedSession, FieldNotFound, Page, SessionCache, StaleOutline
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -149,7 +157,7 @@ _SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 _JSON = "application/json; charset=utf-8"
-_PAGED = ("overview", "loops", "event-log", "timeline", "cost")
+_PAGED = ("overview", "loops", "event-log", "timeline", "cost", "field")
 _MAX_PAGE = 5000  # rows per page of a session's loops or events (from the outline, or a few loops)
 _MAX_LOOP_PAGE = 500  # loops per page of the timeline and the cost: each loop is read whole
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
@@ -600,6 +608,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
             page = self._page(query, 200, _MAX_LOOP_PAGE)
             body = {**self._price_table(), **entry.cost(page, self.server.pricer)}
             return HTTPStatus.OK, _json_bytes(body), _JSON
+        if view == "field":
+            return HTTPStatus.OK, self._field(entry, query), _JSON
         page = self._page(query)
         if view == "loops":
             self._only(query, {"offset", "limit"})
@@ -608,6 +618,31 @@ class ViewerHandler(BaseHTTPRequestHandler):
         loop = query.get("loop") or None
         loop_index = None if loop is None else self._index("loop", loop, len(entry.outline.loops))
         return HTTPStatus.OK, entry.event_log(page, query.get("type") or None, loop_index), _JSON
+
+    def _field(self, entry: CachedSession, query: dict[str, str]) -> bytes:
+        """The whole text a loop or event view cut: ``loop=N&path=P`` in loop N, ``loop=N&
+        sequence=S&path=P`` in its event S, ``event=K&path=P`` in the K-th session-scoped
+        event (the ``field`` of each cut, `pages.clip`)."""
+        self._only(query, {"loop", "sequence", "event", "path"})
+        pointer = query.get("path", "")
+        if not pointer.startswith("/"):
+            message = f"path must be a JSON pointer ('/turns/0/...'), got {pointer[:40]!r}"
+            raise HttpError(HTTPStatus.BAD_REQUEST, message)
+        if ("loop" in query) == ("event" in query) or ("sequence" in query and "loop" not in query):
+            message = (
+                "name a loop (loop=N, with sequence=S for one of its events) or a session event (event=K)"
+            )
+            raise HttpError(HTTPStatus.BAD_REQUEST, message)
+        try:
+            if "event" in query:
+                return entry.scoped_text(
+                    self._index("event", query["event"], len(entry.scoped_events)), pointer
+                )
+            loop = self._index("loop", query["loop"], len(entry.outline.loops))
+            sequence = self._index("sequence", query["sequence"], MAX_COUNT) if "sequence" in query else None
+            return entry.loop_text(loop, sequence, pointer)
+        except FieldNotFound as error:
+            raise HttpError(HTTPStatus.NOT_FOUND, str(error)) from None
 
     def _page(self, query: dict[str, str], default: int = 200, most: int = _MAX_PAGE) -> Page:
         offset, limit = query.get("offset") or "0", query.get("limit") or str(default)

@@ -47,9 +47,65 @@
   function append(node, ...children) {
     for (const child of children.flat(Infinity)) {
       if (child === undefined || child === null || child === false) continue;
-      node.appendChild(child instanceof Node ? child : document.createTextNode(shown(child)));
+      node.appendChild(child instanceof Node ? child : child instanceof Clipped ? clippedNode(child)
+        : document.createTextNode(shown(child)));
     }
     return node;
+  }
+
+  // -- texts the server cut -----------------------------------------------------------
+  // In a loop's, a loop list row's and an event's JSON the server cuts every text over
+  // 64 KiB and lists the cuts beside it ({path: a JSON pointer, bytes, field}: clip in
+  // web/pages.py). Each such text becomes a Clipped where it was: drawn as what came and
+  // a button that fetches it whole from the field view. Read as text (toString, toJSON)
+  // it is what came, its "… [clipped: N bytes]" marker included.
+  class Clipped {
+    constructor(text, bytes, url) {
+      this.text = text;
+      this.bytes = bytes;
+      this.url = url;
+    }
+
+    toString() {
+      return this.text;
+    }
+
+    toJSON() {
+      return this.text;
+    }
+  }
+
+  function markClipped(tree, cuts, sessionId) {
+    const own = (holder, key) => holder !== null && typeof holder === "object" && Object.prototype.hasOwnProperty.call(holder, key);
+    for (const cut of cuts || []) {
+      const steps = String(cut.path).split("/").slice(1).map((step) => step.replace(/~1/g, "/").replace(/~0/g, "~"));
+      const last = steps.pop();
+      let holder = tree;
+      for (const step of steps) holder = own(holder, step) ? holder[step] : null;
+      if (own(holder, last) && typeof holder[last] === "string") {
+        holder[last] = new Clipped(holder[last], cut.bytes, "api/sessions/" + encodeURIComponent(sessionId) + "/field?" + cut.field);
+      }
+    }
+    return tree;
+  }
+
+  // What came of a cut text, drawn by `draw` (as text by default), and a button that
+  // draws it whole in its place; `head` is what shows until then.
+  function clippedNode(clip, draw = (text) => text, head = draw(clip.text)) {
+    const holder = h("span", { class: "clipped" });
+    const button = h("button", { type: "button", class: "secondary show-all" }, "show all (" + tokens(clip.bytes) + " bytes)");
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        const whole = await api(clip.url);
+        clear(holder);
+        append(holder, draw(String(whole)));
+      } catch (error) {
+        button.disabled = false;
+        append(holder, showError(error));
+      }
+    });
+    return append(holder, head, " ", button);
   }
 
   // SVG elements, attributes only (no style attribute: the CSP forbids inline styles).
@@ -139,8 +195,19 @@
     return isNaN(a) || isNaN(b) ? "" : ((b - a) / 1000).toFixed(2) + "s";
   }
 
+  // Indented JSON text; one holding a cut text comes as a list of text and, for each
+  // cut, its node (clippedNode), which shows it and then its whole as JSON strings.
   function json(value) {
-    return JSON.stringify(value, null, 2);
+    const cuts = [];
+    const mark = "clip-" + Math.random().toString(36).slice(2) + "-";
+    const text = JSON.stringify(value, function (key, item) {
+      if (!(this[key] instanceof Clipped)) return item;
+      cuts.push(this[key]);
+      return mark + (cuts.length - 1);
+    }, 2);
+    if (!cuts.length) return text;
+    return text.split(new RegExp('"' + mark + '(\\d+)"')).map((part, index) =>
+      index % 2 ? clippedNode(cuts[Number(part)], (whole) => JSON.stringify(whole)) : part);
   }
 
   function addUsage(total, usage) {
@@ -392,9 +459,15 @@
           h("pre", null, json(block.arguments)));
       case "image": {
         if (IMAGE_TYPES.test(String(block.mimeType))) {
-          const image = h("img", { class: "block image", alt: "image (" + block.mimeType + ")" });
-          image.src = "data:" + block.mimeType + ";base64," + String(block.data).replace(/[^A-Za-z0-9+/=]/g, "");
-          return image;
+          const image = (data) => {
+            const node = h("img", { class: "block image", alt: "image (" + block.mimeType + ")" });
+            node.src = "data:" + block.mimeType + ";base64," + String(data).replace(/[^A-Za-z0-9+/=]/g, "");
+            return node;
+          };
+          // Cut, its data would draw a broken image: it is fetched whole to be shown.
+          return block.data instanceof Clipped
+            ? h("div", { class: "block" }, clippedNode(block.data, image, "[image " + block.mimeType + "]"))
+            : image(block.data);
         }
         return h("div", { class: "block muted" }, "[image " + block.mimeType + "]");
       }
@@ -577,9 +650,11 @@
     let loop;
     try {
       loop = await api("api/sessions/" + encodeURIComponent(sessionId) + "/loops/" + row.index);
+      markClipped(loop, loop.clipped, sessionId);
       // The server reads the session as stored now: saved anew since this list was read,
-      // its loop at this index may be another one, whose turns must not show under this header.
-      if (loop.loop_id !== row.loop.loop_id) {
+      // its loop at this index may be another one, whose turns must not show under this header
+      // (compared as text: an id over 64 KiB comes cut, a Clipped).
+      if (String(loop.loop_id) !== String(row.loop.loop_id)) {
         throw new Error("loop #" + (row.index + 1) + " is now " + loop.loop_id + ", no longer the loop listed here: the session was saved anew; reload the page");
       }
     } catch (error) {
@@ -608,6 +683,7 @@
   // Appends a page of loops (tree order, with depth) under their parents' .children.
   function addLoops(tree, stack, rows, sessionId, elements) {
     for (const row of rows) {
+      markClipped(row.loop, row.clipped, sessionId);
       const node = loopView(row, sessionId);
       stack.length = Math.min(stack.length, row.depth);
       // As on the timeline: past MAX_INDENT levels a chain stops nesting. Its loops follow
@@ -632,7 +708,8 @@
     return text.length > 140 ? text.slice(0, 139) + "…" : text;
   }
 
-  function eventRows(rows) {
+  function eventRows(rows, sessionId) {
+    for (const row of rows) markClipped(row.event, row.clipped, sessionId);
     return rows.map((row) => h("tr", null,
       h("td", null, row.loop_index === null ? "session" : "#" + (row.loop_index + 1)),
       h("td", { class: "num" }, row.sequence === null ? "" : row.sequence),
@@ -655,21 +732,24 @@
       clear(holder);
       eventLog(holder, sessionId, { type: typeSelect.value, loop: filter.loop }).catch((error) => append(holder, showError(error)));
     });
-    const body = h("tbody", null, eventRows(first.events));
+    const body = h("tbody", null, eventRows(first.events, sessionId));
+    // A page may end before its limit, once it holds its bytes: the next starts at its "next".
     let loaded = first.events.length;
+    let next = first.next;
     const count = h("span", { id: "event-count" });
     const more = h("button", { type: "button", class: "secondary", id: "more-events" }, "Load more events");
     const update = () => {
       count.textContent = tokens(loaded) + " of " + plural(first.total, "event") +
         (filter.loop !== undefined && filter.loop !== null ? " of loop #" + (filter.loop + 1) : "");
-      more.hidden = loaded >= first.total;
+      more.hidden = next === null;
     };
     more.addEventListener("click", async () => {
       more.disabled = true;
       try {
-        const next = await api(base + suffix + "&offset=" + loaded);
-        append(body, eventRows(next.events));
-        loaded += next.events.length;
+        const page = await api(base + suffix + "&offset=" + next);
+        append(body, eventRows(page.events, sessionId));
+        loaded += page.events.length;
+        next = page.next;
         update();
       } catch (error) {
         append(holder, showError(error));
