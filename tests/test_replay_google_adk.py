@@ -18,6 +18,7 @@ pytest.importorskip("google.adk", reason="needs the google-adk extra: pip instal
 from google.adk.agents import LlmAgent
 from google.adk.models.base_llm import BaseLlm
 from google.adk.runners import InMemoryRunner
+from google.adk.tools.function_tool import FunctionTool
 
 from phi_session import SqliteStore
 from phi_session.adapters.google_adk import PhiPlugin, ReplayLlm
@@ -29,7 +30,7 @@ from phi_session.model import LoopRecord, Session, is_replayed
 from phi_session.replay import RecordedModelError
 from phi_session.replay.script import SharedContext
 
-from .test_adapter_google_adk import Harness, ScriptedLlm
+from .test_adapter_google_adk import Harness, ScriptedLlm, _answer
 
 # ADK warns about its own deprecations; nothing of this test's.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -574,3 +575,45 @@ def test_one_replay_model_for_a_chain_names_each_loops_model(
     ]
     assert [loop.config for loop in replayed] == [router.config, calc.config]
     assert [turns(loop) for loop in replayed] == [turns(router), turns(calc)]  # the replies' models too
+
+
+def test_a_conversation_resumed_after_a_confirmation_replays_the_confirmed_tools_result(
+    store: SqliteStore,
+) -> None:
+    # ADK holds the call back and asks for confirmation (its answer, the asking loop's
+    # result); the resumed invocation runs the tool before calling the model. Replayed,
+    # the first run was answered with ADK's request as if the tool had returned it (no
+    # confirmation asked), and the resumed run's tool with it again.
+    def transfer(amount: int) -> str:
+        """Transfers money."""
+        RUNS.append("transfer")
+        return f"sent {amount}"
+
+    def conversation(model: BaseLlm, *extra: Any) -> str:
+        bank = LlmAgent(name="bank", model=model, tools=[FunctionTool(transfer, require_confirmation=True)])
+        runner = InMemoryRunner(
+            agent=bank, app_name="app", plugins=[PhiPlugin(store=store, capture_requests=True), *extra]
+        )
+
+        async def both() -> str:
+            events = await Harness().ask(runner, "send 5", session_id=SESSION)
+            (ask,) = [
+                c for e in events for c in e.get_function_calls() if c.name == "adk_request_confirmation"
+            ]
+            answer = _answer(ask, {"confirmed": True})
+            resumed = [e async for e in runner.run_async(user_id="u", session_id=SESSION, new_message=answer)]
+            await runner.close()
+            return str(resumed[-1].content.parts[0].text)
+
+        return asyncio.run(both())
+
+    assert conversation(ScriptedLlm.of([("transfer", {"amount": 5})], ["all done"])) == "all done"
+    assert RUNS == ["transfer"]
+    asked, resumed = store.load(SESSION).loops
+    RUNS.clear()
+    model = ReplayLlm(store.load(SESSION), chain=True)
+    with model.recording():
+        assert conversation(model, model.tools_plugin()) == "all done"
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    replayed_asked, replayed_resumed = store.load(SESSION).loops[2:]
+    assert turns(replayed_asked) == turns(asked) and turns(replayed_resumed) == turns(resumed)

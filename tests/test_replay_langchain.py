@@ -28,14 +28,16 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from langgraph.types import Command
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command, interrupt
 from pydantic import Field
 
 from phi_session import SqliteStore
 from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
 from phi_session.errors import RecordedModelError, RecordedToolError, ReplayDiverged
-from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
+from phi_session.messages import AgentMessage, AssistantMessage, ExtensionMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session, is_replayed
+from phi_session.replay.request import summarize
 
 from .test_adapter_langchain import ScriptedChat, reply, team, team_models, tool_node_graph
 
@@ -676,3 +678,49 @@ def test_a_fallback_whose_bind_tools_returns_itself_takes_over(original: Session
     assert other.bound_tools == ["add", "mul"]
     fork = the_other(store.load(THREAD), original.loops[0])
     assert fork.status == "Completed" and fork.turn_count() == 4
+
+
+def test_a_tool_that_interrupted_interrupts_again_and_the_resumed_run_replays_its_result(
+    store: SqliteStore,
+) -> None:
+    # Replayed, the tool was answered with '[interrupted]' instead of interrupting: the
+    # first run went on to a model call, and diverged from the resumed run's recorded
+    # request ('booked Oslo: yes').
+    @tool
+    def book(city: str) -> str:
+        """Book a trip, once a human confirms."""
+        RUNS.append("book")
+        return f"booked {city}: {interrupt({'confirm': city})}"
+
+    def conversation(model: Any, tools: list[Any]) -> tuple[Any, Any]:
+        agent = create_agent(model, tools=tools, checkpointer=InMemorySaver())
+        phi = PhiCallbackHandler(store=store, capture_requests=True)
+        try:
+            config: Any = {"callbacks": [phi], "configurable": {"thread_id": THREAD}}
+            first = agent.invoke({"messages": [("user", "book Oslo")]}, config)
+            return first["__interrupt__"][0].value, agent.invoke(Command(resume="yes"), config)
+        finally:
+            phi.close()
+
+    asked, out = conversation(
+        ScriptedChat(messages=iter([reply("", ("c1", "book", {"city": "Oslo"})), reply("done")])), [book]
+    )
+    assert asked == {"confirm": "Oslo"} and out["messages"][-1].content == "done"
+    interrupted, resumed = store.load(THREAD).loops
+    RUNS.clear()
+    model = ReplayChatModel(store.load(THREAD), chain=True)
+    with model.recording():
+        asked, out = conversation(model, model.wrap_tools([book]))
+    assert asked == {"confirm": "Oslo"} and out["messages"][-1].content == "done"
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    replayed = store.load(THREAD).loops[2:]
+
+    def seen(loop: LoopRecord) -> list[Any]:  # without the interrupt's id, new in each run
+        return [
+            (m.kind, m.data[0]["value"] if m.kind == "langgraph.interrupt" else m.data)
+            if isinstance(m, ExtensionMessage)
+            else summarize(m)
+            for m in loop.messages
+        ]
+
+    assert [seen(loop) for loop in replayed] == [seen(interrupted), seen(resumed)]

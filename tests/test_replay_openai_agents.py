@@ -751,3 +751,51 @@ def test_a_forks_default_change_is_the_fallbacks_model_name(
         assert run(model.agent(make_agent(Tools()))).final_output == "7"
     fork = session_of(recorder).loops[-1]
     assert fork.metadata["fork"]["change"] == {"model": name}
+
+
+@pytest.mark.parametrize("capture", [True, False])
+def test_a_conversation_resumed_after_an_approval_replays_the_approved_tools_result(capture: bool) -> None:
+    # The resumed run runs the approved call d1: replayed, it was answered with the
+    # '[deferred: needs_approval]' the interrupted run's loop holds for it, and the resumed
+    # run's request diverged ('deleted /a' recorded); d2 was rejected (the SDK's answer).
+    deleted: list[str] = []
+
+    @function_tool(needs_approval=True)
+    def delete_file(path: str) -> str:
+        """Delete a file."""
+        deleted.append(path)
+        return f"deleted {path}"
+
+    def agent_with(model: Any) -> Agent[Any]:
+        return Agent(name="ops", instructions=SYSTEM, model=model, tools=[delete_file])
+
+    async def conversation(agent: Agent[Any]) -> Any:
+        config = RunConfig(trace_metadata={"phi.session_id": SESSION})
+        first = await Runner.run(agent, "clean up", hooks=PhiRunHooks(), run_config=config)
+        state = first.to_state()
+        approved, rejected = first.interruptions
+        state.approve(approved)
+        state.reject(rejected)
+        return (await Runner.run(agent, state, hooks=PhiRunHooks(), run_config=config)).final_output
+
+    steps: list[Any] = [
+        [
+            function_call("delete_file", {"path": "/a"}, call_id="d1"),
+            function_call("delete_file", {"path": "/b"}, call_id="d2"),
+        ],
+        [assistant_message("done")],
+    ]
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=capture))
+    openai_agents.install([recorder], capture_requests=capture)
+    try:
+        assert asyncio.run(conversation(agent_with(ScriptedModel(steps, emit_traces=True)))) == "done"
+        assert deleted == ["/a"]
+        _, resumed = session_of(recorder).loops
+        model = ReplayModel(ReplayScript.from_session(session_of(recorder), chain=True))
+        deleted.clear()
+        with model.recording():
+            assert asyncio.run(conversation(model.agent(agent_with(no_model())))) == "done"
+    finally:
+        openai_agents.uninstall()
+    assert deleted == [] and model.cursor.finished and model.divergence is None
+    assert bare(session_of(recorder).loops[-1].messages) == bare(resumed.messages)

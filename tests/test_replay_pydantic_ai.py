@@ -15,7 +15,7 @@ pytest.importorskip(
 )
 
 from msgspec.structs import replace
-from pydantic_ai import Agent, ModelRetry
+from pydantic_ai import Agent, DeferredToolRequests, DeferredToolResults, ModelRetry
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ThinkingPart, ToolCallPart
 from pydantic_ai.models import Model
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -488,3 +488,100 @@ def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder
         replayed_second.parent_loop_id == replayed_first.loop_id
     )  # the conversation goes on from the replay
     assert bare(replayed_second.messages) == bare(second.messages)
+
+
+def approval_conversation(capability: PhiCapability, answer: Any, ran: list[str], **options: Any) -> Any:
+    """A run whose calls await approval (c1, c2), then the run resuming it: c1 approved (it
+    runs), c2 denied; the resumed run's output. `answer`: the model's function (None: the
+    scripted one)."""
+
+    def two_deletions(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            calls = [
+                ToolCallPart("delete", {"path": p}, tool_call_id=i) for i, p in (("c1", "/a"), ("c2", "/b"))
+            ]
+            return ModelResponse(parts=calls, usage=RequestUsage(input_tokens=10, output_tokens=2))
+        return ModelResponse(parts=[TextPart("done")], usage=RequestUsage(input_tokens=20, output_tokens=3))
+
+    agent = Agent(
+        FunctionModel(two_deletions if answer is None else answer, model_name="m"),
+        capabilities=[capability],
+        output_type=[str, DeferredToolRequests],
+        name="ops",
+    )
+
+    @agent.tool_plain(requires_approval=True)
+    def delete(path: str) -> str:
+        ran.append(path)
+        return f"deleted {path}"
+
+    first = agent.run_sync("clean up", **options)
+    assert isinstance(first.output, DeferredToolRequests)
+    approvals = DeferredToolResults(approvals={"c1": True, "c2": False})
+    return agent.run_sync(
+        message_history=first.all_messages(), deferred_tool_results=approvals, **options
+    ).output
+
+
+@pytest.mark.parametrize("capture", [True, False])
+def test_a_conversation_resumed_after_an_approval_replays_the_approved_tools_result(capture: bool) -> None:
+    # The approved call's result is the resumed run's (its first turn's input), not the
+    # '[deferred: ApprovalRequired]' the interrupted run's loop holds for it: replayed with
+    # that placeholder, the resumed run's request diverged ('deleted /a' recorded).
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=capture))
+    capability = PhiCapability(recorder, capture_requests=capture)
+    ran: list[str] = []
+    assert approval_conversation(capability, None, ran) == "done"
+    assert ran == ["/a"]
+    _, resumed = session_of(recorder).loops
+    script = ReplayScript.from_session(session_of(recorder), chain=True)
+    model = ReplayModel(script)
+    ran.clear()
+    with recording_as(replay_lineage(script)):
+        output = approval_conversation(
+            capability, no_model, ran, model=model, capabilities=[model.capability]
+        )
+    assert output == "done" and ran == []  # answered from the recording
+    assert model.cursor.finished and model.divergence is None
+    replayed_resumed = session_of(recorder).loops[-1]
+    assert bare(replayed_resumed.messages) == bare(resumed.messages)
+
+
+def test_the_resumed_run_of_an_approval_replays_alone(
+    recorder: SessionRecorder, capability: PhiCapability
+) -> None:
+    # The default script (the last run) holds no call c1: the resumed run's turn is
+    # answered from its own input.
+    ran: list[str] = []
+    approval_conversation(capability, None, ran)
+    model = ReplayModel(session_of(recorder))
+    ran.clear()
+
+    def first_run_live(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            calls = [
+                ToolCallPart("delete", {"path": p}, tool_call_id=i) for i, p in (("c1", "/a"), ("c2", "/b"))
+            ]
+            return ModelResponse(parts=calls, usage=RequestUsage(input_tokens=10, output_tokens=2))
+        return no_model(messages, info)
+
+    agent = Agent(
+        FunctionModel(first_run_live, model_name="m"), output_type=[str, DeferredToolRequests], name="ops"
+    )
+
+    @agent.tool_plain(requires_approval=True)
+    def delete(path: str) -> str:
+        ran.append(path)
+        return f"deleted {path}"
+
+    first = agent.run_sync("clean up")
+    approvals = DeferredToolResults(approvals={"c1": True, "c2": False})
+    with model.recording():
+        result = agent.run_sync(
+            message_history=first.all_messages(),
+            deferred_tool_results=approvals,
+            model=model,
+            capabilities=[model.capability],
+        )
+    assert result.output == "done" and ran == []
+    assert model.cursor.finished and model.divergence is None

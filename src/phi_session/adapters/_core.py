@@ -96,6 +96,7 @@ from ..replay import (
 )
 from ..replay.cursor import result_text
 from ..replay.lineage import ActiveLineage, active_lineage, calling
+from ..replay.script import deferred_result
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, stored_loop_starts, validate_loop_session_id
 from ._sessions import EmbeddedStore, book_for_sinks, embedded_store
@@ -160,14 +161,6 @@ def recorded_reply(
     """What a replay model answers a model call with: `ReplayCursor.recorded_reply` to
     `request` (the call's request as the adapter records it), `every_failure` as there."""
     return cursor.recorded_reply(RequestShape.from_payload(request), every_failure=every_failure)
-
-
-def deferred_result(reason: str) -> str:
-    """The result recorded for a tool call the framework handed back to the caller instead
-    of running it (awaiting approval, an external tool's): its call is left without a
-    result in that loop, which phi-core's tool results cannot be; the run resuming it
-    records the result it sends. `reason`: the framework's name for why."""
-    return f"[deferred: {reason}]"
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -57,7 +57,7 @@ from ..model import Session
 from .divergence import Divergence, DivergenceKind
 from .lineage import answered
 from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
-from .script import RecordedTurn, ReplayScript
+from .script import RecordedTurn, ReplayScript, is_deferred
 
 __all__ = [
     "OnDivergence",
@@ -252,9 +252,15 @@ class ReplayCursor:
         # tool call id -> the positions in the script of the turns that made it, in order:
         # a provider numbering calls per reply ("call_0") reuses ids across turns.
         self._calls: dict[str, list[int]] = {}
+        # tool call id -> the positions of the turns whose inputs hold a result of it: a
+        # run resuming an interrupted one answers the calls that awaited approval there.
+        self._resumed: dict[str, list[int]] = {}
         for position, turn in enumerate(script.turns):
             for call in turn.tool_calls:
                 self._calls.setdefault(call.id, []).append(position)
+            for message in turn.inputs:
+                if isinstance(message, ToolResultMessage):
+                    self._resumed.setdefault(message.tool_call_id, []).append(position)
 
     @classmethod
     def of(
@@ -299,9 +305,22 @@ class ReplayCursor:
     def turn_of(self, call_id: str) -> RecordedTurn | None:
         """The latest replayed turn whose reply made tool call `call_id` (the one
         `tool_result` answers it from), None if no turn replayed so far made it."""
+        made = self._made_at(call_id)
+        return None if made is None else self.script.turns[made]
+
+    def _made_at(self, call_id: str) -> int | None:
+        """`turn_of`'s position in the script."""
         positions = self._calls.get(call_id, ())
         made = bisect_left(positions, self._served)
-        return self.script.turns[positions[made - 1]] if made else None
+        return positions[made - 1] if made else None
+
+    def _resumed_at(self, call_id: str, made: int | None) -> list[int]:
+        """The positions of the turns after `made` (the turn that made call `call_id`), up
+        to the one replayed next, whose inputs answer the call: the run resuming an
+        interrupted one runs the approved tool before its first model call."""
+        positions = self._resumed.get(call_id, ())
+        start = 0 if made is None else bisect_left(positions, made + 1)
+        return list(positions[start : bisect_left(positions, self._served + 1)])
 
     @property
     def handed_over(self) -> bool:
@@ -363,22 +382,30 @@ class ReplayCursor:
         same arguments; else a ``tool_call`` / ``tool_arguments`` divergence. An id that
         several turns made is the latest replayed one's (`turn_of`). A call run again
         (a framework retrying a failed tool under the same id) is answered with its
-        recorded results in turn, past the last with the last."""
+        recorded results in turn, past the last with the last. A call answered in a later
+        turn's inputs, up to the one replayed next (a run resuming one stopped for the
+        call's approval, which runs the tool before its first model call) has that result
+        after its own turn's: the stopped run's `deferred_result` never stands in for it
+        (the framework never asks a tool awaiting approval), and a call of a loop the
+        script does not replay is answered from it too (checked against the call in the
+        turn's request)."""
         answer = self._tool_answer(call_id, name, arguments)
         return None if answer is None else answer[0]
 
     def _tool_answer(
         self, call_id: str, name: str, arguments: object
-    ) -> tuple[ToolResultMessage, RecordedTurn, bool] | None:
-        """`tool_result`, with its turn and whether a later result of the call follows it
-        (an attempt a retry followed)."""
+    ) -> tuple[ToolResultMessage, bool] | None:
+        """`tool_result`, and whether it failed the original run there: a recorded error that
+        ended its run, or one a retry followed (a later attempt of the same turn's)."""
         with self._lock:
             if self._handed_over or self.tools == "live":
                 return None
             self._raise_if_stopped()
-            turn = self.turn_of(call_id)
-            if turn is None:
-                last = self.script.turns[self._served - 1] if self._served else None
+            turns = self.script.turns
+            made = self._made_at(call_id)
+            resumed = self._resumed_at(call_id, made)
+            if made is None and not resumed:
+                last = turns[self._served - 1] if self._served else None
                 where = f"the replayed turns hold no tool call {call_id!r} ({name})"
                 self._diverge(
                     Divergence(
@@ -390,9 +417,25 @@ class ReplayCursor:
                     )
                 )
                 return None
-            call = next(block for block in turn.tool_calls if block.id == call_id)
-            result = turn.result_of(call_id)
-            problem = self._call_problem(call, name, arguments, result is None)
+            # The results the call was answered with, in order: its own turn's (a retry
+            # ran it again under the same id), then those a resuming run sent for it.
+            later = [result for q in resumed if (result := turns[q].input_result(call_id)) is not None]
+            if made is None:
+                turn = turns[resumed[-1]]
+                call = turn.call_in_request(call_id)
+                own: list[ToolResultMessage] = []
+            else:
+                turn = turns[made]
+                call = next(block for block in turn.tool_calls if block.id == call_id)
+                own = [result for result in turn.tool_results if result.tool_call_id == call_id]
+                if later:
+                    # What was recorded while the call awaited its answer: the tool never
+                    # gave it, nor was the model sent it.
+                    own = [result for result in own if not is_deferred(result)]
+            results = own + later
+            if call is None:  # a call of a loop the script does not replay: named by its result
+                call = ToolCall(id=call_id, name=results[-1].tool_name, arguments=arguments)
+            problem = self._call_problem(call, name, arguments, not results)
             if problem is not None:
                 what, detail, expected, actual = problem
                 self._diverge(
@@ -406,13 +449,12 @@ class ReplayCursor:
                     )
                 )
                 return None
-            assert result is not None  # _call_problem reports a missing result
-            results = [result for result in turn.tool_results if result.tool_call_id == call_id]
             key = (turn.loop_id, turn.turn_index, call_id)
             tried = self._tries.get(key, 0)
             self._tries[key] = tried + 1
-            result = results[min(tried, len(results) - 1)]
-            return replace(result, turn_id=None), turn, tried < len(results) - 1
+            index = min(tried, len(results) - 1)
+            failed_run = index < len(own) and (index < len(own) - 1 or turn.aborted)
+            return replace(results[index], turn_id=None), failed_run
 
     def recorded_reply(
         self, request: RequestShape, *, every_failure: bool = False
@@ -449,8 +491,8 @@ class ReplayCursor:
         answer = self._tool_answer(call_id, name, arguments)
         if answer is None:
             return None
-        result, turn, retried = answer
-        if result.is_error and (retried or turn.aborted):
+        result, failed_run = answer
+        if result.is_error and failed_run:
             raise recorded_tool_error(result)
         return result
 

@@ -22,8 +22,10 @@ timestamp from the turns after it (phi-core's context pruning: with a memo, each
 becomes a user message ``[Pruned context summary: MEMO]`` at its place), and an
 applied ``RevertApplied`` leaves the turns after it the messages reached walking
 ``parentId`` back from its target, the abandoned span gone and the revert's tag
-(`NodeTag`) on the target (phi-core's Composition I). A captured request is what
-was sent: it is taken as it is.
+(`NodeTag`) on the target (phi-core's Composition I). A loop whose turns send the
+result of an earlier loop's call (a run resuming one stopped for the call's approval)
+has that result in place of the one the stopped loop holds (`_without_superseded`). A
+captured request is what was sent: it is taken as it is.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from ..messages import (
 from ..model import LoopRecord, Session, Turn
 from .request import RequestShape
 
-__all__ = ["HANDOFF_KEY", "REPLAY_TAG", "RecordedTurn", "ReplayScript"]
+__all__ = ["HANDOFF_KEY", "REPLAY_TAG", "RecordedTurn", "ReplayScript", "deferred_result", "is_deferred"]
 
 REPLAY_TAG = "replay"
 """The tag of a replay's loop kind: ``Rerun{"replay"}``."""
@@ -75,6 +77,29 @@ last reply does not show (a LangGraph handoff tool: the reply that called it kee
 phi-session's own keys in a caller's metadata are (``"phi.session_id"``): an app's own
 ``"handoff"`` key is no handoff."""
 _REPLAY = ContinuationKind.rerun(REPLAY_TAG)
+
+_DEFERRED = ("[deferred: ", "]")
+
+
+def deferred_result(reason: str) -> str:
+    """The result recorded for a tool call the framework handed back to the caller instead
+    of running it (awaiting approval, an external tool's): its call is left without a
+    result in that loop, which phi-core's tool results cannot be; the run resuming it
+    records the result it sends. `reason`: the framework's name for why."""
+    return f"{_DEFERRED[0]}{reason}{_DEFERRED[1]}"
+
+
+def is_deferred(result: ToolResultMessage) -> bool:
+    """Whether `result` is a `deferred_result`: no answer the tool gave nor one the model
+    was sent."""
+    if result.is_error or len(result.content) != 1:
+        return False
+    (block,) = result.content
+    return (
+        type(block) is TextContent
+        and block.text.startswith(_DEFERRED[0])
+        and block.text.endswith(_DEFERRED[1])
+    )
 
 
 class SharedContext:
@@ -199,6 +224,25 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
         for result in self.tool_results:
             if result.tool_call_id == call_id:
                 return result
+        return None
+
+    def input_result(self, call_id: str) -> ToolResultMessage | None:
+        """The result of an earlier turn's tool call `call_id` among this turn's `inputs`:
+        what a run resuming an interrupted one sends for a call that awaited approval or
+        an outside answer (the approved tool's result, a denial), the latest if several."""
+        found = None
+        for message in self.inputs:
+            if isinstance(message, ToolResultMessage) and message.tool_call_id == call_id:
+                found = message
+        return found
+
+    def call_in_request(self, call_id: str) -> ToolCall | None:
+        """Tool call `call_id` of a reply in this turn's request (read from its end), if any."""
+        for message in self.request_last_first():
+            if isinstance(message, AssistantMessage):
+                for block in message.content:
+                    if type(block) is ToolCall and block.id == call_id:
+                        return block
         return None
 
 
@@ -359,6 +403,26 @@ def _own_results(turn: Turn) -> set[str]:
     if isinstance(output, AssistantMessage):
         ids.update(block.id for block in output.content if type(block) is ToolCall)
     return ids
+
+
+def _without_superseded(past: list[AgentMessage], record: LoopRecord) -> list[AgentMessage]:
+    """`past` (the context before `record`) without the results of the calls that
+    `record`'s turns answer in their inputs: a run resuming an interrupted one sends the
+    approved tool's result (or a denial, an outside answer) in place of what the
+    interrupted loop holds for the call (`deferred_result`, ADK's request for
+    confirmation, LangGraph's ``[interrupted]``), which the model is never sent (one
+    result per call). `past` itself when nothing is superseded (the usual case: no copy)."""
+    answered: set[str] = set()
+    for turn in record.turns:
+        own = _own_results(turn)
+        answered.update(
+            m.tool_call_id
+            for m in turn.input_messages
+            if isinstance(m, ToolResultMessage) and m.tool_call_id not in own
+        )
+    if not answered or not any(isinstance(m, ToolResultMessage) and m.tool_call_id in answered for m in past):
+        return past
+    return [m for m in past if not (isinstance(m, ToolResultMessage) and m.tool_call_id in answered)]
 
 
 def _in_call_order(
@@ -558,6 +622,7 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
             context = session.context_at(first.loop_id, index=index)
             past = context[: len(context) - len(first.context_messages())]
             for record in records:
+                past = _without_superseded(past, record)
                 turns.extend(_recorded_turns(record, past))
                 past.extend(record.context_messages(most_recent=False))
         return cls(session=session, loop_ids=tuple(record.loop_id for record in records), turns=tuple(turns))

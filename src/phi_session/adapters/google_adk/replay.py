@@ -353,6 +353,12 @@ class ReplayLlm(BaseLlm):
             yield response
 
 
+async def _awaits_confirmation(tool: BaseTool, args: dict[str, Any], context: ToolContext) -> bool:
+    """Whether ADK's confirmation gate asks the user about this call instead of running the
+    tool (it requires confirmation, and none came with the call), as ADK decides it."""
+    return context.tool_confirmation is None and await tool.check_require_confirmation(args, context) is True
+
+
 class _RecordedTools(BasePlugin):
     """Answers a replay's tool calls from its recording (see `ReplayLlm.tools_plugin`)."""
 
@@ -376,9 +382,16 @@ class _RecordedTools(BasePlugin):
         if call_id not in self.calls and self.agents and tool_context.agent_name not in self.agents:
             return None  # another agent's call: its own replay (or its tool) answers it
         result = self.cursor.recorded_result(call_id, tool.name, tool_args)
-        if result is None or tool.name == _TRANSFER_TOOL:
+        if (
+            result is None
+            or tool.name == _TRANSFER_TOOL
+            or await _awaits_confirmation(tool, tool_args, tool_context)
+        ):
             # ADK's transfer tool only tells ADK which agent takes over: answering it
             # would skip the transfer, so it runs (once checked against the recording).
+            # A call awaiting the user's confirmation is held back by ADK's gate, which
+            # asks for it as in the original run (the recorded answer, ADK's request): the
+            # tool runs only once confirmed, in the resuming run, answered from its input.
             return None
         self.cursor.answered(call_id, result)  # what `PhiPlugin` records for the call
         return _tool_answer(result, self.sent.get(call_id))

@@ -52,6 +52,7 @@ from ...errors import RecordedToolError
 from ...messages import (
     AssistantMessage,
     Content,
+    ExtensionMessage,
     ImageContent,
     TextContent,
     ThinkingContent,
@@ -61,8 +62,8 @@ from ...messages import (
 )
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
-from .._core import ConvertedOnce, recorded_reply, replay_recording
-from . import _json_encode, _request, converted_once
+from .._core import ConvertedOnce, recorded_reply, replay_recording, result_text
+from . import _INTERRUPTED, _json_encode, _request, converted_once
 
 __all__ = ["RecordedToolError", "ReplayChatModel"]
 
@@ -315,6 +316,37 @@ def _chat_result(result: LLMResult) -> ChatResult:
     )
 
 
+def _interrupt_again(cursor: ReplayCursor, call_id: str) -> None:
+    """Stop the replayed run where tool call `call_id` called LangGraph's ``interrupt()``
+    in the recorded one (its result ``[interrupted]``), with the value it was recorded
+    with: the run resuming it is then answered with the result the resumed run recorded
+    (`ReplayCursor.recorded_result`'s next one). The value is the one the loop recorded
+    for the call (the interrupts in the order of the turn's interrupted calls), None
+    where they do not match up."""
+    from langgraph.types import interrupt  # the extra's: an interrupted run used LangGraph
+
+    turn = cursor.turn_of(call_id)
+    loop = None if turn is None else cursor.script.session.get_loop(turn.loop_id)
+    values = [
+        item.get("value")
+        for message in (() if loop is None else loop.messages)
+        if isinstance(message, ExtensionMessage) and message.kind == "langgraph.interrupt"
+        for item in (message.data if isinstance(message.data, list) else ())
+        if isinstance(item, dict)
+    ]
+    paused = (
+        []
+        if turn is None
+        else [
+            result.tool_call_id
+            for result in turn.tool_results
+            if not result.is_error and result_text(result) == _INTERRUPTED
+        ]
+    )
+    value = values[paused.index(call_id)] if len(values) == len(paused) and call_id in paused else None
+    interrupt(value)
+
+
 class _RecordedTool(BaseTool):
     """A tool answering its calls from a replay's recording (see `ReplayChatModel.wrap_tools`)."""
 
@@ -349,7 +381,11 @@ class _RecordedTool(BaseTool):
             return None  # not a model's tool call: nothing recorded to answer with
         arguments = self._filter_injected_args(tool_input) if isinstance(tool_input, dict) else tool_input
         result = self.cursor.recorded_result(call_id, self.name, arguments)
-        return None if result is None else _tool_message(result, call_id, self.name)
+        if result is None:
+            return None
+        if not result.is_error and result_text(result) == _INTERRUPTED:
+            _interrupt_again(self.cursor, call_id)
+        return _tool_message(result, call_id, self.name)
 
     def _run(self, tool_input: str | dict[str, Any], call_id: str | None, config: RunnableConfig) -> Any:
         answer = self._answer(tool_input, call_id)
