@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 import phi_session.diff
+from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, ToolCall, Tracer
 from phi_session.diff import (
     FieldChange,
     FirstDifference,
@@ -23,7 +24,9 @@ from phi_session.diff import (
     parse_ref,
 )
 from phi_session.errors import InvalidArgument, LoopNotFound, SessionNotFound
+from phi_session.messages import TextContent, ToolResultMessage
 from phi_session.model import Session
+from phi_session.replay.script import deferred_result
 from phi_session.stores.conformance import EXAMPLES_DIR, record_lines
 
 from .diff_support import BASE, Run, Step, record_runs, record_turnless
@@ -387,3 +390,54 @@ def test_the_turn_a_loop_was_cut_off_in_is_compared_after_its_finished_turns() -
     early = diff_loops(c, loop_c, a, loop_a)
     assert [turn.status for turn in early.turns] == ["equal", "changed"]
     assert [(ch.path, ch.kind) for ch in early.turns[1].changes][:1] == [("output.text", "changed")]
+
+
+def record_approval(answer: str) -> Session:
+    """A run stopped for the approval of call c1, then the run resuming it, which sends
+    `answer` as c1's result (the approved tool's, or a denial) and is answered "ok"."""
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m1", provider="acme"))
+    with tracer.loop() as stopped:
+        stopped.user("delete /a")
+        with stopped.turn() as turn:
+            with turn.assistant() as reply:
+                reply.finish(tool_calls=[ToolCall(id="c1", name="delete", arguments={"path": "/a"})])
+            with turn.tool(turn.tool_calls[0]) as tool:
+                tool.result(deferred_result("ApprovalRequired"))
+    with tracer.loop(continues=stopped.loop_id) as resumed:
+        sent = ToolResultMessage(
+            tool_call_id="c1",
+            tool_name="delete",
+            content=(TextContent(text=answer),),
+            is_error=False,
+            timestamp=1,
+        )
+        resumed.user(sent)
+        with resumed.turn() as turn, turn.assistant() as reply:
+            reply.text_delta("ok")
+            reply.finish()
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
+
+
+def test_runs_resumed_with_other_results_of_the_stopped_calls_differ_in_their_inputs() -> None:
+    # The resumed run's first turn sends c1's result as its input: it was dropped as if
+    # it were that turn's own tool result, and approved and denied runs compared identical.
+    diff = diff_sessions(record_approval("deleted /a"), record_approval("The tool call was denied."))
+    assert [loop.identical for loop in diff.loops] == [True, False]
+    assert diff.loops[1].turns[0].changes == (
+        FieldChange(
+            field="input",
+            path="input[0]",
+            kind="changed",
+            a="[toolResult delete c1] deleted /a",
+            b="[toolResult delete c1] The tool call was denied.",
+            text_diff=(
+                "@@ -1 +1 @@",
+                "-[toolResult delete c1] deleted /a",
+                "+[toolResult delete c1] The tool call was denied.",
+            ),
+        ),
+    )
+    assert diff.first_divergence is not None and diff.first_divergence.summary == "turn 0: input[0] changed"

@@ -522,7 +522,8 @@ class _Step(NamedTuple):
     """A turn as two runs compare it: a finished `Turn`, or the one a loop was cut off in."""
 
     inputs: Sequence[AgentMessage]
-    """The messages it added (prompts, follow-ups, steering), not its tool results."""
+    """The messages it added (prompts, follow-ups, steering, the results a resuming run
+    sends for an earlier loop's calls), not its own tool results."""
     output: AgentMessage | None
     """Its reply; None: cut off before it."""
     results: Sequence[ToolResultMessage]
@@ -534,9 +535,14 @@ class _Step(NamedTuple):
 
     @classmethod
     def of(cls, turn: Turn) -> _Step:
-        # The turn's tool results sit in its input messages too: they are compared as results.
-        inputs = [m for m in turn.input_messages if not isinstance(m, ToolResultMessage)]
+        # The turn's tool results sit in its input messages too: they are compared as
+        # results. A result of another call is an input: a run resuming one that stopped
+        # for a call's approval sends the approved tool's result (or a denial) first.
         results = [m for m in turn.tool_results if isinstance(m, ToolResultMessage)]
+        own = {m.tool_call_id for m in results}
+        inputs = [
+            m for m in turn.input_messages if not (isinstance(m, ToolResultMessage) and m.tool_call_id in own)
+        ]
         output = turn.output_message
         return cls(
             inputs,
@@ -551,8 +557,14 @@ class _Step(NamedTuple):
     def cut_off(cls, turn: CutOffTurn) -> _Step:
         replies = turn.replies
         output: AgentMessage | None = replies[-1] if replies else None
-        results = [m for m in turn.messages if isinstance(m, ToolResultMessage)]
-        inputs = [m for m in turn.messages if not isinstance(m, (AssistantMessage, ToolResultMessage))]
+        calls = {call.id for reply in replies for call in _tool_calls(reply)}
+        results = [m for m in turn.messages if isinstance(m, ToolResultMessage) and m.tool_call_id in calls]
+        inputs = [
+            m
+            for m in turn.messages
+            if not isinstance(m, AssistantMessage)
+            and not (isinstance(m, ToolResultMessage) and m.tool_call_id in calls)
+        ]
         usage = ZERO_USAGE
         for reply in replies:
             usage = usage + reply.usage
@@ -594,7 +606,7 @@ def _diff_turn(index: int, a: _Step | None, b: _Step | None) -> TurnDiff:
         return TurnDiff(index=index, status=kind, changes=tuple(_whole_turn(present, kind)), **timing)
     changes: list[FieldChange] = []
     incidental: list[FieldChange] = []
-    changes.extend(_text_changes("input", "input", a.inputs, b.inputs))
+    changes.extend(_text_changes("input", "input", a.inputs, b.inputs, _input_text))
     _compare_requests(a, b, changes)
     _compare_output(a.output, b.output, changes, incidental)
     _compare_tool_results(a, b, changes, incidental)
@@ -635,6 +647,16 @@ def _message_text(message: AgentMessage | None) -> str:
     return _blocks_text(message.content, TextContent)
 
 
+def _input_text(message: AgentMessage) -> str:
+    """An input as compared: its text; a tool result (one a resuming run sends for an
+    earlier loop's call) naming its tool and call, and whether it failed."""
+    text = _message_text(message)
+    if isinstance(message, ToolResultMessage):
+        failed = " error" if message.is_error else ""
+        return f"[toolResult {message.tool_name} {message.tool_call_id}{failed}] {text}"
+    return text
+
+
 def _text_change(field: FieldName, path: str, a: str, b: str) -> FieldChange:
     lines = difflib.unified_diff(a.splitlines(), b.splitlines(), lineterm="", n=2)
     return FieldChange(field=field, path=path, kind="changed", a=a, b=b, text_diff=tuple(lines)[2:])
@@ -649,7 +671,7 @@ def _whole_turn(turn: _Step, kind: ChangeKind) -> Iterator[FieldChange]:
         return FieldChange(field=field, path=path, kind=kind, **{side: value})
 
     for index, message in enumerate(turn.inputs):
-        yield part("input", f"input[{index}]", _message_text(message))
+        yield part("input", f"input[{index}]", _input_text(message))
     output = turn.output
     if _message_text(output):
         yield part("text", "output.text", _message_text(output))
@@ -666,10 +688,14 @@ def _whole_turn(turn: _Step, kind: ChangeKind) -> Iterator[FieldChange]:
 
 
 def _text_changes(
-    field: FieldName, path: str, a: Sequence[AgentMessage], b: Sequence[AgentMessage]
+    field: FieldName,
+    path: str,
+    a: Sequence[AgentMessage],
+    b: Sequence[AgentMessage],
+    text: Callable[[AgentMessage], str] = _message_text,
 ) -> Iterator[FieldChange]:
-    """The messages of `a` and `b` (``path[0]``...) that differ in text, by position."""
-    texts_a, texts_b = [_message_text(m) for m in a], [_message_text(m) for m in b]
+    """The messages of `a` and `b` (``path[0]``...) that differ in `text`, by position."""
+    texts_a, texts_b = [text(m) for m in a], [text(m) for m in b]
     for index in range(max(len(texts_a), len(texts_b))):
         where = f"{path}[{index}]"
         if index >= len(texts_b):
