@@ -53,7 +53,7 @@ from pydantic_ai.usage import RequestUsage
 
 from phi_session import Redactor, codec
 from phi_session.adapters import pydantic_ai as adapter
-from phi_session.adapters.pydantic_ai import PhiCapability
+from phi_session.adapters.pydantic_ai import PhiCapability, ReplayModel
 from phi_session.events import (
     DEFAULT,
     INITIAL,
@@ -73,7 +73,8 @@ from phi_session.messages import (
     UserMessage,
 )
 from phi_session.model import LoopRecord, Session
-from phi_session.recorder import SessionRecorder
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig
+from phi_session.replay.request import summarize
 from phi_session.stores.sqlite import SqliteStore
 
 
@@ -1257,3 +1258,119 @@ def test_redaction_and_processors_are_the_tracers(redact: bool) -> None:
     ]
     assert (secret in str(call.arguments)) is not redact
     assert seen[0] == "AgentStart" and seen[-1] == "AgentEnd"
+
+
+# -- histories that are not an earlier run's messages -------------------------------------------------
+
+
+def lookup_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """A lookup of each prompt (the last request's first), then an answer."""
+    prompts = [p.content for p in messages[-1].parts if isinstance(p, UserPromptPart)]
+    if prompts:
+        call = ToolCallPart("lookup", {"key": str(prompts[0])}, tool_call_id=f"c{len(messages)}")
+        return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=10, output_tokens=2))
+    return ModelResponse(
+        parts=[TextPart(f"answer {len(messages)}")], usage=RequestUsage(input_tokens=20, output_tokens=3)
+    )
+
+
+def lookup_agent(capability: PhiCapability, model: Any = lookup_model) -> Agent[None, str]:
+    async def lookup(key: str) -> str:
+        """Look a key up."""
+        return f"v({key})"
+
+    return Agent(
+        FunctionModel(model, model_name="m"),
+        system_prompt="SYS",
+        capabilities=[capability],
+        name="a",
+        tools=[lookup],
+    )
+
+
+def sent_and_context(session: Session, loop: LoopRecord) -> tuple[Any, Any]:
+    """The first request the loop's model was sent (captured) and the loop's context up
+    to it, as the model sees them."""
+    payload = loop.turns[0].request_payload
+    assert payload is not None
+    context = session.context_at(loop.loop_id)
+    return [summarize(m) for m in payload.messages], [summarize(m) for m in context[: len(payload.messages)]]
+
+
+def test_messages_the_caller_adds_after_a_runs_messages_are_the_next_loops_first_inputs() -> None:
+    # They were recorded nowhere: the context of the loop lacked the one message the model
+    # was sent beside the run's (12 against 13), and a replay diverged there.
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
+    agent = lookup_agent(PhiCapability(recorder, capture_requests=True))
+    one = agent.run_sync("one")
+    two = agent.run_sync("two", message_history=one.all_messages())
+    note = ModelRequest(parts=[UserPromptPart("note from caller")])
+    three = agent.run_sync("three", message_history=[*two.all_messages(), note])
+    (session,) = sessions_of(recorder)
+    _, second, third = session.loops
+    assert (third.parent_loop_id, third.continuation_kind) == (second.loop_id, DEFAULT)
+    assert texts_recorded(third.turns[0].input_messages) == ["note from caller", "three"]
+    sent, context = sent_and_context(session, third)
+    assert sent == context and len(sent) == 10
+    assert texts_recorded(session.context_at(third.loop_id)) == texts_sent(three.all_messages())
+    # The caller's message is the loop's: a run going on from it is its context exactly.
+    four = agent.run_sync("four", message_history=three.all_messages())
+    (session,) = sessions_of(recorder)
+    fourth = session.loops[-1]
+    assert (fourth.parent_loop_id, fourth.continuation_kind) == (third.loop_id, DEFAULT)
+    assert texts_recorded(session.context_at(fourth.loop_id)) == texts_sent(four.all_messages())
+
+
+def test_an_unchanged_agent_given_a_history_the_caller_added_to_replays_without_requests() -> None:
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+    agent = lookup_agent(capability)
+    one = agent.run_sync("one")
+    history = [*one.all_messages(), ModelRequest(parts=[UserPromptPart("note from caller")])]
+    output = agent.run_sync("two", message_history=history).output
+    (session,) = sessions_of(recorder)
+    model = ReplayModel(session, session.loops[-1].loop_id)
+
+    def no_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise AssertionError("a replay must not call the agent's model")
+
+    with model.recording():
+        replayed = lookup_agent(capability, no_model).run_sync(
+            "two", message_history=history, model=model, capabilities=[model.capability]
+        )
+    assert replayed.output == output and model.cursor.finished and model.divergence is None
+
+
+@pytest.mark.parametrize("cut", ["new_messages", "last 4", "without its answer"])
+def test_a_history_cut_from_a_runs_messages_claims_no_loops_context(
+    cut: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It went on from the run's loop as if sent all of it: context 12 where the model was
+    # sent 8 (8, 11). No loop's context is such a history: the loop continues none, and says
+    # what it was sent besides.
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
+    agent = lookup_agent(PhiCapability(recorder, capture_requests=True))
+    one = agent.run_sync("one")
+    two = agent.run_sync("two", message_history=one.all_messages())
+    history = {
+        "new_messages": two.new_messages(),
+        "last 4": two.all_messages()[-4:],
+        "without its answer": two.all_messages()[:-1],
+    }[cut]
+    adapter.PhiCapability._reported_history = False
+    with caplog.at_level(logging.WARNING, logger="phi_session.adapters"):
+        agent.run_sync("three", message_history=history)
+        agent.run_sync("four", message_history=history)  # said once
+    (session,) = sessions_of(recorder)
+    _, second, third, _ = session.loops
+    assert (third.parent_loop_id, third.continuation_kind) == (None, INITIAL)
+    assert third.metadata["pydantic_ai_unrecorded_history"] == {
+        "messages": len(history),
+        "last_loop_id": second.loop_id,
+    }
+    context = session.context_at(third.loop_id)
+    assert texts_recorded(context) == ["three", *texts_recorded(third.messages)[1:]]
+    payload = third.turns[0].request_payload
+    assert payload is not None and len(payload.messages) == len(history) + 1  # the request says what was sent
+    warnings = [r.getMessage() for r in caplog.records if "history" in r.getMessage()]
+    assert len(warnings) == 1 and "no recorded run's messages" in warnings[0]

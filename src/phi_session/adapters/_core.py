@@ -570,6 +570,7 @@ class AdapterCore:
         metadata: dict[str, Any] | None = None,
         kind: ContinuationKind | None = None,
         rewound_to: str | None = None,
+        detached: bool = False,
     ) -> AdapterRun:
         """Start the loop of a framework run known by `key` (its run id); returns it.
 
@@ -583,6 +584,8 @@ class AdapterCore:
         ends, when the framework tells: an earlier loop than the session's last (the
         history rewound), the run continues it instead, as `kind`; the last loop, or
         none of the session's, the run continues the last loop as ``Default``.
+        `detached`: the run's history is no loop's context (cut from a run's messages): it
+        continues none (``Initial``, without parent) rather than claim one's context.
         """
         self._record_again()
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
@@ -613,8 +616,8 @@ class AdapterCore:
                 tracer = self.tracer
                 if self.rotate_after is not None:
                     self.agent.check_and_rotate(self.rotate_after)
-            continues = tracer.agent.last_loop_id
-            if rewound_to is not None:
+            continues = None if detached else tracer.agent.last_loop_id
+            if rewound_to is not None and not detached:
                 if rewound_to != continues and session_id_from_loop_id(rewound_to) == tracer.agent.session_id:
                     continues = rewound_to
                 else:  # no rewind: the run goes on from where the session is

@@ -535,10 +535,15 @@ def _last(messages: Sequence[pai.ModelMessage]) -> pai.ModelMessage | None:
     return messages[-1] if messages else None
 
 
-def _run_ending(history: Sequence[pai.ModelMessage]) -> str | None:
-    """The id of the run whose message the history ends with (messages the caller added
-    after it carry none)."""
-    return next((message.run_id for message in reversed(history) if message.run_id), None)
+def _last_of_a_run(history: Sequence[pai.ModelMessage]) -> int:
+    """The position of the last message of `history` that a run made (pydantic-ai stamps
+    it with the run's id; messages the caller added carry none), -1 for none."""
+    return next((index for index in range(len(history) - 1, -1, -1) if history[index].run_id), -1)
+
+
+_UNRECORDED_HISTORY = "pydantic_ai_unrecorded_history"
+"""The metadata key of a loop whose run was sent a history no loop's context is (`_open`):
+how many messages, and the loop of the run whose messages it was cut from."""
 
 
 def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
@@ -634,6 +639,7 @@ class PhiCapability(AbstractCapability[Any]):
     # (pydantic-ai's rule for a repeated capability id) instead of recording the run twice.
     id: str | None = "phi_session"
     _reported_duplicates: ClassVar[bool] = False
+    _reported_history: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -712,6 +718,7 @@ class PhiCapability(AbstractCapability[Any]):
         finally:
             self._core.safely(_OPEN_RUNS.reset, token)
         self._close(run, None)
+        self._core.safely(self._noted_length, run, result)
         return result
 
     def _open(self, ctx: RunContext[Any]) -> _Run:
@@ -723,24 +730,66 @@ class PhiCapability(AbstractCapability[Any]):
         # earlier one than the conversation's last (the history rewound), as a branch of it.
         # pydantic-ai stamps each message with the run that made it; runs recorded
         # elsewhere (another process) are unknown here: the run goes on from the last loop.
+        # A history that is that run's messages (all of them: the length noted as it ended)
+        # and then messages the caller added is its loop's context and then the new loop's
+        # first inputs. Cut from them (trimmed, a run's own only, the answer left out), or
+        # with replies the caller added, it is no loop's context: the loop continues none
+        # and says so (no loop can hold a history's replies but as its turns').
+        history = ctx.messages
+        last = _last_of_a_run(history)
+        ended_history = history[last].run_id if last >= 0 else None
+        added = history[last + 1 :]
         rewound_to: str | None = None
         branch: ContinuationKind | None = None
-        ended_history = _run_ending(ctx.messages)
-        if ended_history is not None:
-            rewound_to = self._core.read_note(ended_history)
+        cut = any(isinstance(message, pai.ModelResponse) for message in added)
+        if ended_history is not None and (note := self._core.read_note(ended_history)) is not None:
+            rewound_to, length = note
             branch = ContinuationKind.branch(ended_history)
+            cut = cut or (length is not None and length != last + 1)
+        unrecorded = {"messages": len(history), "last_loop_id": rewound_to} if cut else None
         # Keyed in the core by an object of its own: run ids are the caller's to give, and
         # two runs may be given the same.
         recording = self._core.start_run(
             object(),
             config,
             framework_session_id=ctx.conversation_id,
+            metadata=None if unrecorded is None else {_UNRECORDED_HISTORY: unrecorded},
             kind=branch if rewound_to is not None else None,
             rewound_to=rewound_to,
+            detached=unrecorded is not None,
         )
+        if unrecorded is not None:
+            self._report_unrecorded_history()
+        else:
+            timestamp = self._core.agent.millis()
+            inputs: list[Message] = []
+            for message in added:
+                if isinstance(message, pai.ModelRequest):  # (a reply among them: `cut`)
+                    _request_parts(message, timestamp, [], inputs)  # a system prompt part is none
+            for converted in inputs:
+                recording.loop.user(converted)
         if ctx.run_id is not None:
-            self._core.keep_note(ctx.run_id, recording.loop.loop_id)
+            # The length is known as the run ends (`_noted_length`).
+            self._core.keep_note(ctx.run_id, (recording.loop.loop_id, None))
         return _Run(recording, self._core, ctx.run_id, ctx.prompt)
+
+    def _noted_length(self, run: _Run, result: AgentRunResult[Any]) -> None:
+        """Note how many messages `run` ended with: a later run given a history of as many
+        (up to its last message) was given them all (`_open`)."""
+        if run.run_id is not None:
+            self._core.keep_note(run.run_id, (run.loop.loop_id, len(result.all_messages())))
+
+    @classmethod
+    def _report_unrecorded_history(cls) -> None:
+        if cls._reported_history:  # a setting: once per process
+            return
+        cls._reported_history = True
+        logger.warning(
+            "pydantic-ai: a run's message_history is no recorded run's messages (cut from them, "
+            "or with replies the caller added): its loop continues none, and its metadata %r counts "
+            "the messages recorded nowhere but in each turn's request (capture_requests=True)",
+            _UNRECORDED_HISTORY,
+        )
 
     def _close(self, run: _Run, error: BaseException | None) -> None:
         if error is None:
