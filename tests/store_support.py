@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from types import ModuleType
 
+import msgspec
 import pytest
 from hypothesis import strategies as st
 
@@ -16,6 +18,8 @@ from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import SessionStore, merge_sessions, summarize
 from phi_session.stores.conformance import save_in_parts
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.outline import SessionOutline
 
 
 def check_saves_read_only_touched_loops(
@@ -73,3 +77,19 @@ def check_saves_in_parts(store: SessionStore, parts: list[list[tuple[int, bool]]
     [row] = [row for row in store.query() if row.session_id == session_id]
     assert row == summarize(expected)
     return session_id
+
+
+class UndecodableRecords(JsonDirStore):
+    """Its outlines' loop records do not decode (`LoopOutline.record` raises `DecodeError`),
+    as a stored copy something else wrote may hold; each outline read is noted in `reads`."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.reads: list[str] = []
+
+    def load_outline(self, session_id: str) -> SessionOutline:
+        self.reads.append(session_id)
+        outline = super().load_outline(session_id)
+        broken = msgspec.Raw(b'{"loop_id": 5}')
+        loops = tuple(msgspec.structs.replace(loop, record_json=broken) for loop in outline.loops)
+        return msgspec.structs.replace(outline, loops=loops)

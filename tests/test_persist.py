@@ -57,12 +57,14 @@ from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.base import SessionStore
+from phi_session.stores.conformance import spawned_apart
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import SessionOutline
 from phi_session.stores.sqlite import SqliteStore
 
 from .conftest import in_forked_child, needs_fork
 from .journal_kill_worker import stream
+from .store_support import UndecodableRecords
 
 
 def single_loop_sessions(count: int) -> list[AgentEvent]:
@@ -1641,3 +1643,77 @@ def test_a_budget_given_as_a_whole_float_is_taken(tmp_path: Path) -> None:
         assert persisting.max_pending_bytes == 64_000_000
     with pytest.raises(InvalidArgument, match="whole number of bytes"):
         AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), max_pending_bytes=1.5)  # type: ignore[arg-type]
+
+
+def returns(call: Callable[[], object]) -> bool:
+    """Whether `call` returns (or raises) within a minute, run in a thread of its own: a
+    test of something that used to hang fails, rather than hanging the suite."""
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    return not thread.is_alive()
+
+
+def test_a_spawner_whose_stored_record_does_not_decode_leaves_the_writer_saving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sub-agent k's link read its spawner p's stored outline, whose loop record did not
+    decode: `DecodeError` killed the writer thread after k was saved, flush() hung for ever,
+    close() raised it at every call and the journal was never released."""
+    spawner, sub_agent, _ = spawned_apart()
+    store = UndecodableRecords(tmp_path / "store")
+    with AutoPersistingRecorder(store, checkpoint_interval=None) as elsewhere:
+        elsewhere.record_all(spawner)
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_interval=None)
+    persisting.record_all(sub_agent)
+    with caplog.at_level(logging.WARNING, logger="phi_session"):
+        assert returns(persisting.flush)
+        evs = single_loop_sessions(2)
+        persisting.record_all(evs)
+        persisting.close()
+    assert store.reads == ["k", "p"]
+    assert store.load("k").parent_spawn_ref == SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="", tool_name=""
+    )
+    assert {sid: data for sid, data in stored(store).items() if sid in recorded(evs)} == recorded(evs)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "session 'p' could not be read" in warning
+    assert list((tmp_path / "j").glob("*.wal")) == []
+
+
+class Fatal(BaseException):
+    """What no `except Exception` catches, as gevent's `Timeout`."""
+
+
+class FatalOnce(JsonDirStore):
+    """Its first save raises `Fatal`."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.failed = False
+
+    def save(self, session: Session) -> None:
+        if not self.failed:
+            self.failed = True
+            raise Fatal
+        super().save(session)
+
+
+def test_a_writer_that_dies_wakes_flush_and_close_saves_what_it_left(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer thread's death woke no one: flush() (and wait_saved() without a timeout)
+    waited for it for ever."""
+    evs = single_loop_sessions(3)
+    store = FatalOnce(tmp_path / "store")
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_interval=None)
+    persisting.record_all(evs)
+    with caplog.at_level(logging.ERROR, logger="phi_session.persist"):
+        assert returns(persisting.flush)
+    [died] = [r for r in caplog.records if "writer thread died" in r.getMessage()]
+    assert died.exc_info is not None and died.exc_info[0] is Fatal
+    assert persisting.wait_saved() is False
+    assert stored(store) == {}
+    persisting.close()
+    assert stored(store) == recorded(evs)
+    assert list((tmp_path / "j").glob("*.wal")) == []

@@ -25,9 +25,11 @@ from phi_session.journal import Journal, JournaledRecorder, recover
 from phi_session.recorder import SessionRecorder
 from phi_session.saver import SavedSpawners, SaveStats, SessionSaver
 from phi_session.stores.base import SessionStore, merge_sessions
+from phi_session.stores.conformance import spawned_apart
 from phi_session.stores.json_dir import JsonDirStore
 
 from .journal_kill_worker import stream
+from .store_support import UndecodableRecords
 
 
 class MemoryStore:
@@ -747,21 +749,24 @@ def test_what_could_not_be_saved_is_said_in_one_line() -> None:
     )
 
 
+_WHEN = ps.Timestamp.from_ns(1_750_000_000 * 10**9)
+
+
+def _start(session: str, loop_id: str, parent: str | None = None) -> ps.AgentStart:
+    return ps.AgentStart(
+        agent_id="a", session_id=session, loop_id=loop_id, parent_loop_id=parent, timestamp=_WHEN
+    )
+
+
+def _end(loop_id: str) -> ps.AgentEnd:
+    return ps.AgentEnd(loop_id=loop_id, messages=(), usage=ps.Usage(input=1, output=1), timestamp=_WHEN)
+
+
 def test_a_spawner_saved_after_a_sub_agent_looked_for_it_is_found_by_the_next(tmp_path: Path) -> None:
     """Not stored yet at the first sub-agent's lookup (it is recorded elsewhere: a worker of
     another partition), the spawner was taken to hold no tool call for good: a sub-agent
     starting once it was stored got a spawn ref without its tool call all the same."""
-    when = ps.Timestamp.from_ns(1_750_000_000 * 10**9)
-
-    def start(session: str, loop_id: str, parent: str | None = None) -> ps.AgentStart:
-        return ps.AgentStart(
-            agent_id="a", session_id=session, loop_id=loop_id, parent_loop_id=parent, timestamp=when
-        )
-
-    def end(loop_id: str) -> ps.AgentEnd:
-        return ps.AgentEnd(loop_id=loop_id, messages=(), usage=ps.Usage(input=1, output=1), timestamp=when)
-
-    spawner: list[ps.AgentEvent] = [start("p", "p.c.1")]
+    spawner: list[ps.AgentEvent] = [_start("p", "p.c.1")]
     spawner += [
         ps.ToolExecutionEnd(
             loop_id="p.c.1",
@@ -772,7 +777,7 @@ def test_a_spawner_saved_after_a_sub_agent_looked_for_it_is_found_by_the_next(tm
         )
         for child, call in (("k.sub.1", "t1"), ("m.sub.1", "t2"))
     ]
-    spawner.append(end("p.c.1"))
+    spawner.append(_end("p.c.1"))
     store = JsonDirStore(tmp_path)
     recorder = SessionRecorder()
     spawners = SavedSpawners(store)
@@ -782,15 +787,15 @@ def test_a_spawner_saved_after_a_sub_agent_looked_for_it_is_found_by_the_next(tm
             spawners.hand_to(recorder, event)
         recorder.on_event(event)
 
-    apply(start("k", "k.sub.1", parent="p.c.1"))
-    apply(end("k.sub.1"))
+    apply(_start("k", "k.sub.1", parent="p.c.1"))
+    apply(_end("k.sub.1"))
     elsewhere = SessionRecorder()
     elsewhere.record_all(spawner)
     elsewhere.flush()
     for session in elsewhere.drain_completed():
         store.save(session)
-    apply(start("m", "m.sub.1", parent="p.c.1"))
-    apply(end("m.sub.1"))
+    apply(_start("m", "m.sub.1", parent="p.c.1"))
+    apply(_end("m.sub.1"))
     recorder.flush()
     spawned = {
         session.session_id: (session.parent_spawn_ref.tool_call_id, session.parent_spawn_ref.tool_name)
@@ -825,3 +830,77 @@ def test_one_recorder_holding_sub_agents_and_spawners_reads_nothing(
     for expected in sorted(EXAMPLES.glob("session-*.json")):
         session_id = ps.decode_session(expected.read_bytes()).session_id
         assert ps.encode_session(store.load(session_id)) == expected.read_bytes(), expected.name
+
+
+def _drained(saver: SessionSaver, events: list[ps.AgentEvent], *, asynchronously: bool) -> list[str]:
+    """`events` recorded by a recorder of their own, drained through `saver`: the ids saved."""
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    if asynchronously:
+        return [s.session_id for s in asyncio.run(saver.adrain(recorder, flush=True))]
+    return [s.session_id for s in saver.drain(recorder, flush=True)]
+
+
+_PROVISIONAL = ps.SpawnRef(parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="", tool_name="")
+_LINKED = ps.SpawnRef(
+    parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="toolu_1", tool_name="researcher"
+)
+
+
+@pytest.mark.parametrize("asynchronously", [False, True])
+def test_a_spawner_whose_stored_record_does_not_decode_leaves_the_link_and_the_drain_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, asynchronously: bool
+) -> None:
+    """The spawner's stored loop record did not decode as the sub-agent's side read it to
+    link: `DecodeError` escaped the drain into the host after k was saved, and the link
+    stayed at the head of the saver's links, so every later adrain raised it again."""
+    spawner, sub_agent, _ = spawned_apart()
+    store = UndecodableRecords(tmp_path)
+    assert _drained(SessionSaver(store), spawner, asynchronously=False) == ["p"]
+    saver = SessionSaver(store)
+    with caplog.at_level(logging.WARNING, logger="phi_session.saver"):
+        assert _drained(saver, sub_agent, asynchronously=asynchronously) == ["k"]
+    [warning] = [r.getMessage() for r in caplog.records if "spawn ref" in r.getMessage()]
+    assert "session 'p' could not be read" in warning and "'k' keeps its spawn ref" in warning
+    assert store.load("k").parent_spawn_ref == _PROVISIONAL
+    # A later drain of another session: no link left to read.
+    assert _drained(saver, [_start("z", "z.c.1"), _end("z.c.1")], asynchronously=asynchronously) == ["z"]
+    assert store.reads == ["k", "p"]  # (the spawner's own drain read k, not stored then)
+
+
+@pytest.mark.parametrize("asynchronously", [False, True])
+def test_a_link_that_raises_is_not_tried_again_by_every_later_drain_one_interrupted_is(
+    tmp_path: Path, asynchronously: bool
+) -> None:
+    """A link whose completion raised (here the host's on_saved, given k's amendment) stayed
+    at the head of the saver's links: every later drain tried it again and raised again.
+    One interrupted (Ctrl-C) is left for the next drain."""
+    spawner, sub_agent, _ = spawned_apart()
+    store = JsonDirStore(tmp_path)
+    _drained(SessionSaver(store), spawner, asynchronously=False)
+    read = store.load_outline
+    reads: list[str] = []
+
+    def interrupted_once(session_id: str) -> Any:
+        reads.append(session_id)
+        if len(reads) == 1:
+            raise KeyboardInterrupt
+        return read(session_id)
+
+    store.load_outline = interrupted_once  # type: ignore[method-assign]
+    saved: list[str] = []
+
+    def on_saved(session: ps.Session) -> None:
+        saved.append(session.session_id)
+        if session.parent_spawn_ref == _LINKED:
+            raise RuntimeError("on_saved failed")
+
+    saver = SessionSaver(store, on_saved=on_saved)
+    with pytest.raises(KeyboardInterrupt):
+        _drained(saver, sub_agent, asynchronously=asynchronously)
+    with pytest.raises(RuntimeError, match="on_saved failed"):
+        _drained(saver, [_start("y", "y.c.1"), _end("y.c.1")], asynchronously=asynchronously)
+    assert reads == ["p", "p"] and saved == ["k", "y", "k"]
+    assert _drained(saver, [_start("z", "z.c.1"), _end("z.c.1")], asynchronously=asynchronously) == ["z"]
+    assert reads == ["p", "p"]
+    assert store.load("k").parent_spawn_ref == _LINKED

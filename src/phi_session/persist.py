@@ -380,7 +380,7 @@ class AutoPersistingRecorder:
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
         # _cond: the writer's side: _queue, _queued_bytes, _waiting, _unsaved_pins, _stopping, _releasing,
-        # _settle_due, _backpressure_waits, _blocked_seconds, _last_warning.
+        # _settle_due, _writer_ended, _backpressure_waits, _blocked_seconds, _last_warning.
         self._cond = threading.Condition(threading.Lock())
         self._closed = False  # no more events
         self._sealed = False  # `close` has drained the recorder for the last time
@@ -415,6 +415,9 @@ class AutoPersistingRecorder:
         self._waiting: deque[_Pending] = deque()  # drained, waiting for room in the queue
         self._unsaved_pins: dict[str, int] = {}  # sessions the saver gave up -> their pins
         self._stopping = False
+        # The writer thread returned, or died: nothing waits for it then. Set under `_cond`
+        # as it ends, which `DaemonThread.is_alive` is not: a waiter woken then would wait on.
+        self._writer_ended = False
         self._releasing = False  # the writer is telling the journal what it saved
         self._settle_due = False  # orphans were written since the journal was last told
         self._backpressure_waits = 0
@@ -720,7 +723,8 @@ class AutoPersistingRecorder:
     def flush(self) -> None:
         """End of stream: abort open loops, hand every session over and wait until each is
         saved or, refused by the store, set aside in `failed_sessions` (which `close`
-        retries, raising `StoreError` if they still fail)."""
+        retries, raising `StoreError` if they still fail); or until the writer thread died
+        (logged), leaving them to `close`."""
         with self._lock:
             self._check_open()
         self._hand_over(self.recorder.flush)
@@ -728,12 +732,13 @@ class AutoPersistingRecorder:
 
     def wait_saved(self, timeout: float | None = None) -> bool:
         """Wait until every handed-over session is saved (or set aside) and the journal
-        knows it (`Journal.release`); False on timeout."""
+        knows it (`Journal.release`); False on timeout, or if the writer thread died (logged)
+        leaving some: `close` saves them."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while (
                 self._queue or self._waiting or self._releasing or self._settle_due
-            ) and self._writer.is_alive():
+            ) and not self._writer_ended:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -763,7 +768,7 @@ class AutoPersistingRecorder:
                     where,
                     self._backpressure_waits,
                 )
-            while self._waiting and not self._stopping and self._writer.is_alive():
+            while self._waiting and not self._stopping and not self._writer_ended:
                 if not self._cond.wait(self.warn_after) and self._waiting:
                     self._last_warning = time.monotonic()
                     logger.warning(
@@ -777,6 +782,23 @@ class AutoPersistingRecorder:
     # -- the writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The writer thread. Should it die (a bug; a store raising a `BaseException`, as
+        gevent's `Timeout` is), it says so and wakes whoever waits for it: `flush`, the
+        backpressure; what it left is saved by `close` (`_save_leftovers`)."""
+        try:
+            self._write()
+        except BaseException:
+            logger.error(
+                "%r: the writer thread died; the sessions handed over wait for close() to save them",
+                self,
+                exc_info=True,
+            )
+        finally:
+            with self._cond:
+                self._writer_ended = True
+                self._cond.notify_all()
+
+    def _write(self) -> None:
         last_release = time.monotonic()
         while True:
             with self._cond:

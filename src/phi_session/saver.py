@@ -583,20 +583,23 @@ class SessionSaver:
     # -- links between sub-agents and spawners recorded apart ------------------------------
 
     def link_spawns(self, gaps: deque[SpawnGap]) -> None:
-        """Complete `gaps` from the store, each left at the head of `gaps` until done (an
-        interrupt leaves it for the next call). Their sessions (`SpawnGap.noted_by`) must be
-        saved first: of two recorders' sides, the later read then sees the other's save."""
-        for gap in one_at_a_time(gaps):
-            amendment = self._completed_link(gap)
-            if amendment is not None:
-                self.save(amendment)
+        """Complete `gaps` from the store, each taken from `gaps` as it is tried: one that
+        raises is not tried again, one interrupted is left for the next call. Their sessions
+        (`SpawnGap.noted_by`) must be saved first: of two recorders' sides, the later read
+        then sees the other's save."""
+        while gaps:
+            with _tried_once(gaps) as gap:
+                amendment = self._completed_link(gap)
+                if amendment is not None:
+                    self.save(amendment)
 
     async def alink_spawns(self, gaps: deque[SpawnGap]) -> None:
         """`link_spawns` through `asave` (the read runs in a worker thread)."""
-        for gap in one_at_a_time(gaps):
-            amendment = await asyncio.to_thread(self._completed_link, gap)
-            if amendment is not None:
-                await self.asave(amendment)
+        while gaps:
+            with _tried_once(gaps) as gap:
+                amendment = await asyncio.to_thread(self._completed_link, gap)
+                if amendment is not None:
+                    await self.asave(amendment)
 
     def _completed_link(self, gap: SpawnGap) -> Session | None:
         """The amendment that completes `gap` (the sub-agent's header with the tool call),
@@ -616,7 +619,9 @@ class SessionSaver:
             )
             return None
         try:
-            outline = store.load_outline(read)
+            # The other end's records are decoded here too: one that does not decode
+            # (`DecodeError`) is as unreadable as a failed read.
+            return _spawn_amendment(gap, store.load_outline(read))
         except (SessionNotFound, InvalidSessionId):  # not stored (yet): its own save links it
             return None
         except Exception as error:  # a link is not worth failing the drain
@@ -628,7 +633,6 @@ class SessionSaver:
                 gap.session_id,
             )
             return None
-        return _spawn_amendment(gap, outline)
 
     @property
     def pending(self) -> list[Session]:
@@ -713,6 +717,21 @@ class SessionSaver:
                 orphaned=self._orphaned,
                 unsaved=len(self._unsaved_now()),
             )
+
+
+@contextmanager
+def _tried_once(gaps: deque[SpawnGap]) -> Iterator[SpawnGap]:
+    """The head of `gaps`, taken off as it is tried: one whose completion raises (the host's
+    `on_saved`, a bug) is not tried again, and raised again, by every later drain. An
+    interrupt (Ctrl-C, a cancelled task) puts it back for the next."""
+    gap = gaps.popleft()
+    try:
+        yield gap
+    except Exception:
+        raise
+    except BaseException:
+        gaps.appendleft(gap)
+        raise
 
 
 def _spawn_amendment(gap: SpawnGap, outline: SessionOutline) -> Session | None:

@@ -94,6 +94,7 @@ __all__ = [
     "record_lines",
     "reported_usage",
     "save_in_parts",
+    "spawned_apart",
 ]
 
 
@@ -437,7 +438,7 @@ def record_lines(lines: Iterable[bytes]) -> list[Session]:
     return recorder.drain_completed()
 
 
-def _spawned_apart() -> tuple[list[AgentEvent], list[AgentEvent], list[Session]]:
+def spawned_apart() -> tuple[list[AgentEvent], list[AgentEvent], list[Session]]:
     """A spawner's events and its sub-agent's, and the sessions one recorder makes of both."""
 
     def start(session_id: str, loop_id: str, seconds: float, parent: str | None = None) -> AgentStart:
@@ -464,9 +465,9 @@ def _spawned_apart() -> tuple[list[AgentEvent], list[AgentEvent], list[Session]]
 
 
 def _save_apart(store: SessionStore, first: str) -> list[Session]:
-    """`_spawned_apart` saved into `store` by two recorders (the ``first`` side's saved and
+    """`spawned_apart` saved into `store` by two recorders (the ``first`` side's saved and
     linked first, or both saved before either reads); the sessions one recorder makes."""
-    spawner, sub_agent, reference = _spawned_apart()
+    spawner, sub_agent, reference = spawned_apart()
     recorders = {"spawner": SessionRecorder(), "sub-agent": SessionRecorder()}
     recorders["spawner"].record_all(spawner)
     recorders["sub-agent"].record_all(sub_agent)
