@@ -55,7 +55,7 @@ from phi_session.journal import (
 )
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
-from phi_session.recorder import SessionRecorder, SessionRecorderConfig
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig, SpawnGap
 from phi_session.stores.base import SessionStore
 from phi_session.stores.conformance import spawned_apart
 from phi_session.stores.json_dir import JsonDirStore
@@ -1717,3 +1717,62 @@ def test_a_writer_that_dies_wakes_flush_and_close_saves_what_it_left(
     persisting.close()
     assert stored(store) == recorded(evs)
     assert list((tmp_path / "j").glob("*.wal")) == []
+
+
+@pytest.mark.parametrize("call", [1, 2])
+def test_a_hand_over_interrupted_as_it_takes_the_links_to_complete_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: int
+) -> None:
+    """Ctrl-C as a hand-over took the sub-agent links the spawner p left incomplete (its
+    sub-agents k and m saved by another recorder first), at the first or second: the
+    recorder had handed them all over, and every one not yet filed under p was lost, k and m
+    keeping spawn refs without their tool calls for good."""
+    ts = Timestamp.now()
+    spawner: list[AgentEvent] = [AgentStart(agent_id="x", session_id="p", loop_id="p.c.1", timestamp=ts)]
+    spawner += [
+        ToolExecutionEnd(
+            loop_id="p.c.1",
+            tool_call_id=f"t_{child}",
+            tool_name="sub",
+            result=ToolResult(content=(), child_loop_id=f"{child}.sub.1"),
+            is_error=False,
+        )
+        for child in "km"
+    ]
+    spawner.append(AgentEnd(loop_id="p.c.1", messages=(), usage=Usage(input=1, output=1), timestamp=ts))
+    store = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(store, checkpoint_interval=None) as elsewhere:
+        for child in "km":
+            elsewhere.record_all(
+                [
+                    AgentStart(
+                        agent_id="y",
+                        session_id=child,
+                        loop_id=f"{child}.sub.1",
+                        parent_loop_id="p.c.1",
+                        timestamp=ts,
+                    ),
+                    AgentEnd(
+                        loop_id=f"{child}.sub.1", messages=(), usage=Usage(input=1, output=1), timestamp=ts
+                    ),
+                ]
+            )
+    calls = itertools.count(1)
+    noted_by = SpawnGap.noted_by
+
+    def interrupted(gap: SpawnGap) -> str:
+        if next(calls) == call:
+            raise KeyboardInterrupt
+        return noted_by.__get__(gap)
+
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_interval=None)
+    persisting.record_all(spawner)
+    monkeypatch.setattr(SpawnGap, "noted_by", property(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        persisting.flush()
+    persisting.close()
+    for child in "km":
+        assert store.load(child).parent_spawn_ref == SpawnRef(
+            parent_session_id="p", parent_loop_id="p.c.1", tool_call_id=f"t_{child}", tool_name="sub"
+        )
+    assert not list((tmp_path / "j").glob("*.wal"))

@@ -48,7 +48,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableSequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -190,7 +190,7 @@ _Head = TypeVar("_Head")
 _Moved = TypeVar("_Moved")
 
 
-def _move_head(source: deque[_Head], target: deque[_Moved], moved: _Moved) -> None:
+def _move_head(source: deque[_Head], target: MutableSequence[_Moved], moved: _Moved) -> None:
     """Append `moved`, made of `source`'s head, to `target`, and drop that head. A Ctrl-C
     anywhere leaves it in one of the two: never in both (saved twice), nor lost."""
     head = source[0]
@@ -372,8 +372,8 @@ class AutoPersistingRecorder:
         # Lock order: _close_lock, then _lock, then _cond.
         # _close_lock: `close` runs one call at a time (a second waits, then finds it done).
         self._close_lock = threading.Lock()
-        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _drained, _gaps,
-        # _settled_through, _unwritten_orphans, _since_checkpoint, _events, _counters, _warned_pins.
+        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _drained, _drained_gaps,
+        # _gaps, _settled_through, _unwritten_orphans, _since_checkpoint, _events, _counters, _warned_pins.
         # Every event takes it twice (`_enter`, `_leave`): there its lock `_mutex` is
         # acquired and released by hand, sparing the Python-level `Condition.__enter__`
         # and the bound methods a `with` statement makes.
@@ -408,6 +408,8 @@ class AutoPersistingRecorder:
         self._warned_pins: set[str] = set()
         # Drained from the recorder, not yet waiting (a hand-over interrupted): the next takes them first.
         self._drained: deque[Session] = deque()
+        # The sub-agent links the drained sessions left incomplete, not yet filed in `_gaps`.
+        self._drained_gaps: deque[SpawnGap] = deque()
         # Drained session -> the sub-agent links it left incomplete, until it is lined up.
         self._gaps: dict[str, list[SpawnGap]] = {}
         self._queue: deque[_Pending] = deque()  # handed to the writer
@@ -601,8 +603,10 @@ class AutoPersistingRecorder:
         # Read before draining: every event up to it has been applied by then.
         settled = self.journal.last_seq if self.journal is not None else -1
         self._drained.extend(self.recorder.drain_completed())
-        for gap in self.recorder.drain_spawn_gaps():
-            self._gaps.setdefault(gap.noted_by, []).append(gap)
+        self._drained_gaps.extend(self.recorder.drain_spawn_gaps())
+        while self._drained_gaps:  # each left there until filed: a Ctrl-C keeps the rest
+            gap = self._drained_gaps[0]
+            _move_head(self._drained_gaps, self._gaps.setdefault(gap.noted_by, []), gap)
         handed = len(self._drained)
         while self._drained:  # each left there until lined up: a Ctrl-C keeps the rest
             session = self._drained[0]
