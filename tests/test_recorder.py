@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import phi_session as ps
 from phi_session import recorder as recorder_module
-from phi_session.recorder import SessionRecorder, SessionRecorderConfig
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig, SpawnGap
 
 from .conftest import EXAMPLES
 from .test_model import CountedLoops
@@ -2597,18 +2597,21 @@ def test_an_events_int_subclass_counters_are_recorded_as_the_integers_they_hold(
         )
 
 
+K_SPAWNED = ps.ToolExecutionEnd(
+    loop_id="p.c.1",
+    tool_call_id="t1",
+    tool_name="research",
+    result=ps.ToolResult(content=(), child_loop_id="k.sub.1"),
+    is_error=False,
+)
+"""The tool call t1 of the loop p.c.1 spawning the sub-agent loop k.sub.1."""
+
+
 def test_links_to_sub_agents_recorded_elsewhere_are_noted_for_the_store() -> None:
     """A recorder holding one end of a sub-agent link notes it (`drain_spawn_gaps`) as the
     session holding that end is drained, for a saver to complete from the store; one
     holding both ends, or seeing the sub-agent start after the tool call, notes nothing."""
-    spawned = ps.ToolExecutionEnd(
-        loop_id="p.c.1",
-        tool_call_id="t1",
-        tool_name="research",
-        result=ps.ToolResult(content=(), child_loop_id="k.sub.1"),
-        is_error=False,
-    )
-    spawner = [start("p.c.1", "p"), spawned, end("p.c.1", at=4)]
+    spawner = [start("p.c.1", "p"), K_SPAWNED, end("p.c.1", at=4)]
     sub_agent = [start("k.sub.1", "k", at=1, parent="p.c.1"), end("k.sub.1", at=2)]
     gaps = {}
     for side, events in (("spawner", spawner), ("sub-agent", sub_agent)):
@@ -2639,3 +2642,47 @@ def test_links_to_sub_agents_recorded_elsewhere_are_noted_for_the_store() -> Non
         recorder.flush()
         recorder.drain_completed()
         assert recorder.drain_spawn_gaps() == []
+
+
+def _gaps_noted(events: list[ps.AgentEvent], *, every_event: bool) -> list[SpawnGap]:
+    """The links a recorder of `events` leaves to the store, drained at every event or at the end."""
+    recorder = SessionRecorder()
+    gaps: list[SpawnGap] = []
+    for event in events:
+        recorder.on_event(event)
+        if every_event:
+            recorder.checkpoint()
+            recorder.drain_completed()
+            gaps += recorder.drain_spawn_gaps()
+    recorder.flush()
+    recorder.drain_completed()
+    return gaps + recorder.drain_spawn_gaps()
+
+
+@pytest.mark.parametrize("every_event", [False, True])
+def test_a_recorder_holding_both_ends_leaves_no_link_to_the_store_in_edge_cases(every_event: bool) -> None:
+    """A tool end delivered again once its sub-agent was drained (its link complete), and a
+    spawner loop ending without naming a sub-agent it held (aborted), each left a link for
+    the store: a read of the other end, which the recorder had held. A spawner's loop sent
+    again once drained, naming a sub-agent not started, left its link a second time."""
+    p_start, p_end = start("p.c.1", "p"), end("p.c.1", at=4)
+    k_start, k_end = start("k.sub.1", "k", at=1, parent="p.c.1"), end("k.sub.1", at=2)
+    cases = {
+        "delivered again, sub-agent drained late": [p_start, k_start, k_end, K_SPAWNED, K_SPAWNED, p_end],
+        "delivered again, sub-agent started late": [p_start, K_SPAWNED, k_start, k_end, K_SPAWNED, p_end],
+        "never named, sub-agent ends first": [p_start, k_start, k_end, p_end],
+        "never named, spawner ends first": [p_start, k_start, p_end, k_end],
+    }
+    noted = {
+        case: [gap.noted_by for gap in _gaps_noted(events, every_event=every_event)]
+        for case, events in cases.items()
+    }
+    assert noted == {case: [] for case in cases}
+    # A sub-agent named by a spawner drained before it started may be recorded elsewhere,
+    # and saved before the spawner: the spawner's side reads it once, to know (so too when
+    # that loop is sent again and names it again).
+    for events in (
+        [p_start, K_SPAWNED, p_end, k_start, k_end],
+        [p_start, K_SPAWNED, p_end, p_start, K_SPAWNED, p_end],
+    ):
+        assert [gap.noted_by for gap in _gaps_noted(events, every_event=True)] == ["p"]

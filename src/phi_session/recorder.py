@@ -209,7 +209,7 @@ class _OpenLoop:
     """A loop being recorded: what it gathers is kept here, in lists, and handed to its
     record as tuples when it closes (`finish`)."""
 
-    __slots__ = ("child_loop_refs", "events", "record", "session_id", "started", "turn", "turns")
+    __slots__ = ("child_loop_refs", "events", "named", "record", "session_id", "started", "turn", "turns")
 
     def __init__(self, record: LoopRecord, *, started: bool = True) -> None:
         self.record = record
@@ -219,11 +219,23 @@ class _OpenLoop:
         self.events: list[AgentEvent] = []
         self.turns: list[Turn] = []
         self.child_loop_refs: list[ChildLoopRef] = []
+        # The child loops its tool calls named, once one does (most loops name none).
+        self.named: set[str] | None = None
         # Pending parallel branches are not started: they do not hold their session open.
         self.started = started
 
     def append(self, event: AgentEvent) -> None:
         self.events.append(event)
+
+    def names_first(self, child_loop_id: str) -> bool:
+        """Whether a tool call of the loop names `child_loop_id` for the first time (a tool
+        end delivered again names it again)."""
+        if self.named is None:
+            self.named = set()
+        elif child_loop_id in self.named:
+            return False
+        self.named.add(child_loop_id)
+        return True
 
     def finish(self) -> None:
         record, events = self.record, self.events
@@ -329,6 +341,7 @@ class _HeldSession:
         "open_loops",
         "places",
         "session",
+        "spawner_here",
         "unlinked",
     )
 
@@ -356,6 +369,10 @@ class _HeldSession:
         # Parent loop id -> the children that closed before it did (a continuation whose
         # trace an OTLP ingest got first); None while there are none, as in most sessions.
         self.early_children: dict[str, list[str]] | None = None
+        # The loop that spawned it (``session.parent_spawn_ref``) was held here as it
+        # started: every tool call naming it came here, so one that never did leaves
+        # nothing for the store to complete.
+        self.spawner_here = False
 
     def last_closed(self, loop_id: str) -> LoopRecord | None:
         """The record of `loop_id` that closed last, if any did."""
@@ -705,6 +722,8 @@ class SessionRecorder:
             session.last_active_at = event.timestamp
         if session.parent_spawn_ref is None:
             session.parent_spawn_ref = self._spawn_ref(event)
+            parent = event.parent_loop_id
+            held.spawner_here = parent is not None and (parent in self._loops or parent in self._loop_session)
         record = _started(event)
         loop = _OpenLoop(record)
         if existing is not None:  # a Pending branch starts: keep what arrived before it
@@ -1082,6 +1101,7 @@ class SessionRecorder:
             or self._late_child_session(event.loop_id, child_loop_id)
             or session_id_from_loop_id(child_loop_id)
         )
+        named_first = loop.names_first(child_loop_id)
         loop.child_loop_refs.append(
             ChildLoopRef(
                 tool_call_id=event.tool_call_id,
@@ -1100,7 +1120,15 @@ class SessionRecorder:
         held = self._open.get(child_session_id) or self._completed.get(child_session_id)
         if held is None and late is not None:
             held = self._amendable(late)  # drained before this tool call ended
-        if held is None and late is None and event.tool_call_id:
+        if (
+            held is None
+            and late is None
+            and event.tool_call_id
+            # Named before (the tool end delivered again), its link was settled then; one
+            # awaited was named by a loop drained before, which noted its link.
+            and named_first
+            and child_loop_id not in self._awaited_spawns
+        ):
             self._unheld_children.add(child_loop_id)  # recorded elsewhere, or later (`_forget`)
         if held is not None:
             spawn = held.session.parent_spawn_ref
@@ -1547,7 +1575,7 @@ class SessionRecorder:
                 owed = self._late_spawns[spawn.parent_loop_id] = _LateSpawns()
             owed.add(session)
             self._spawner_owing[session.session_id] = spawn.parent_loop_id
-        elif spawn is not None and not spawn.tool_call_id:
+        elif spawn is not None and not spawn.tool_call_id and not held.spawner_here:
             # Its spawner's loop is not held here (recorded elsewhere): the store may hold it.
             spawned = tuple(r.loop_id for r in session.loops if r.parent_loop_id == spawn.parent_loop_id)
             if spawned:  # (else an amendment of loops that were not spawned: noted at its drain)
