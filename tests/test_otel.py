@@ -2243,11 +2243,14 @@ def test_messages_on_the_per_message_events_are_a_stated_loss() -> None:
     )
 
 
+@pytest.mark.parametrize("served", [False, True], ids=["local", "served"])
 @pytest.mark.parametrize("root", ["agent", "http"])
-def test_a_conversation_named_only_on_its_model_calls_is_one_session(root: str) -> None:
+def test_a_conversation_named_only_on_its_model_calls_is_one_session(root: str, served: bool) -> None:
     # The conventions ask for gen_ai.conversation.id on the model call's span; the agent span
     # (or a web server's root standing in for the loop) often lacks it: each trace was a
-    # session of its own, one conversation of two requests two sessions.
+    # session of its own, one conversation of two requests two sessions. So too, served under
+    # a remote parent (a frontend calling the agent's API with a traceparent): then each was
+    # its served root's session.
     second = 10**9
     recorder = SessionRecorder()
     ingestor = SpanIngestor(recorder)
@@ -2258,6 +2261,8 @@ def test_a_conversation_named_only_on_its_model_calls_is_one_session(root: str) 
             top = _span(trace * 16, None, "invoke_agent bot", at, at + 5 * second, trace_id=trace, **loop)
         else:
             top = _span(trace * 16, None, "POST /chat", at, at + 5 * second, trace_id=trace)
+        if served:
+            top = replace(top, remote_parent_id=0xF0 + trace)
         chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.CONVERSATION_ID: "conv-A"}
         ingestor.add(
             [
@@ -2397,42 +2402,73 @@ def test_the_loops_remembered_are_bounded_per_session_and_all_together(
 
 
 @pytest.mark.parametrize("order", ["together", "callee first", "caller first"])
-def test_a_called_services_loop_is_named_by_its_own_span_whatever_comes_first(order: str) -> None:
-    # The caller names conv-X on its agent span; the service it calls lacks the id on its own
-    # agent span, but its model call carries it (propagated as baggage). Apart, the callee
-    # was recorded in conv-X as a top-level loop, the caller's loop then a Default of it;
-    # together, in the session of its served root: where it went hung on the arrival order.
+def test_a_called_services_loop_is_recorded_once_and_never_continued_by_its_caller(order: str) -> None:
+    # Two turns of conv-X, named on the caller's agent span; each calls a service (under a
+    # remote parent) whose agent span lacks the id, its model call carrying it (propagated).
+    # The callee's part exported first is recorded at once in conv-X, the session its own
+    # spans name, a top-level loop; the caller's spans coming later link it as the sub-agent
+    # of the tool span that called it, and it stays where it was recorded (a record elsewhere
+    # would leave this one behind). The caller's next loop continued it (Default of the first
+    # turn's helper), a caller parented on a callee.
     second = 10**9
     agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT}
     chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m"}
+    tool = {attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL}
     conversation = {attr.CONVERSATION_ID: "conv-X"}
-    caller = [
-        _span(1, None, "invoke_agent bot", 0, 100 * second, **agent, **conversation),
-        _span(2, 1, "chat m", 1 * second, 2 * second, **chat),
-        _span(
-            3, 1, "execute_tool ask", 3 * second, 50 * second, **{attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL}
-        ),
-    ]
-    callee = [
-        replace(_span(10, None, "invoke_agent helper", 4 * second, 40 * second, **agent), remote_parent_id=3),
-        _span(11, 10, "chat m", 5 * second, 6 * second, **chat, **conversation),
-    ]
+
+    def turn(trace: int) -> tuple[list[SpanData], list[SpanData]]:
+        at, ids = trace * 1000 * second, trace * 16  # span ids: a loop id is its session's and its span's
+
+        def span(
+            span_id: int, parent: int | None, name: str, start: int, end: int, **more: object
+        ) -> SpanData:
+            return _span(
+                ids + span_id,
+                None if parent is None else ids + parent,
+                name,
+                at + start * second,
+                at + end * second,
+                trace_id=trace,
+                **more,
+            )
+
+        caller = [
+            span(1, None, "invoke_agent bot", 0, 100, **agent, **conversation),
+            span(2, 1, "chat m", 1, 2, **chat),
+            span(3, 1, "execute_tool ask", 3, 50, **tool),
+        ]
+        callee = [
+            replace(span(10, None, "invoke_agent helper", 4, 40, **agent), remote_parent_id=ids + 3),
+            span(11, 10, "chat m", 5, 6, **chat, **conversation),
+        ]
+        return caller, callee
+
+    turns = [turn(1), turn(2)]
     payloads = {
-        "together": [caller + callee],
-        "callee first": [callee, caller],
-        "caller first": [caller, callee],
+        "together": [caller + callee for caller, callee in turns],
+        "callee first": [payload for caller, callee in turns for payload in (callee, caller)],
+        "caller first": [payload for caller, callee in turns for payload in (caller, callee)],
     }
     recorder = SessionRecorder()
     ingestor = SpanIngestor(recorder)
     for payload in payloads[order]:
         ingestor.add(payload)
     recorder.flush()
-    sessions = {session.session_id: session.loops for session in recorder.drain_completed()}
-    served = f"{0xA1:032x}-{10:016x}"
-    assert sorted(sessions) == [served, "conv-X"]
-    [(helper)], [bot] = sessions[served], sessions["conv-X"]
-    assert (bot.loop_id, bot.kind.kind, bot.parent_loop_id) == (f"conv-X.otel.{1:016x}", "Initial", None)
-    assert (helper.loop_id, helper.parent_loop_id) == (f"{served}.otel.{10:016x}", bot.loop_id)
+    sessions = recorder.drain_completed()
+    loops = {loop.loop_id[-2:]: (session.session_id, loop) for session in sessions for loop in session.loops}
+    assert sum(len(session.loops) for session in sessions) == len(loops) == 4  # each recorded once
+    (_, bot1), (_, bot2) = loops["11"], loops["21"]
+    assert [(bot.session_id, bot.kind.kind, bot.parent_loop_id) for bot in (bot1, bot2)] == [
+        ("conv-X", "Initial", None),
+        ("conv-X", "Default", bot1.loop_id),
+    ]
+    for trace, bot in ((1, bot1), (2, bot2)):
+        session_id, helper = loops[f"{trace}a"]
+        assert (helper.kind.kind, helper.parent_loop_id) == ("Initial", bot.loop_id)
+        # Its served root's session, as any sub-agent's, unless recorded before its caller came.
+        served = f"{trace:032x}-{trace * 16 + 10:016x}"
+        assert session_id == ("conv-X" if order == "callee first" else served)
+    assert any("its caller's conversation" in loss for losses in LOSSES.values() for loss in losses)
 
 
 def test_the_store_is_read_once_per_conversation_and_never_for_a_session_made_up_here(

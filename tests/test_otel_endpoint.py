@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import msgspec
@@ -34,9 +35,9 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context
 
 from phi_session import SessionRecorder, Timestamp, encode_event, encode_session
 from phi_session.demo import run_demo
@@ -682,6 +683,43 @@ def test_a_span_under_a_remote_parent_is_recorded_at_once(receiver: Receiver) ->
     assert receiver.post(_protobuf([by_proto])).status == 200
     assert receiver.post(json.dumps(_otlp_json([by_json])).encode(), "application/json").status == 200
     assert receiver.endpoint.ingestor.buffered_spans == 0  # no wait for the caller's span: it never comes
+
+
+@pytest.mark.parametrize("agent_span", [True, False], ids=["agent", "bare"])
+def test_a_conversation_served_to_a_frontend_is_one_session(tmp_path: Path, agent_span: bool) -> None:
+    # The usual deployment: a frontend calls the agent's API with a traceparent (each request
+    # a trace, its server span under a remote parent), the conversation named on the model
+    # calls only (as OpenAI-SDK-style instrumentation does). Each request was a session of its
+    # own, its served root's (`<trace id>-<span id>`), one Initial loop in each.
+    made = Receiver(tmp_path)
+    exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{made.port}/v1/traces")
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=2))
+    tracer = provider.get_tracer("api")
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.CONVERSATION_ID: "conv-7"}
+    agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.AGENT_NAME: "bot"}
+    for request in range(4):
+        frontend = SpanContext(0xC0 + request, 0xF0 + request, is_remote=True, trace_flags=TraceFlags(1))
+        served = set_span_in_context(NonRecordingSpan(frontend))
+        with (
+            tracer.start_as_current_span("POST /chat", context=served, kind=SpanKind.SERVER),
+            tracer.start_as_current_span("invoke_agent bot", attributes=agent)
+            if agent_span
+            else nullcontext(),
+        ):
+            for call in range(2):
+                with tracer.start_as_current_span("chat m", attributes=chat):
+                    pass
+                tool = {attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL, attr.TOOL_CALL_ID: f"c{request}{call}"}
+                with tracer.start_as_current_span("execute_tool f", attributes=tool):
+                    pass
+    provider.shutdown()  # each payload was taken before its export returned
+    [session] = made.close()
+    assert (session.session_id, len(session.loops)) == ("conv-7", 4)
+    assert [(loop.kind.kind, loop.parent_loop_id, loop.turn_count()) for loop in session.loops] == [
+        ("Initial", None, 2),
+        *(("Default", previous.loop_id, 2) for previous in session.loops[:3]),
+    ]
 
 
 def test_a_payload_over_the_span_limit_is_413_not_retried_forever(

@@ -18,14 +18,18 @@ Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInferenc
 ``session.id``, read from the loop's span, else from the first of the loop's own spans
 (under it, not under another loop's span; by start time, then span id) that has one (the
 conventions put the conversation id on model calls too, and a web server's root standing
-in for a loop has none), else one session per trace. A part served under a remote parent
-is named by its loop's span only, else has one session per served root span: so it is
-named alike whether its caller's spans come first, with it, later or never (its other
-spans may carry the caller's conversation, propagated). A loop sent again (spans of its
-trace coming after it was recorded) keeps the session it was recorded in, even if a span
-coming later names another. An id of these no store takes as a session id (or holding a
-``.``) becomes its UUIDv5, as a framework's session id does in the adapters
-(`session_id_for`); the original is the loop's ``metadata["otel"]["conversation_id"]``.
+in for a loop has none), else one session per trace; for a part served under a remote
+parent (a frontend or another agent calling this service), one per served root span. A
+sub-agent named as the loop calling it (a called service's spans may carry its caller's
+conversation, propagated) has a session of its own, as one naming none: its served
+root's, for a called service. A loop sent again (spans of its trace coming after it was
+recorded) keeps the session it was recorded in, even if a span coming later names
+another: so a called service's loop naming its caller's conversation, exported before
+the caller's spans, stays in that conversation, linked under the caller's loop, and no
+loop of the conversation continues it (see `LOSSES`). An id of these no store takes as a
+session id (or holding a ``.``) becomes its UUIDv5, as a framework's session id does in
+the adapters (`session_id_for`); the original is the loop's
+``metadata["otel"]["conversation_id"]``.
 """
 
 from __future__ import annotations
@@ -115,9 +119,14 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "tool call ids are made up from span ids when missing (listed in metadata)",
         "tool calls of a loop without any chat span are one turn, made up (listed in metadata)",
         "a trace without an agent span (bare model calls) is one loop, its root standing in",
-        "a session named only on the model calls of a loop served under a remote parent (not "
-        "on its loop's span, or its root standing in): the loop is in its served root's own "
-        "session, as when its caller's spans are here",
+        "a called service's loop (under a remote parent) whose spans name its caller's "
+        "conversation (propagated), when the caller exports here too: exported with or after "
+        "the caller's spans, it has its served root's own session (<trace id>-<span id>), as "
+        "any sub-agent named as its caller; exported before them, it is recorded in that "
+        "conversation, and stays there once they come, linked under the caller's loop "
+        "(Initial, parent_loop_id the caller's loop, no parent_spawn_ref); no later loop of "
+        "the conversation continues it, but the store cannot tell it from the conversation's "
+        "own loops: read after a restart, the caller's next loop may continue it",
         "a session named by a span of the loop that comes after the loop was recorded (the "
         "agent span's batch exported first, the model call naming the conversation later): a "
         "name arriving after its loop was recorded does not move it, the loop stays in the "
@@ -975,6 +984,15 @@ class SpanIngestor:
         self.counters["loops"] += 1
         self._learn(session_id, [(loop_id, start)])
 
+    def loop_called(self, session_id: str, loop_id: str) -> None:
+        """`loop_id` was called by another loop of its session `session_id`: no loop of the
+        session continues it. A loop recorded before the loop calling it came (a called
+        service's part exported before its caller's spans) keeps the session it was recorded
+        in, which may be its caller's (the conversation both name)."""
+        known = self._session_loops.get(session_id)
+        if known is not None:
+            self._loops_known -= known.forget(loop_id)
+
     def _learn(self, session_id: str, loops: list[tuple[str, int]]) -> _SessionLoops:
         """Remember `loops` (id, start) of `session_id`, within `_MEMORY` all together."""
         known = self._session_loops.pop(session_id, None) or _SessionLoops()
@@ -1093,6 +1111,12 @@ class _SessionLoops:
     def latest_before(self, loop_id: str, start: int) -> str | None:
         """The latest started at or before `start` other than `loop_id`, if remembered."""
         return next((known for at, known in reversed(self.starts) if at <= start and known != loop_id), None)
+
+    def forget(self, loop_id: str) -> int:
+        """Let `loop_id` go; how many were let go."""
+        kept = [known for known in self.starts if known[1] != loop_id]
+        forgotten, self.starts = len(self.starts) - len(kept), kept
+        return forgotten
 
     def add(self, loop_id: str, start: int) -> None:
         if (start, loop_id) not in self.starts:  # one sent again, or read from the store too
@@ -1428,15 +1452,16 @@ class _Rebuild:
             loop.parent_loop = parent.loop_id
             if tool is not None:
                 self.child_loops[tool.span_id] = loop.loop_id
+            if parent.session_id == loop.session_id:
+                # Recorded before its caller came, it kept its session, its caller's (else
+                # `_session` gives one of its own): its caller's next loop must not continue it.
+                self.ingestor.loop_called(loop.session_id, loop.loop_id)
         self.loops[agent.span_id] = loop
 
     def _session(self, agent: SpanData, parent: _Loop | None, served: SpanData | None) -> _Naming:
         """The session of the loop of `agent` (under `parent`, within the part `served`
         under a remote parent, if any)."""
-        # A part served to a caller is named by its own loop span only: its spans may carry
-        # the caller's conversation (propagated), which named it when they came before the
-        # caller's and not when with them, the same loop recorded in two sessions.
-        named = (agent if served is not None else self.named_by.get(agent.span_id, agent)).attributes
+        named = self.named_by.get(agent.span_id, agent).attributes
         given = next(filter(None, (_text(named.get(name)) for name in _SESSION_NAMES)), None)
         # One no store takes (ours too: a producer may set phi.session.id), as the adapters a
         # framework's: its UUIDv5, the original kept in the loop's metadata.
@@ -1446,7 +1471,9 @@ class _Rebuild:
             session_id is None or (parent is not None and session_id == parent.session_id)
         ):
             # Served to a caller in another process: a session of its own, named alike whether
-            # the caller's spans are here or come later (then its loops are sent again, linked).
+            # the caller's spans are here or come later (then its loops are sent again, linked),
+            # but for one naming its caller's conversation: recorded before its caller came, it
+            # stays in that conversation (`_Sent.sessions`).
             made_up = session_id_for(f"{self.trace_hex}-{served.span_id:016x}")
         elif parent is not None and (session_id is None or session_id == parent.session_id):
             # A sub-agent has its own session.
