@@ -969,6 +969,8 @@ def resume(agent: Agent[Any], state: Any, hooks: bool, config: RunConfig, *, str
 # Runs with and without `PhiRunHooks`, with and without task and turn spans.
 each_hooks = pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
 each_task_spans = pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+# Runs with and without ``trace_include_sensitive_data`` (the spans' inputs and outputs).
+each_sensitivity = pytest.mark.parametrize("sensitive", [True, False], ids=["sensitive", "not-sensitive"])
 
 
 def results_of(loop: Any) -> list[tuple[str, bool, str]]:
@@ -996,7 +998,7 @@ def test_a_call_awaiting_approval_gets_a_result_saying_so(
 
 @each_hooks
 @each_task_spans
-@pytest.mark.parametrize("sensitive", [True, False], ids=["sensitive", "not-sensitive"])
+@each_sensitivity
 def test_a_tool_returning_none_still_returned(
     recorder: SessionRecorder, hooks: bool, task_spans: bool, sensitive: bool
 ) -> None:
@@ -1112,6 +1114,45 @@ def test_a_call_a_resumed_run_leaves_awaiting_approval_is_answered_in_the_next(
     assert results_of(approved) == [("d1", False, "deleted /a")] and not approved.turns
     assert results_of(rejected) == [("d2", False, "keep /b")]
     assert rejected.messages[-1].content[0].text == "kept /b"  # type: ignore[union-attr]
+
+
+def texts_of(loop: Any) -> list[str]:
+    return [m.content[0].text for m in loop.messages]  # type: ignore[union-attr]
+
+
+@each_hooks
+@each_task_spans
+@each_sensitivity
+def test_a_new_run_after_an_interrupted_one_answers_none_of_its_calls(
+    recorder: SessionRecorder, hooks: bool, task_spans: bool, sensitive: bool
+) -> None:
+    # Not a resume (a trace of its own): the call left awaiting approval is not its to answer.
+    config = RunConfig(
+        group_id="fresh",
+        trace_include_sensitive_data=sensitive,
+        tracing={"include_task_and_turn_spans": task_spans},
+    )
+    agent = approval_agent()
+    resume(agent, "delete it", hooks, config)
+    resume(agent, "never mind", hooks, config)
+    interrupted, fresh = sessions(recorder)["fresh"].loops
+    assert fresh.parent_loop_id == interrupted.loop_id
+    assert results_of(fresh) == []
+    assert texts_of(fresh) == ["never mind", "all done"] if hooks or sensitive else ["all done"]
+
+
+@each_hooks
+def test_a_new_run_in_the_interrupted_runs_trace_answers_none_of_its_calls(
+    recorder: SessionRecorder, hooks: bool
+) -> None:
+    # One enclosing trace for both: the new run's input, answering no call, tells it from a resume.
+    agent = approval_agent()
+    with trace("both", group_id="one-trace"):
+        resume(agent, "delete it", hooks, RunConfig())
+        resume(agent, "never mind", hooks, RunConfig())
+    interrupted, fresh = sessions(recorder)["one-trace"].loops
+    assert fresh.parent_loop_id == interrupted.loop_id
+    assert results_of(fresh) == [] and texts_of(fresh) == ["never mind", "all done"]
 
 
 @each_task_spans

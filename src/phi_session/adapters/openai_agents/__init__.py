@@ -700,7 +700,7 @@ class _Mapper:
             owner.run = self.core.start_run(
                 owner.key, config, framework_session_id=owner.session_id, metadata={"agent": name}
             )
-            owner.calls = self._awaited(owner.run)
+            owner.calls = self._awaited(owner.run, owner.trace_id)
         else:
             self._finish_message(owner, stop_reason="handoff")
             self._end_turn(owner)
@@ -709,16 +709,20 @@ class _Mapper:
             owner.prompted = True
             owner.handing_off = False
 
-    def _awaited(self, run: AdapterRun) -> list[ToolCall]:
-        """The calls left awaiting approval by the loop `run` continues (`_end_loop`): a run
-        resumed from its ``RunState`` runs the approved ones before its first model call,
-        matched as a turn's tools are (`_Loop.calls`), and sends that call the output of
-        those it rejects."""
+    def _awaited(self, run: AdapterRun, trace_id: str) -> list[ToolCall]:
+        """The calls left awaiting approval by the loop `run` continues (`_end_loop`), if
+        `run` may be its resume: a run resumed from its ``RunState`` runs the approved ones
+        before its first model call, matched as a turn's tools are (`_Loop.calls`), and
+        sends that call the output of those it rejects. It goes on in the interrupted run's
+        trace (the SDK takes the trace id from the state); a run in another trace is a new
+        one, and the note is dropped: its calls are no longer awaited by anyone."""
         note = self.core.take_note(run.loop.session_id)
         if note is None:
             return []
-        loop_id, calls = note
-        return list(calls) if loop_id == run.loop.parent_loop_id else []
+        loop_id, interrupted_trace, calls = note
+        if loop_id != run.loop.parent_loop_id or interrupted_trace != trace_id:
+            return []
+        return list(calls)
 
     def _open_turn(self, loop: _Loop) -> TurnScope | None:
         run = loop.run
@@ -975,7 +979,7 @@ class _Mapper:
         if not loop.prompted:
             awaiting += loop.calls
         if awaiting:
-            self.core.leave_note(run.loop.session_id, (run.loop.loop_id, awaiting))
+            self.core.leave_note(run.loop.session_id, (run.loop.loop_id, loop.trace_id, awaiting))
         reason = loop.rejection
         if reason is not None:
             if run.loop.running:
@@ -1027,16 +1031,20 @@ class _Mapper:
 
     @staticmethod
     def _first_inputs(loop: _Loop, items: Any) -> list[str | ToolResultMessage]:
-        """The new messages of the loop's first model input (`_user_texts`), after the results
-        it sends for the calls a resumed run took over awaiting approval that no span
-        answered (`_awaited`): those it rejected (the SDK runs no span for them), their
-        output as the model gets it ("" when the input is not traced)."""
+        """The new messages of the loop's first model input (`_user_texts`; None: not
+        traced), after the results it sends for the calls a resumed run took over awaiting
+        approval that no span answered (`_awaited`): those it rejected (the SDK runs no span
+        for them), their output as the model gets it ("" when the input is not traced). A
+        call the input does not answer is not this run's to answer: the run, though in the
+        interrupted one's trace (one enclosing ``trace()``), is not its resume."""
         messages: list[str | ToolResultMessage] = []
         awaited, loop.calls = loop.calls, []
         run = loop.run
         if awaited and run is not None:
             outputs = _tool_outputs(items)
             for call in awaited:
+                if items is not None and call.id not in outputs:
+                    continue
                 text = outputs.get(call.id, "")
                 messages.append(_tool_result_message(call.id, call.name, text, run, is_error=False))
         messages += _user_texts(items)
