@@ -973,6 +973,10 @@ each_task_spans = pytest.mark.parametrize("task_spans", [True, False], ids=["tas
 each_sensitivity = pytest.mark.parametrize("sensitive", [True, False], ids=["sensitive", "not-sensitive"])
 
 
+def texts_of(loop: Any) -> list[str]:
+    return [m.content[0].text for m in loop.messages]  # type: ignore[union-attr]
+
+
 def results_of(loop: Any) -> list[tuple[str, bool, str]]:
     return [
         (m.tool_call_id, m.is_error, m.content[0].text)
@@ -1016,6 +1020,43 @@ def test_a_tool_returning_none_still_returned(
     assert (is_error, text) == (False, "")
     assert call_id == "f1" or not (hooks or sensitive)  # else nothing shows the call
     assert loop.status == "Completed" and len(loop.turns) == 2
+
+
+@each_hooks
+@each_task_spans
+@each_sensitivity
+@pytest.mark.parametrize(
+    ("tool", "arguments", "returned"),
+    [(forget, {"key": "k"}, ""), (add, {"a": 1, "b": 2}, "3")],
+    ids=["returning-none", "returning-3"],
+)
+def test_a_tool_ending_the_run_that_needs_no_approval_returned(
+    recorder: SessionRecorder,
+    hooks: bool,
+    task_spans: bool,
+    sensitive: bool,
+    tool: Any,
+    arguments: dict[str, Any],
+    returned: str,
+) -> None:
+    # Its span ends as a call awaiting approval does (returning None, or its output not
+    # traced), and the run ends with it (stop_on_first_tool); yet it needs no approval.
+    model = responses_model([call_item(tool.name, arguments, "t1")], [message_item("welcome")])
+    config = RunConfig(
+        group_id="stop",
+        trace_include_sensitive_data=sensitive,
+        tracing={"include_task_and_turn_spans": task_spans},
+    )
+    agent = Agent(name="a", tools=[tool], model=model, tool_use_behavior="stop_on_first_tool")
+    first = resume(agent, "go", hooks, config)
+    follow_up = [*first.to_input_list(), {"role": "user", "content": "thanks"}]
+    resume(agent.clone(tool_use_behavior="run_llm_again"), follow_up, hooks, config)
+    stopped, then = sessions(recorder)["stop"].loops
+    ((call_id, is_error, text),) = results_of(stopped)
+    assert (is_error, text) == (False, returned if hooks or sensitive else "")
+    assert call_id == "t1" or not (hooks or sensitive)  # else nothing shows the call
+    assert results_of(then) == []
+    assert texts_of(then) == ["thanks", "welcome"] if hooks or sensitive else ["welcome"]
 
 
 @each_hooks
@@ -1114,10 +1155,6 @@ def test_a_call_a_resumed_run_leaves_awaiting_approval_is_answered_in_the_next(
     assert results_of(approved) == [("d1", False, "deleted /a")] and not approved.turns
     assert results_of(rejected) == [("d2", False, "keep /b")]
     assert rejected.messages[-1].content[0].text == "kept /b"  # type: ignore[union-attr]
-
-
-def texts_of(loop: Any) -> list[str]:
-    return [m.content[0].text for m in loop.messages]  # type: ignore[union-attr]
 
 
 @each_hooks

@@ -19,8 +19,8 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
 * ``function`` -> the tool's events and result (a span error -> ``is_error``); a run
   started inside a tool is that tool's sub-agent (own session, linked both ways); a call
   the run ends awaiting approval (``needs_approval``: the SDK checks it in a function span
-  ending with no output nor error, as a tool returning None does before the run goes on)
-  gets the result ``[deferred: needs_approval]``;
+  ending with no output nor error, as a tool returning None does before the run goes on;
+  a tool that needs none is never taken for one) gets the result ``[deferred: needs_approval]``;
 * a run resumed from its ``RunState`` (``Runner.run(agent, state)`` after
   ``state.approve`` or ``state.reject``) continues the interrupted loop: the SDK goes on
   in its trace without telling processors, the session is read from it
@@ -59,6 +59,7 @@ import logging
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
@@ -100,6 +101,7 @@ from .._core import (
 require_extra("openai-agents", "agents")
 
 from agents import FunctionTool, Handoff, RunHooks  # noqa: E402
+from agents.run_internal import agent_tool_configuration  # noqa: E402
 from agents.run_internal.turn_preparation import get_handoffs  # noqa: E402
 from agents.tracing import (  # noqa: E402
     Span,
@@ -301,6 +303,30 @@ def _running_task() -> asyncio.Task[Any] | None:
         return asyncio.current_task()
     except RuntimeError:
         return None
+
+
+# The SDK's record of the agents the running run configured, with their tools (internal to
+# the SDK version the extra pins; read defensively): ``resolutions`` -> ``agent.tools``.
+_RUN_AGENTS: Any = getattr(agent_tool_configuration, "_current_run", None)
+
+
+def _may_await_approval(name: str) -> bool:
+    """Whether a call of the running run's tool `name` may wait for approval: a function
+    tool of its agents whose ``needs_approval`` is False never does; any other (approval
+    set, a callable deciding it, a tool not found or the SDK's record not readable) may.
+    Read in the tool's own span, which runs in the run's context."""
+    run = _RUN_AGENTS.get() if isinstance(_RUN_AGENTS, ContextVar) else None
+    resolutions = getattr(run, "resolutions", None)
+    if not isinstance(resolutions, dict):
+        return True
+    found = False
+    for resolution in list(resolutions.values()):
+        for tool in getattr(getattr(resolution, "agent", None), "tools", None) or ():
+            if getattr(tool, "name", None) == name:
+                if not isinstance(tool, FunctionTool) or tool.needs_approval is not False:
+                    return True
+                found = True
+    return not found
 
 
 def _output_text(output: Any) -> str:
@@ -519,8 +545,8 @@ class _Loop:
     # agent-as-tool of a resumed run): no tool scope runs to make it a sub-agent.
     spawner: _Loop | None = None
     rejection: str | None = None  # a tripped input guardrail's, recorded as the run ends
-    # Tools whose span ended with neither an output nor an error: awaiting approval if the
-    # run ends next, else they returned nothing (`_Mapper._settle`).
+    # Tools that may await approval whose span ended with neither an output nor an error:
+    # awaiting approval if the run ends next, else they returned nothing (`_Mapper._settle`).
     undecided: list[_Tool] = field(default_factory=list)
 
     def match_call(self, name: str) -> ToolCall | None:
@@ -860,7 +886,7 @@ class _Mapper:
         tool.started()
         leave_tool(tool.token)
         output = tool.output if tool.output is not None else data.output
-        if output is None and error is None:
+        if output is None and error is None and _may_await_approval(tool.name):
             tool.loop.undecided.append(tool)
             return
         self._tool_result(tool, _output_text(output), error)
@@ -896,8 +922,10 @@ class _Mapper:
         its interruptions; the span of a tool that returned None ends alike (and every span
         without sensitive data, the hooks giving no result), but the run goes on
         (`went_on`: a model call, a turn, a handoff): then it returned nothing, else it
-        awaits approval. One a resumed run checks again before its first turn awaits it
-        still: its result is the interrupted loop's."""
+        awaits approval. (A tool that needs no approval, `_may_await_approval`, is decided
+        as its span ends: it returned nothing, also as the run's last step.) One a resumed
+        run checks again before its first turn awaits it still: its result is the
+        interrupted loop's."""
         undecided, loop.undecided = loop.undecided, []
         awaiting: list[ToolCall] = []
         for tool in undecided:
