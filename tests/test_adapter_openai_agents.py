@@ -951,6 +951,15 @@ def approval_agent() -> Agent[Any]:
     return Agent(name="ops", tools=[delete_file], model=OpenAIChatCompletionsModel("gpt-chat-1", client))
 
 
+def two_deletions(reply: str) -> Agent[Any]:
+    """An agent calling `delete_file` on /a (call d1) and /b (call d2), then answering `reply`."""
+    model = responses_model(
+        [call_item("delete_file", {"path": "/a"}, "d1"), call_item("delete_file", {"path": "/b"}, "d2")],
+        [message_item(reply)],
+    )
+    return Agent(name="ops", tools=[delete_file], model=model)
+
+
 def resume(agent: Agent[Any], state: Any, hooks: bool, config: RunConfig, *, streamed: bool = False) -> Any:
     """Run `agent` on `state` (a run's ``to_state()``), as `run` does, streamed or not."""
     hooked = openai_agents.PhiRunHooks() if hooks else None
@@ -1112,36 +1121,34 @@ def test_a_run_resumed_after_a_rejection_records_what_the_model_is_sent(
     assert resumed.messages[-1].content[0].text == "all done"  # type: ignore[union-attr]
 
 
-def test_a_resumed_run_tells_its_approved_call_from_its_rejected_one(recorder: SessionRecorder) -> None:
-    # Both calls are of one tool: matched by name, the approved one's span would take d1.
-    model = responses_model(
-        [call_item("delete_file", {"path": "/a"}, "d1"), call_item("delete_file", {"path": "/b"}, "d2")],
-        [message_item("one left")],
-    )
-    agent = Agent(name="ops", tools=[delete_file], model=model)
-    first = run(agent, "delete both", run_config=in_session("mixed"))
+@each_hooks
+@each_task_spans
+def test_a_resumed_run_tells_its_approved_call_from_its_rejected_one(
+    recorder: SessionRecorder, hooks: bool, task_spans: bool
+) -> None:
+    # Both calls are of one tool: matched by name, the approved one's span would take d1;
+    # without the hooks the first turn's input tells which call it answered.
+    agent = two_deletions("one left")
+    config = RunConfig(group_id="mixed", tracing={"include_task_and_turn_spans": task_spans})
+    first = resume(agent, "delete both", hooks, config)
     state = first.to_state()
     rejected, approved = first.interruptions
     state.reject(rejected, rejection_message="keep /a")
     state.approve(approved)
-    run(agent, state, run_config=in_session("mixed"))
+    resume(agent, state, hooks, config)
     interrupted, resumed = sessions(recorder)["mixed"].loops
     assert results_of(interrupted) == [
         ("d1", False, "[deferred: needs_approval]"),
         ("d2", False, "[deferred: needs_approval]"),
     ]
-    assert sorted(results_of(resumed)) == [("d1", False, "keep /a"), ("d2", False, "deleted /b")]
+    assert results_of(resumed) == [("d1", False, "keep /a"), ("d2", False, "deleted /b")]
 
 
 @each_hooks
 def test_a_call_a_resumed_run_leaves_awaiting_approval_is_answered_in_the_next(
     recorder: SessionRecorder, hooks: bool
 ) -> None:
-    model = responses_model(
-        [call_item("delete_file", {"path": "/a"}, "d1"), call_item("delete_file", {"path": "/b"}, "d2")],
-        [message_item("kept /b")],
-    )
-    agent = Agent(name="ops", tools=[delete_file], model=model)
+    agent = two_deletions("kept /b")
     first = resume(agent, "delete both", hooks, in_session("twice"))
     state = first.to_state()
     state.approve(first.interruptions[0])  # d2 undecided: the run stops again, calling no model
@@ -1190,6 +1197,32 @@ def test_a_new_run_in_the_interrupted_runs_trace_answers_none_of_its_calls(
     interrupted, fresh = sessions(recorder)["one-trace"].loops
     assert fresh.parent_loop_id == interrupted.loop_id
     assert results_of(fresh) == [] and texts_of(fresh) == ["never mind", "all done"]
+
+
+@each_task_spans
+def test_without_hooks_nor_traced_data_a_resumed_run_that_stops_again_records_the_call_it_ran(
+    recorder: SessionRecorder, task_spans: bool
+) -> None:
+    # Nothing shows the calls' ids nor outputs: a span before the first turn is a call run
+    # (the SDK runs none for a call still undecided), the call it is matched by name and order.
+    agent = two_deletions("both gone")
+    config = RunConfig(
+        group_id="again",
+        trace_include_sensitive_data=False,
+        tracing={"include_task_and_turn_spans": task_spans},
+    )
+    first = resume(agent, "delete both", False, config)
+    state = first.to_state()
+    state.approve(first.interruptions[0])  # d2 undecided: the run stops again, calling no model
+    second = resume(agent, state, False, config)
+    state = second.to_state()
+    state.approve(second.interruptions[0])
+    resume(agent, state, False, config)
+    interrupted, approved, last = sessions(recorder)["again"].loops
+    (first_call, _, _), (second_call, _, _) = results_of(interrupted)
+    assert results_of(approved) == [(first_call, False, "")] and not approved.turns
+    assert results_of(last) == [(second_call, False, "")]
+    assert [loop.parent_loop_id for loop in (approved, last)] == [interrupted.loop_id, approved.loop_id]
 
 
 @each_task_spans

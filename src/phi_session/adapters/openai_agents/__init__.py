@@ -26,8 +26,9 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
   in its trace without telling processors, the session is read from it
   (`_Mapper._session`); the approved calls it runs before its first model call and the
   rejected ones (the output the model is sent) are tool results ahead of its first
-  turn's reply, as in its request (no turn holds them: no tool events; an agent run as
-  an approved tool is a sub-agent linked one way, `AdapterCore.start_sub_agent`);
+  turn's reply, as in its request, matched to their calls by it (no turn holds them: no
+  tool events; an agent run as an approved tool is a sub-agent linked one way,
+  `AdapterCore.start_sub_agent`);
 * ``handoff`` -> the transfer call's result as the SDK writes it (``{"assistant": name}``);
   the reply that calls it stops with ``handoff``, function tools it calls too (their spans
   come first) notwithstanding (`_Mapper._hands_off`);
@@ -274,14 +275,21 @@ def _tool_outputs(items: Any) -> dict[str, str]:
 
 
 def _tool_result_message(
-    call_id: str, name: str, text: str, run: AdapterRun, *, is_error: bool
+    call_id: str, name: str, text: str, run: AdapterRun, *, is_error: bool, timestamp: int | None = None
 ) -> ToolResultMessage:
     return ToolResultMessage(
         tool_call_id=call_id,
         tool_name=name,
         content=(TextContent(text=text),),
         is_error=is_error,
-        timestamp=run.tracer.agent.millis(),
+        timestamp=run.tracer.agent.millis() if timestamp is None else timestamp,
+    )
+
+
+def _ran_result(call_id: str, tool: _Tool, run: AdapterRun) -> ToolResultMessage:
+    """The held result of `tool`, run before its loop's first turn, as call `call_id`'s."""
+    return _tool_result_message(
+        call_id, tool.name, tool.text, run, is_error=tool.failed, timestamp=tool.ended_at
     )
 
 
@@ -332,6 +340,12 @@ def _may_await_approval(name: str) -> bool:
 def _output_text(output: Any) -> str:
     """A tool's output as recorded: the SDK's string form (None: no text)."""
     return "" if output is None else str(output)
+
+
+def _result_text(output: str, error: Any) -> str:
+    """A tool's result as recorded: its output, or for a failed one the text the model is
+    sent if known (the hooks'), else the span's error (`_error_text`)."""
+    return (output or _error_text(error)) if error is not None else output
 
 
 def _error_text(error: Any) -> str:
@@ -502,6 +516,14 @@ class _Tool:
     # What the model is sent as its result, as `PhiRunHooks` saw it (`on_tool_end`): the
     # span keeps it only with sensitive data, and a failure's only as "redacted".
     output: str | None = None
+    # Run before the loop's first turn, its result is held until that turn's input shows
+    # which call it answered (`_Mapper._resumed_results`): its text, whether it failed,
+    # the output as the SDK sends it (to find it in that input; None: not known) and when
+    # it ended.
+    text: str = ""
+    failed: bool = False
+    sent: str | None = None
+    ended_at: int = 0
 
     def started(self) -> ToolScope | None:
         if self.scope is None and self.turn is not None and self.turn.running:
@@ -525,9 +547,12 @@ class _Loop:
     prompted: bool = False
     reply: tuple[list[Content], list[ToolCall], Usage | None, str | None] | None = None
     request: AnnotatedRequestPayload | None = None  # the next turn's, from the hooks
-    # The reply's calls no function span took yet; before the first turn, those of the loop
-    # it continues that a resumed run takes over, awaiting approval (`_Mapper._awaited`).
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)  # the reply's calls no function span took yet
+    # Before the first turn: the calls of the loop it continues that a resumed run takes
+    # over, awaiting approval (`_Mapper._awaited`), and the tools it ran meanwhile, their
+    # results held (`_Mapper._resumed_results`).
+    awaited: list[ToolCall] = field(default_factory=list)
+    ran: list[_Tool] = field(default_factory=list)
     call_number: int = 0
     # The guardrail names of the running agent (from the hooks), telling an output
     # guardrail's span from an input guardrail's (the spans look alike).
@@ -726,7 +751,7 @@ class _Mapper:
             owner.run = self.core.start_run(
                 owner.key, config, framework_session_id=owner.session_id, metadata={"agent": name}
             )
-            owner.calls = self._awaited(owner.run, owner.trace_id)
+            owner.awaited = self._awaited(owner.run, owner.trace_id)
         else:
             self._finish_message(owner, stop_reason="handoff")
             self._end_turn(owner)
@@ -738,8 +763,8 @@ class _Mapper:
     def _awaited(self, run: AdapterRun, trace_id: str) -> list[ToolCall]:
         """The calls left awaiting approval by the loop `run` continues (`_end_loop`), if
         `run` may be its resume: a run resumed from its ``RunState`` runs the approved ones
-        before its first model call, matched as a turn's tools are (`_Loop.calls`), and
-        sends that call the output of those it rejects. It goes on in the interrupted run's
+        before its first model call and sends the model their results and the output of
+        those it rejects (`_resumed_results`). It goes on in the interrupted run's
         trace (the SDK takes the trace id from the state); a run in another trace is a new
         one, and the note is dropped: its calls are no longer awaited by anyone."""
         note = self.core.take_note(run.loop.session_id)
@@ -826,8 +851,8 @@ class _Mapper:
             return
         tool = _Tool(loop, name, turn)
         # Matched as the spans start, in the order of the response's calls: parallel
-        # calls end in any order.
-        call = loop.match_call(name)
+        # calls end in any order. One before the first turn is matched with its result.
+        call = loop.match_call(name) if turn is not None else None
         if call is not None:
             tool.call_id, tool.args = call.id, call.arguments
         tool.token = enter_tool(tool.started)
@@ -886,6 +911,15 @@ class _Mapper:
         tool.started()
         leave_tool(tool.token)
         output = tool.output if tool.output is not None else data.output
+        run = tool.loop.run
+        if tool.turn is None and run is not None:
+            # Run before the loop's first turn: an approved call of a resumed run (the SDK
+            # runs no span for a call still undecided), so it ran, whatever its span keeps.
+            tool.text, tool.failed = _result_text(_output_text(output), error), error is not None
+            tool.sent = str(output) if error is None and output is not None else None
+            tool.ended_at = run.tracer.agent.millis()
+            tool.loop.ran.append(tool)
+            return
         if output is None and error is None and _may_await_approval(tool.name):
             tool.loop.undecided.append(tool)
             return
@@ -893,22 +927,10 @@ class _Mapper:
 
     @staticmethod
     def _tool_result(tool: _Tool, output: str, error: Any) -> None:
-        text = (output or _error_text(error)) if error is not None else output
-        if tool.turn is None:
-            # Run before the loop's first turn (an approved call of a resumed run): no turn
-            # holds it, its result goes in ahead of that turn's reply, as in the request.
-            loop, run = tool.loop, tool.loop.run
-            if run is None or not run.loop.running:
-                return
-            if tool.call_id is None:
-                tool.call_id = loop.new_call_id()
-            run.loop.user(
-                _tool_result_message(tool.call_id, tool.name, text, run, is_error=error is not None)
-            )
-            return
         scope = tool.started()
         if scope is None or not scope.running:
             return
+        text = _result_text(output, error)
         if error is not None:
             scope.error(text)
         else:
@@ -923,17 +945,14 @@ class _Mapper:
         without sensitive data, the hooks giving no result), but the run goes on
         (`went_on`: a model call, a turn, a handoff): then it returned nothing, else it
         awaits approval. (A tool that needs no approval, `_may_await_approval`, is decided
-        as its span ends: it returned nothing, also as the run's last step.) One a resumed
-        run checks again before its first turn awaits it still: its result is the
-        interrupted loop's."""
+        as its span ends: it returned nothing, also as the run's last step.)"""
         undecided, loop.undecided = loop.undecided, []
         awaiting: list[ToolCall] = []
         for tool in undecided:
             if went_on:
                 self._tool_result(tool, "", None)
                 continue
-            if tool.turn is not None:
-                self._tool_result(tool, _AWAITING_APPROVAL, None)
+            self._tool_result(tool, _AWAITING_APPROVAL, None)
             if tool.call_id is not None:
                 awaiting.append(ToolCall(id=tool.call_id, name=tool.name, arguments=tool.args or {}))
         return awaiting
@@ -1002,10 +1021,15 @@ class _Mapper:
         if run is None:
             return
         # The run ends with them: awaiting approval (unless it failed), for the run resuming it;
-        # so do the calls it took over (`_awaited`) if it ended before its first model call.
+        # so do the calls it took over (`_awaited`) that it ended before its first model
+        # call without running, the results of those it ran recorded.
         awaiting = self._settle(loop, went_on=error is not None) if loop.undecided else []
-        if not loop.prompted:
-            awaiting += loop.calls
+        if not loop.prompted or loop.ran:
+            results, left = self._resumed_results(loop, None, model_called=False)
+            if run.loop.running:
+                for result in results:
+                    run.loop.user(result)
+            awaiting += left
         if awaiting:
             self.core.leave_note(run.loop.session_id, (run.loop.loop_id, loop.trace_id, awaiting))
         reason = loop.rejection
@@ -1057,26 +1081,78 @@ class _Mapper:
         for message in self._first_inputs(loop, items):
             loop.run.loop.user(message)
 
-    @staticmethod
-    def _first_inputs(loop: _Loop, items: Any) -> list[str | ToolResultMessage]:
+    @classmethod
+    def _first_inputs(cls, loop: _Loop, items: Any) -> list[str | ToolResultMessage]:
         """The new messages of the loop's first model input (`_user_texts`; None: not
-        traced), after the results it sends for the calls a resumed run took over awaiting
-        approval that no span answered (`_awaited`): those it rejected (the SDK runs no span
-        for them), their output as the model gets it ("" when the input is not traced). A
-        call the input does not answer is not this run's to answer: the run, though in the
-        interrupted one's trace (one enclosing ``trace()``), is not its resume."""
+        traced), after the results it sends for the calls a resumed run took over
+        (`_resumed_results`)."""
         messages: list[str | ToolResultMessage] = []
-        awaited, loop.calls = loop.calls, []
-        run = loop.run
-        if awaited and run is not None:
-            outputs = _tool_outputs(items)
-            for call in awaited:
-                if items is not None and call.id not in outputs:
-                    continue
-                text = outputs.get(call.id, "")
-                messages.append(_tool_result_message(call.id, call.name, text, run, is_error=False))
+        messages += cls._resumed_results(loop, items, model_called=True)[0]
         messages += _user_texts(items)
         return messages
+
+    @staticmethod
+    def _resumed_results(
+        loop: _Loop, items: Any, *, model_called: bool
+    ) -> tuple[list[ToolResultMessage], list[ToolCall]]:
+        """The results a resumed run sends the model for the calls it took over awaiting
+        approval (`_Loop.awaited`), in their order, and those it leaves awaiting.
+
+        The tools it ran before its first model call (`_Loop.ran`) are the approved calls;
+        a call it rejected runs no span, its result the output the model gets ("" when its
+        input, `items`, is not traced). A tool is its call by the hooks' exact id, else by
+        its output in the input (two calls of one tool, one approved and one rejected),
+        else by name and order. A call the input does not answer is not this run's: the
+        run, though in the interrupted one's trace (one enclosing ``trace()``), is not its
+        resume. Before any model call (`model_called` False: the run stopped again) a
+        call no tool ran still awaits approval. A tool matching no call (the note gone)
+        keeps the id it has, else one made up."""
+        awaited, loop.awaited = loop.awaited, []
+        ran, loop.ran = loop.ran, []
+        run = loop.run
+        if run is None or not (awaited or ran):  # not a resumed run
+            return [], []
+        known = model_called and items is not None
+        outputs = _tool_outputs(items) if known else {}
+        answered = [call for call in awaited if not known or call.id in outputs]
+        took: dict[str, _Tool] = {}  # call id -> the tool that ran it
+        loose: list[_Tool] = []  # the tools matched to no call yet
+        for tool in ran:  # exact ids first
+            if tool.call_id is None:
+                loose.append(tool)
+            elif any(call.id == tool.call_id for call in answered) and tool.call_id not in took:
+                took[tool.call_id] = tool
+        for by_output in (True, False):
+            for tool in list(loose):
+                call = next(
+                    (
+                        call
+                        for call in answered
+                        if call.id not in took
+                        and call.name == tool.name
+                        and (not by_output or (tool.sent is not None and outputs.get(call.id) == tool.sent))
+                    ),
+                    None,
+                )
+                if call is not None:
+                    took[call.id] = tool
+                    loose = [other for other in loose if other is not tool]
+        results: list[ToolResultMessage] = []
+        left: list[ToolCall] = []
+        for call in answered:
+            ran_it = took.get(call.id)
+            if ran_it is not None:
+                results.append(_ran_result(call.id, ran_it, run))
+            elif model_called:
+                text = outputs.get(call.id, "")
+                results.append(_tool_result_message(call.id, call.name, text, run, is_error=False))
+            else:
+                left.append(call)
+        matched = [id(tool) for tool in took.values()]
+        for tool in ran:
+            if id(tool) not in matched:
+                results.append(_ran_result(tool.call_id or loop.new_call_id(), tool, run))
+        return results, left
 
     def request(self, payload: AnnotatedRequestPayload) -> None:
         """The hooks' model request: the next turn's ``TurnRequest``."""
