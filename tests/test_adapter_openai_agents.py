@@ -519,12 +519,11 @@ def test_install_is_idempotent_and_uninstall_detaches(caplog: pytest.LogCaptureF
     assert recorder.sessions() == []
 
 
-class CountingProcessor(TracingProcessor):
-    def __init__(self) -> None:
-        self.traces = 0
+class IdleProcessor(TracingProcessor):
+    """A processor doing nothing: subclasses do what they are for."""
 
     def on_trace_start(self, trace: Any) -> None:
-        self.traces += 1
+        pass
 
     def on_trace_end(self, trace: Any) -> None:
         pass
@@ -540,6 +539,14 @@ class CountingProcessor(TracingProcessor):
 
     def force_flush(self) -> None:
         pass
+
+
+class CountingProcessor(IdleProcessor):
+    def __init__(self) -> None:
+        self.traces = 0
+
+    def on_trace_start(self, trace: Any) -> None:
+        self.traces += 1
 
 
 def test_uninstall_puts_back_the_processors_install_replaced() -> None:
@@ -951,6 +958,16 @@ def approval_agent() -> Agent[Any]:
     return Agent(name="ops", tools=[delete_file], model=OpenAIChatCompletionsModel("gpt-chat-1", client))
 
 
+def grouped(group_id: str, task_spans: bool, *, sensitive: bool = True) -> RunConfig:
+    """A run in the session `group_id`, with or without task and turn spans and the spans'
+    inputs and outputs (``trace_include_sensitive_data``)."""
+    return RunConfig(
+        group_id=group_id,
+        trace_include_sensitive_data=sensitive,
+        tracing={"include_task_and_turn_spans": task_spans},
+    )
+
+
 def two_deletions(reply: str) -> Agent[Any]:
     """An agent calling `delete_file` on /a (call d1) and /b (call d2), then answering `reply`."""
     model = responses_model(
@@ -1000,7 +1017,7 @@ def test_a_call_awaiting_approval_gets_a_result_saying_so(
     recorder: SessionRecorder, hooks: bool, task_spans: bool
 ) -> None:
     # The SDK checks the approval in a function span, which ends with no output nor error.
-    config = RunConfig(group_id="hitl", tracing={"include_task_and_turn_spans": task_spans})
+    config = grouped("hitl", task_spans)
     hooked = openai_agents.PhiRunHooks() if hooks else None
     result = run(approval_agent(), "delete it", hooks=hooked, run_config=config)
     assert [item.raw_item.call_id for item in result.interruptions] == ["d1"]
@@ -1017,11 +1034,7 @@ def test_a_tool_returning_none_still_returned(
 ) -> None:
     # Its span ends as a call awaiting approval does; the run goes on after it.
     model = responses_model([call_item("forget", {"key": "k"}, "f1")], [message_item("forgotten")])
-    config = RunConfig(
-        group_id="none",
-        trace_include_sensitive_data=sensitive,
-        tracing={"include_task_and_turn_spans": task_spans},
-    )
+    config = grouped("none", task_spans, sensitive=sensitive)
     hooked = openai_agents.PhiRunHooks() if hooks else None
     run(Agent(name="mem", tools=[forget], model=model), "forget k", hooks=hooked, run_config=config)
     (loop,) = sessions(recorder)["none"].loops
@@ -1051,11 +1064,7 @@ def test_a_tool_ending_the_run_that_needs_no_approval_returned(
     # Its span ends as a call awaiting approval does (returning None, or its output not
     # traced), and the run ends with it (stop_on_first_tool); yet it needs no approval.
     model = responses_model([call_item(tool.name, arguments, "t1")], [message_item("welcome")])
-    config = RunConfig(
-        group_id="stop",
-        trace_include_sensitive_data=sensitive,
-        tracing={"include_task_and_turn_spans": task_spans},
-    )
+    config = grouped("stop", task_spans, sensitive=sensitive)
     agent = Agent(name="a", tools=[tool], model=model, tool_use_behavior="stop_on_first_tool")
     first = resume(agent, "go", hooks, config)
     follow_up = [*first.to_input_list(), {"role": "user", "content": "thanks"}]
@@ -1076,7 +1085,7 @@ def test_a_run_resumed_after_approval_continues_the_interrupted_loop(
 ) -> None:
     # The SDK resumes in the interrupted run's trace without telling processors, and runs
     # the approved tool before any turn.
-    config = RunConfig(group_id="hitl", tracing={"include_task_and_turn_spans": task_spans})
+    config = grouped("hitl", task_spans)
     agent = approval_agent()
     first = resume(agent, "delete it", hooks, config, streamed=streamed)
     state = first.to_state()
@@ -1129,7 +1138,7 @@ def test_a_resumed_run_tells_its_approved_call_from_its_rejected_one(
     # Both calls are of one tool: matched by name, the approved one's span would take d1;
     # without the hooks the first turn's input tells which call it answered.
     agent = two_deletions("one left")
-    config = RunConfig(group_id="mixed", tracing={"include_task_and_turn_spans": task_spans})
+    config = grouped("mixed", task_spans)
     first = resume(agent, "delete both", hooks, config)
     state = first.to_state()
     rejected, approved = first.interruptions
@@ -1171,11 +1180,7 @@ def test_a_new_run_after_an_interrupted_one_answers_none_of_its_calls(
     recorder: SessionRecorder, hooks: bool, task_spans: bool, sensitive: bool
 ) -> None:
     # Not a resume (a trace of its own): the call left awaiting approval is not its to answer.
-    config = RunConfig(
-        group_id="fresh",
-        trace_include_sensitive_data=sensitive,
-        tracing={"include_task_and_turn_spans": task_spans},
-    )
+    config = grouped("fresh", task_spans, sensitive=sensitive)
     agent = approval_agent()
     resume(agent, "delete it", hooks, config)
     resume(agent, "never mind", hooks, config)
@@ -1206,11 +1211,7 @@ def test_without_hooks_nor_traced_data_a_resumed_run_that_stops_again_records_th
     # Nothing shows the calls' ids nor outputs: a span before the first turn is a call run
     # (the SDK runs none for a call still undecided), the call it is matched by name and order.
     agent = two_deletions("both gone")
-    config = RunConfig(
-        group_id="again",
-        trace_include_sensitive_data=False,
-        tracing={"include_task_and_turn_spans": task_spans},
-    )
+    config = grouped("again", task_spans, sensitive=False)
     first = resume(agent, "delete both", False, config)
     state = first.to_state()
     state.approve(first.interruptions[0])  # d2 undecided: the run stops again, calling no model
@@ -1236,7 +1237,7 @@ def test_an_agent_a_resumed_run_calls_as_an_approved_tool_is_its_sub_agent(
         tools=[researcher.as_tool(tool_name="research", tool_description="r", needs_approval=True)],
         model=responses_model([call_item("research", {"input": "q"}, "r1")], [message_item("done")]),
     )
-    config = RunConfig(group_id="lead", tracing={"include_task_and_turn_spans": task_spans})
+    config = grouped("lead", task_spans)
     first = run(lead, "go", run_config=config)
     state = first.to_state()
     state.approve(first.interruptions[0])
@@ -1250,6 +1251,74 @@ def test_an_agent_a_resumed_run_calls_as_an_approved_tool_is_its_sub_agent(
     assert child.parent_spawn_ref is not None and child.parent_spawn_ref.parent_loop_id == resumed.loop_id
     assert child_loop.parent_loop_id == resumed.loop_id
     assert child_loop.turns[0].triggered_by == "SubAgent"
+
+
+async def never(context: Any, arguments: Any, call_id: str) -> bool:
+    return False
+
+
+@function_tool(needs_approval=never)
+async def jot(text: str) -> None:
+    """Jot a text down; asks for approval when `never` says so."""
+
+
+@each_task_spans
+def test_without_hooks_a_tool_that_may_await_approval_keeps_its_place_before_a_handoff(
+    recorder: SessionRecorder, task_spans: bool
+) -> None:
+    # jot returns None and may await approval: its span says neither; the handoff that
+    # follows says the run went on, before the transfer call gets its result.
+    model = responses_model(
+        [call_item("jot", {"text": "x"}, "j1"), call_item("transfer_to_helper", {}, "h1")]
+    )
+    helper = Agent(name="helper", model=responses_model([message_item("helped")]))
+    agent = Agent(name="desk", tools=[jot], handoffs=[helper], model=model)
+    run(agent, "go", hooks=None, run_config=grouped("jot", task_spans))
+    desk, _ = sessions(recorder)["jot"].loops
+    assert results_of(desk) == [("j1", False, ""), ("h1", False, '{"assistant": "helper"}')]
+
+
+class SpanEnded(IdleProcessor):
+    """Tells when a function span named `name` has ended (every processor hears of it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ended = False
+
+    def on_span_end(self, span: Any) -> None:
+        self.ended = self.ended or getattr(span.span_data, "name", None) == self.name
+
+
+@each_task_spans
+def test_without_hooks_tool_results_keep_the_order_their_tools_ended_in(
+    recorder: SessionRecorder, task_spans: bool
+) -> None:
+    # jot, called second, ends first: its result, decided only once the model is called
+    # again, still goes first, with the time it ended.
+    jotted = SpanEnded("jot")
+
+    @function_tool
+    async def after_jot() -> str:
+        """Return once jot is done."""
+        while not jotted.ended:
+            await asyncio.sleep(0)
+        return "after"
+
+    model = responses_model(
+        [call_item("after_jot", {}, "a1"), call_item("jot", {"text": "x"}, "j2")], [message_item("done")]
+    )
+    agent = Agent(name="desk", tools=[after_jot, jot], model=model)
+    config = grouped("order", task_spans)
+    before = openai_agents._processors_of(get_trace_provider())
+    add_trace_processor(jotted)
+    try:
+        run(agent, "go", hooks=None, run_config=config)
+    finally:
+        set_trace_processors(before)
+    (loop,) = sessions(recorder)["order"].loops
+    assert results_of(loop) == [("j2", False, ""), ("a1", False, "after")]
+    jot_result, after_result = loop.turns[0].tool_results
+    assert jot_result.timestamp <= after_result.timestamp
 
 
 def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> None:

@@ -289,7 +289,7 @@ def _tool_result_message(
 def _ran_result(call_id: str, tool: _Tool, run: AdapterRun) -> ToolResultMessage:
     """The held result of `tool`, run before its loop's first turn, as call `call_id`'s."""
     return _tool_result_message(
-        call_id, tool.name, tool.text, run, is_error=tool.failed, timestamp=tool.ended_at
+        call_id, tool.name, tool.text or "", run, is_error=tool.failed, timestamp=tool.ended_at
     )
 
 
@@ -516,14 +516,14 @@ class _Tool:
     # What the model is sent as its result, as `PhiRunHooks` saw it (`on_tool_end`): the
     # span keeps it only with sensitive data, and a failure's only as "redacted".
     output: str | None = None
-    # Run before the loop's first turn, its result is held until that turn's input shows
-    # which call it answered (`_Mapper._resumed_results`): its text, whether it failed,
-    # the output as the SDK sends it (to find it in that input; None: not known) and when
+    # Its result, when held (`_Mapper._tool_ended`): the text (None: not decided yet,
+    # `_Mapper._settle`), whether it failed, the output as the SDK sends the model (to find
+    # its call in the next input, `_Mapper._resumed_results`; None: not known) and when
     # it ended.
-    text: str = ""
+    text: str | None = None
     failed: bool = False
     sent: str | None = None
-    ended_at: int = 0
+    ended_at: int | None = None
 
     def started(self) -> ToolScope | None:
         if self.scope is None and self.turn is not None and self.turn.running:
@@ -570,9 +570,11 @@ class _Loop:
     # agent-as-tool of a resumed run): no tool scope runs to make it a sub-agent.
     spawner: _Loop | None = None
     rejection: str | None = None  # a tripped input guardrail's, recorded as the run ends
-    # Tools that may await approval whose span ended with neither an output nor an error:
-    # awaiting approval if the run ends next, else they returned nothing (`_Mapper._settle`).
-    undecided: list[_Tool] = field(default_factory=list)
+    # The turn's tools whose results are held (`_Mapper._tool_ended`), in the order they
+    # ended: from the first that may await approval and whose span ended with neither an
+    # output nor an error, awaiting approval if the run ends next, else it returned nothing
+    # (`_Mapper._settle`).
+    held: list[_Tool] = field(default_factory=list)
 
     def match_call(self, name: str) -> ToolCall | None:
         """The response's next unmatched call named `name`, if any."""
@@ -667,6 +669,8 @@ class _Mapper:
         elif kind == "turn":
             self._end_turn(loop)
         elif kind == "handoff":
+            if loop.held:  # the run goes on past them
+                self._settle(loop, went_on=True)
             loop.handing_off = True
             self._finish_message(loop, stop_reason="handoff")
 
@@ -681,7 +685,7 @@ class _Mapper:
             if loop is not None:
                 self._model_ended(loop, span)
         elif kind == "turn":
-            if loop is not None and not loop.undecided:  # else it ends once they are decided
+            if loop is not None and not loop.held:  # else it ends once they are decided
                 self._end_turn(loop)
         elif kind == "task":
             if loop is not None:
@@ -785,7 +789,7 @@ class _Mapper:
         return loop.turn
 
     def _model_started(self, loop: _Loop) -> None:
-        if loop.undecided:  # the run goes on past them
+        if loop.held:  # the run goes on past them
             self._settle(loop, went_on=True)
         self._finish_message(loop)
         turn = loop.turn
@@ -911,34 +915,40 @@ class _Mapper:
         tool.started()
         leave_tool(tool.token)
         output = tool.output if tool.output is not None else data.output
-        run = tool.loop.run
-        if tool.turn is None and run is not None:
-            # Run before the loop's first turn: an approved call of a resumed run (the SDK
-            # runs no span for a call still undecided), so it ran, whatever its span keeps.
-            tool.text, tool.failed = _result_text(_output_text(output), error), error is not None
+        loop, run = tool.loop, tool.loop.run
+        if run is None:
+            return
+        text = _result_text(_output_text(output), error)
+        undecided = (
+            tool.turn is not None and output is None and error is None and _may_await_approval(tool.name)
+        )
+        if tool.turn is None or undecided or loop.held:
+            # Held, with the time it ended: run before the loop's first turn (an approved
+            # call of a resumed run: the SDK runs no span for a call still undecided), until
+            # that turn's input shows its call; else until the undecided are decided, the
+            # results keeping the order their tools ended in.
+            tool.text = None if undecided else text
+            tool.failed = error is not None
             tool.sent = str(output) if error is None and output is not None else None
             tool.ended_at = run.tracer.agent.millis()
-            tool.loop.ran.append(tool)
+            (loop.ran if tool.turn is None else loop.held).append(tool)
             return
-        if output is None and error is None and _may_await_approval(tool.name):
-            tool.loop.undecided.append(tool)
-            return
-        self._tool_result(tool, _output_text(output), error)
+        self._tool_result(tool, text, failed=error is not None)
 
     @staticmethod
-    def _tool_result(tool: _Tool, output: str, error: Any) -> None:
+    def _tool_result(tool: _Tool, text: str, *, failed: bool, timestamp: int | None = None) -> None:
         scope = tool.started()
         if scope is None or not scope.running:
             return
-        text = _result_text(output, error)
-        if error is not None:
+        if failed:
             scope.error(text)
         else:
             scope.result(text)
-        scope.end()
+        scope.end(timestamp=timestamp)
 
     def _settle(self, loop: _Loop, *, went_on: bool) -> list[ToolCall]:
-        """Give the undecided tools their results; returns the calls left awaiting approval.
+        """Give the held tools their results, in the order they ended and with the times
+        they did, the undecided ones decided; returns the calls left awaiting approval.
         The SDK checks a call that needs approval in a function span that it ends with no
         output nor error while the call awaits approval, the run then ending with it among
         its interruptions; the span of a tool that returned None ends alike (and every span
@@ -946,14 +956,13 @@ class _Mapper:
         (`went_on`: a model call, a turn, a handoff): then it returned nothing, else it
         awaits approval. (A tool that needs no approval, `_may_await_approval`, is decided
         as its span ends: it returned nothing, also as the run's last step.)"""
-        undecided, loop.undecided = loop.undecided, []
+        held, loop.held = loop.held, []
         awaiting: list[ToolCall] = []
-        for tool in undecided:
-            if went_on:
-                self._tool_result(tool, "", None)
-                continue
-            self._tool_result(tool, _AWAITING_APPROVAL, None)
-            if tool.call_id is not None:
+        for tool in held:
+            awaits = tool.text is None and not went_on
+            text = tool.text if tool.text is not None else _AWAITING_APPROVAL if awaits else ""
+            self._tool_result(tool, text, failed=tool.failed, timestamp=tool.ended_at)
+            if awaits and tool.call_id is not None:
                 awaiting.append(ToolCall(id=tool.call_id, name=tool.name, arguments=tool.args or {}))
         return awaiting
 
@@ -1002,7 +1011,7 @@ class _Mapper:
             loop.rejection = f"input guardrail {name} triggered"
 
     def _end_turn(self, loop: _Loop) -> None:
-        if loop.undecided:  # the run goes on past them
+        if loop.held:  # the run goes on past them
             self._settle(loop, went_on=True)
         self._finish_message(loop)
         turn = loop.turn
@@ -1023,7 +1032,7 @@ class _Mapper:
         # The run ends with them: awaiting approval (unless it failed), for the run resuming it;
         # so do the calls it took over (`_awaited`) that it ended before its first model
         # call without running, the results of those it ran recorded.
-        awaiting = self._settle(loop, went_on=error is not None) if loop.undecided else []
+        awaiting = self._settle(loop, went_on=error is not None) if loop.held else []
         if not loop.prompted or loop.ran:
             results, left = self._resumed_results(loop, None, model_called=False)
             if run.loop.running:
@@ -1071,7 +1080,7 @@ class _Mapper:
         loop = self._current_loop()
         if loop is None:
             return
-        if loop.undecided:  # the model is called: the run went on past them
+        if loop.held:  # the model is called: the run went on past them
             self._settle(loop, went_on=True)
         if loop.prompted or loop.run is None or loop.turn is not None:
             return
