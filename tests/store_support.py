@@ -17,9 +17,9 @@ from phi_session.instrument import Tracer
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import SessionStore, merge_sessions, summarize
-from phi_session.stores.conformance import save_in_parts
+from phi_session.stores.conformance import cut_loop, make_session, save_in_parts, talking_loop
 from phi_session.stores.json_dir import JsonDirStore
-from phi_session.stores.outline import SessionOutline
+from phi_session.stores.outline import SessionOutline, session_outline
 
 
 def check_saves_read_only_touched_loops(
@@ -93,3 +93,44 @@ class UndecodableRecords(JsonDirStore):
         broken = msgspec.Raw(b'{"loop_id": 5}')
         loops = tuple(msgspec.structs.replace(loop, record_json=broken) for loop in outline.loops)
         return msgspec.structs.replace(outline, loops=loops)
+
+
+_CUT_PROMPTS = ("cut", "retried", "plain")
+"""The sessions of `save_as_before_cut_loops_had_prompts`."""
+
+
+def _listed_prompts(store: SessionStore) -> dict[str, str | None]:
+    return {row.session_id: row.first_prompt for row in store.query() if row.session_id in _CUT_PROMPTS}
+
+
+def save_as_before_cut_loops_had_prompts(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch, *others: Session
+) -> None:
+    """Save sessions (and `others`) as phi-session did before a loop that never ended had its
+    prompt read from its ``MessageEnd`` events (41544bf): their outlines and listed first
+    prompts say it has none (`check_cut_loops_have_prompts` once the store is migrated)."""
+    with monkeypatch.context() as before:  # a loop's messages only, as before
+        before.setattr(LoopRecord, "conversation", lambda record: record.messages)
+        store.save(make_session("cut", loops=[cut_loop("cut", 1, "brew coffee")]))
+        retried = [cut_loop("retried", 1, "brew tea"), talking_loop("retried", 2, "brew more tea")]
+        store.save(make_session("retried", loops=retried))
+        store.save(make_session("plain", loops=[talking_loop("plain", 1, "brew water")]))
+        for session in others:
+            store.save(session)
+    assert _listed_prompts(store) == {
+        "cut": None,
+        "retried": "Please brew more tea",
+        "plain": "Please brew water",
+    }
+
+
+def check_cut_loops_have_prompts(store: SessionStore) -> None:
+    """The sessions of `save_as_before_cut_loops_had_prompts` list and outline the prompts
+    of their loops that never ended, as saved now."""
+    assert _listed_prompts(store) == {
+        "cut": "Please brew coffee",
+        "retried": "Please brew tea",
+        "plain": "Please brew water",
+    }
+    for session_id in _CUT_PROMPTS:
+        assert store.load_outline(session_id) == session_outline(store.load(session_id))

@@ -60,7 +60,13 @@ from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.urls import open_store
 
 from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, shared_loop_index
-from .store_support import check_saves_in_parts, check_saves_read_only_touched_loops, conversation_parts
+from .store_support import (
+    check_cut_loops_have_prompts,
+    check_saves_in_parts,
+    check_saves_read_only_touched_loops,
+    conversation_parts,
+    save_as_before_cut_loops_had_prompts,
+)
 
 DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
 if not DSN:
@@ -942,6 +948,23 @@ def test_the_v11_migration_indexes_the_composed_words(
     words = sql.SQL("SELECT words::text FROM {}").format(_table(store.schema, "loops"))
     [(indexed,)] = admin.execute(words).fetchall()
     assert "'sume'" not in indexed and "r\u00e9sum\u00e9" in indexed
+
+
+def test_the_v13_migration_lists_the_prompts_of_loops_that_never_ended(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = make_session("bad", loops=[cut_loop("bad", 1, "brew tea")])
+    save_as_before_cut_loops_had_prompts(store, monkeypatch, bad)
+    # Back to version 5, as phi-session wrote it before 41544bf (version 10 outlines every loop again).
+    loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(loops))
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(_table(store.schema, "sessions")))
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
+    admin.execute(sql.SQL("UPDATE {} SET value = '5' WHERE key = 'schema_version'").format(meta))
+    admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        check_cut_loops_have_prompts(migrated)
+        assert [row.first_prompt for row in migrated.query() if row.session_id == "bad"] == [None]
 
 
 def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(store: postgres.PostgresStore) -> None:

@@ -69,7 +69,13 @@ from phi_session.stores.search import loop_text
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 
 from .conftest import in_forked_child, needs_fork
-from .store_support import check_saves_in_parts, check_saves_read_only_touched_loops, conversation_parts
+from .store_support import (
+    check_cut_loops_have_prompts,
+    check_saves_in_parts,
+    check_saves_read_only_touched_loops,
+    conversation_parts,
+    save_as_before_cut_loops_had_prompts,
+)
 
 
 class TestSqliteConformance(StoreConformance):
@@ -1921,6 +1927,28 @@ def test_the_v12_migration_indexes_the_composed_words(db: Path, monkeypatch: pyt
         assert store.schema_version() == SCHEMA_VERSION
         assert {hit.session_id for hit in store.search("r\u00e9sum\u00e9")} == {"nfd"}
         assert store.search("sume") == []
+
+
+@pytest.mark.parametrize("written_at", [6, 13])
+def test_the_v14_migration_lists_the_prompts_of_loops_that_never_ended(
+    db: Path, monkeypatch: pytest.MonkeyPatch, written_at: int
+) -> None:
+    # Version 6: what the sessions list was kept; 13 (written at 7-9 before 41544bf): the outlines too.
+    with SqliteStore(db) as store:
+        bad = make_session("bad", loops=[cut_loop("bad", 1, "brew tea")])
+        save_as_before_cut_loops_had_prompts(store, monkeypatch, bad)
+    if written_at == 6:
+        back_to_v6(db)
+    else:
+        raw_execute(db, "PRAGMA user_version = 13")
+    raw_execute(db, "UPDATE loops SET record = X'7b7d' WHERE session_id = 'bad'")  # left as it is
+    with SqliteStore(db, read_only=True) as reader:  # reads a migrated copy, leaves the file
+        check_cut_loops_have_prompts(reader)
+    assert pragma(db, "user_version") == written_at
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        check_cut_loops_have_prompts(store)
+        assert [row.first_prompt for row in store.query() if row.session_id == "bad"] == [None]
 
 
 def test_totals_by_model_read_no_loop_row(store: SqliteStore) -> None:

@@ -20,8 +20,10 @@ JSON, decoded for the few loops a page shows.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import groupby
+from operator import itemgetter
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -44,6 +46,7 @@ __all__ = [
     "loop_outline",
     "loop_prompt",
     "session_outline",
+    "stored_first_prompts",
 ]
 
 
@@ -237,6 +240,20 @@ def decode_loop_outline(data: bytes) -> LoopOutline:
         prompt=stored.prompt,
         record_json=stored.record,
     )
+
+
+_Key = TypeVar("_Key")
+
+
+def stored_first_prompts(rows: Iterable[tuple[_Key, bytes]]) -> Iterator[tuple[_Key, str | None]]:
+    """`SessionOutline.first_prompt` of each session of `rows`: ``(key, outline)`` of its
+    loops' stored outlines (`encode_loop_outline`), in loop order and together, under a
+    key that stays the same over them (its id, or its id and what else a row brings).
+    Each key with its session's first prompt; the outlines after the first loop that has
+    one are not decoded. What a store's schema migrations list as the session's prompt."""
+    for key, outlines in groupby(rows, key=itemgetter(0)):
+        prompts = (decode_loop_outline(outline).prompt for _, outline in outlines)
+        yield key, next((prompt for prompt in prompts if prompt is not None), None)
 
 
 def encode_outline_and_calls(record: LoopRecord) -> tuple[bytes, bytes]:

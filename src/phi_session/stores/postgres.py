@@ -149,6 +149,7 @@ from .outline import (
     encode_outline_parts,
     loop_outline,
     session_outline,
+    stored_first_prompts,
 )
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_text, parse_group_by, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, loop_text, query_words, search_words
@@ -171,7 +172,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -351,19 +352,19 @@ def _bill_unfinished_loops(cur: psycopg.Cursor[Row], compose: Callable[[str], sq
 def _store_first_prompts(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
     """Migration 5: ``sessions.first_prompt`` from the loops' outlines (a loop without one,
     not decodable, is passed over)."""
-    prompts: dict[str, str] = {}
     query = compose(
         "SELECT session_id, outline FROM {s}.loops WHERE outline IS NOT NULL ORDER BY session_id, position"
     )
-    for rows in _in_batches(cur, "phi_session_first_prompts", query):
-        for session_id, outline in rows:
-            if session_id not in prompts:
-                prompt = decode_loop_outline(outline).prompt
-                if prompt is not None:
-                    prompts[session_id] = prompt
+    rows: Iterator[tuple[str, bytes]] = itertools.chain.from_iterable(
+        _in_batches(cur, "phi_session_first_prompts", query)
+    )
     cur.executemany(
         compose("UPDATE {s}.sessions SET first_prompt = %s WHERE session_id = %s"),
-        [(_text(prompt), session_id) for session_id, prompt in prompts.items()],
+        [
+            (_text(prompt), session_id)
+            for session_id, prompt in stored_first_prompts(rows)
+            if prompt is not None
+        ],
     )
 
 
@@ -389,6 +390,34 @@ def _sum_loops_by_serving_model(cur: psycopg.Cursor[Row], compose: Callable[[str
                 )
             ],
         )
+
+
+def _list_prompts_of_loops_that_never_ended(
+    cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]
+) -> None:
+    """Migration 13: a loop that never ended has the prompt of its ``MessageEnd`` events
+    (`loop_prompt` since 41544bf, which migrated nothing). Its outline has it, migration 10
+    having outlined every loop again, but the first prompt its session lists, stored
+    before, may say it has none: every session's is read from its outlines again, as
+    migration 5 did; a session with a loop not outlined (its record does not decode) keeps its."""
+    query = compose(
+        "SELECT l.session_id, s.first_prompt, l.outline"
+        " FROM {s}.loops l JOIN {s}.sessions s USING (session_id)"
+        " WHERE NOT EXISTS (SELECT FROM {s}.loops n WHERE n.session_id = l.session_id AND n.outline IS NULL)"
+        " ORDER BY l.session_id, l.position"
+    )
+    rows = itertools.chain.from_iterable(_in_batches(cur, "phi_session_first_prompts_again", query))
+    listed = stored_first_prompts(((session_id, stored), outline) for session_id, stored, outline in rows)
+    cur.executemany(
+        compose(
+            "UPDATE {s}.sessions SET first_prompt = %s, listing_nul = listing_nul OR %s WHERE session_id = %s"
+        ),
+        [
+            (_text(prompt), "\x00" in prompt, session_id)
+            for (session_id, stored), prompt in listed
+            if prompt is not None and _text(prompt) != stored
+        ],
+    )
 
 
 # Forward migrations: _MIGRATIONS[n] takes the schema from version n to n + 1.
@@ -520,6 +549,7 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         "CREATE INDEX loop_models_loop ON {s}.loop_models (session_id, position)",
         _sum_loops_by_serving_model,
     ),
+    (_list_prompts_of_loops_that_never_ended,),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 

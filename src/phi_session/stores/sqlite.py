@@ -111,6 +111,7 @@ from .outline import (
     encode_outline_parts,
     loop_outline,
     session_outline,
+    stored_first_prompts,
 )
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_text, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, loop_text, query_words, search_words
@@ -324,18 +325,12 @@ def _store_first_prompts(conn: sqlite3.Connection) -> None:
     """v5: ``sessions.first_prompt``, what a listing shows (`SessionSummary.first_prompt`),
     filled from the loops' outlines (a loop without one, not decodable, is passed over)."""
     conn.execute("ALTER TABLE sessions ADD COLUMN first_prompt TEXT")
-    prompts: dict[str, str] = {}
     rows = conn.execute(
         "SELECT session_id, outline FROM loops WHERE outline IS NOT NULL ORDER BY session_id, position"
     )
-    for session_id, outline in rows:
-        if session_id not in prompts:
-            prompt = decode_loop_outline(outline).prompt
-            if prompt is not None:
-                prompts[session_id] = prompt
     conn.executemany(
         "UPDATE sessions SET first_prompt = ? WHERE session_id = ?",
-        [(prompt, session_id) for session_id, prompt in prompts.items()],
+        [(prompt, session_id) for session_id, prompt in stored_first_prompts(rows) if prompt is not None],
     )
 
 
@@ -389,10 +384,22 @@ def _store_model_calls(conn: sqlite3.Connection) -> None:
     conn.executemany("UPDATE loops SET calls = ?, outline = ? WHERE session_id = ? AND position = ?", updates)
 
 
-def _each_stored_loop(conn: sqlite3.Connection) -> Iterator[tuple[str, int, LoopRecord]]:
-    """``(session_id, position, record)`` of every stored loop (v6's layout) that decodes:
-    a migration leaves one that does not as it was, for its readers to report."""
-    for session_id, message_ids in conn.execute("SELECT session_id, message_ids FROM sessions").fetchall():
+def _each_stored_loop(
+    conn: sqlite3.Connection, sessions: Iterable[str] | None = None
+) -> Iterator[tuple[str, int, LoopRecord]]:
+    """``(session_id, position, record)`` of every stored loop (v6's layout), or of those of
+    `sessions` only, that decodes: a migration leaves one that does not as it was, for its
+    readers to report."""
+    select = "SELECT session_id, message_ids FROM sessions"
+    if sessions is None:
+        rows = conn.execute(select).fetchall()
+    else:
+        rows = [
+            row
+            for session_id in sessions
+            for row in conn.execute(f"{select} WHERE session_id = ?", (session_id,))
+        ]
+    for session_id, message_ids in rows:
         try:
             ids = _unpack_ids(message_ids)
         except DecodeError:
@@ -505,6 +512,44 @@ def _sum_loops_by_serving_model(conn: sqlite3.Connection) -> None:
     conn.executemany(_INSERT_LOOP_MODEL, rows)
 
 
+def _prompt_loops_that_never_ended(conn: sqlite3.Connection) -> None:
+    """v14: a loop that never ended has the prompt of its ``MessageEnd`` events (`loop_prompt`
+    since 41544bf, which migrated nothing): its outline stored at versions 7 to 9 says it has
+    none (v7 outlined every loop again), and so may the first prompt its session lists,
+    stored at any version. Such outlines (no prompt, some ``MessageEnd``: a loop without
+    messages) are written again, then every session's first prompt is read from its outlines,
+    as v5 did; a session with a loop not outlined (its record does not decode) keeps its."""
+    unprompted: dict[str, set[int]] = {}
+    for session_id, position, outline in conn.execute(
+        "SELECT session_id, position, outline FROM loops WHERE outline IS NOT NULL"
+    ):
+        stored = decode_loop_outline(outline)
+        if stored.prompt is None and "MessageEnd" in stored.event_types:
+            unprompted.setdefault(session_id, set()).add(position)
+    conn.executemany(
+        "UPDATE loops SET outline = ? WHERE session_id = ? AND position = ?",
+        [
+            (encode_loop_outline(record), session_id, position)
+            for session_id, position, record in _each_stored_loop(conn, unprompted)
+            if position in unprompted[session_id]
+        ],
+    )
+    rows = conn.execute(
+        "SELECT l.session_id, s.first_prompt, l.outline FROM loops l JOIN sessions s USING (session_id) "
+        "WHERE l.session_id NOT IN (SELECT session_id FROM loops WHERE outline IS NULL) "
+        "ORDER BY l.session_id, l.position"
+    )
+    listed = stored_first_prompts(((session_id, stored), outline) for session_id, stored, outline in rows)
+    conn.executemany(
+        "UPDATE sessions SET first_prompt = ? WHERE session_id = ?",
+        [
+            (prompt, session_id)
+            for (session_id, stored), prompt in listed
+            if prompt is not None and prompt != stored
+        ],
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -519,6 +564,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _name_serving_models,
     _index_composed_words,
     _sum_loops_by_serving_model,
+    _prompt_loops_that_never_ended,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
