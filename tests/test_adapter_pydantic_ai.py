@@ -1374,3 +1374,32 @@ def test_a_history_cut_from_a_runs_messages_claims_no_loops_context(
     assert payload is not None and len(payload.messages) == len(history) + 1  # the request says what was sent
     warnings = [r.getMessage() for r in caplog.records if "history" in r.getMessage()]
     assert len(warnings) == 1 and "no recorded run's messages" in warnings[0]
+
+
+def test_a_run_going_on_from_a_run_stream_answering_its_output_tool_continues_its_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # run_stream appends the output tool's return (the run's own) once the stream is read,
+    # after the run ended: a history of it went on from no loop, warned of as cut
+    # (pydantic_ai_unrecorded_history {'messages': 6}; the run ended with 5).
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
+    agent = Agent(
+        TestModel(), output_type=Answer, capabilities=[PhiCapability(recorder, capture_requests=True)]
+    )
+
+    async def streamed(history: list[ModelMessage]) -> list[ModelMessage]:
+        async with agent.run_stream("two", message_history=history) as run:
+            await run.get_output()
+        return run.all_messages()
+
+    history = asyncio.run(streamed(agent.run_sync("one").all_messages()))
+    adapter.PhiCapability._reported_history = False
+    with caplog.at_level(logging.WARNING, logger="phi_session.adapters"):
+        agent.run_sync("three", message_history=history)
+    (session,) = sessions_of(recorder)
+    _, second, third = session.loops
+    assert (third.parent_loop_id, third.continuation_kind) == (second.loop_id, DEFAULT)
+    assert "pydantic_ai_unrecorded_history" not in (third.metadata or {})
+    assert not [r for r in caplog.records if "history" in r.getMessage()]
+    sent, context = sent_and_context(session, third)
+    assert sent == context and len(sent) == len(history) + 1

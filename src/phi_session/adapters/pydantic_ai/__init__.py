@@ -541,6 +541,15 @@ def _last_of_a_run(history: Sequence[pai.ModelMessage]) -> int:
     return next((index for index in range(len(history) - 1, -1, -1) if history[index].run_id), -1)
 
 
+def _ends_run(history: Sequence[pai.ModelMessage], last: int, length: int) -> bool:
+    """Whether `history` up to `last`, the last message a run made, is all that run's
+    messages, `length` of them as the run ended. Messages past those of the run's own (its id)
+    are still its own: `run_stream` appends the output tool's return once the stream is read,
+    after the run ended."""
+    run_id = history[last].run_id
+    return last + 1 >= length and all(message.run_id == run_id for message in history[length : last + 1])
+
+
 _UNRECORDED_HISTORY = "pydantic_ai_unrecorded_history"
 """The metadata key of a loop whose run was sent a history no loop's context is (`_open`):
 how many messages, and the loop of the run whose messages it was cut from."""
@@ -745,7 +754,7 @@ class PhiCapability(AbstractCapability[Any]):
         if ended_history is not None and (note := self._core.read_note(ended_history)) is not None:
             rewound_to, length = note
             branch = ContinuationKind.branch(ended_history)
-            cut = cut or (length is not None and length != last + 1)
+            cut = cut or (length is not None and not _ends_run(history, last, length))
         unrecorded = {"messages": len(history), "last_loop_id": rewound_to} if cut else None
         # Keyed in the core by an object of its own: run ids are the caller's to give, and
         # two runs may be given the same.
