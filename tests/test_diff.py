@@ -392,21 +392,21 @@ def test_the_turn_a_loop_was_cut_off_in_is_compared_after_its_finished_turns() -
     assert [(ch.path, ch.kind) for ch in early.turns[1].changes][:1] == [("output.text", "changed")]
 
 
-def record_approval(answer: str) -> Session:
-    """A run stopped for the approval of call c1, then the run resuming it, which sends
-    `answer` as c1's result (the approved tool's, or a denial) and is answered "ok"."""
+def record_approval(answer: str, call_id: str = "c1") -> Session:
+    """A run stopped for the approval of call `call_id`, then the run resuming it, which
+    sends `answer` as its result (the approved tool's, or a denial) and is answered "ok"."""
     recorder = SessionRecorder()
     tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m1", provider="acme"))
     with tracer.loop() as stopped:
         stopped.user("delete /a")
         with stopped.turn() as turn:
             with turn.assistant() as reply:
-                reply.finish(tool_calls=[ToolCall(id="c1", name="delete", arguments={"path": "/a"})])
+                reply.finish(tool_calls=[ToolCall(id=call_id, name="delete", arguments={"path": "/a"})])
             with turn.tool(turn.tool_calls[0]) as tool:
                 tool.result(deferred_result("ApprovalRequired"))
     with tracer.loop(continues=stopped.loop_id) as resumed:
         sent = ToolResultMessage(
-            tool_call_id="c1",
+            tool_call_id=call_id,
             tool_name="delete",
             content=(TextContent(text=answer),),
             is_error=False,
@@ -431,13 +431,25 @@ def test_runs_resumed_with_other_results_of_the_stopped_calls_differ_in_their_in
             field="input",
             path="input[0]",
             kind="changed",
-            a="[toolResult delete c1] deleted /a",
-            b="[toolResult delete c1] The tool call was denied.",
+            a="[toolResult delete] deleted /a",
+            b="[toolResult delete] The tool call was denied.",
             text_diff=(
                 "@@ -1 +1 @@",
-                "-[toolResult delete c1] deleted /a",
-                "+[toolResult delete c1] The tool call was denied.",
+                "-[toolResult delete] deleted /a",
+                "+[toolResult delete] The tool call was denied.",
             ),
         ),
     )
     assert diff.first_divergence is not None and diff.first_divergence.summary == "turn 0: input[0] changed"
+
+
+def test_runs_resumed_alike_whose_calls_had_other_ids_are_identical() -> None:
+    # The id of the call a resuming run sends a result for was compared as its input's
+    # text: 'turn 0: input[0] changed' for call_AAA against call_BBB. A fresh run assigns ids anew.
+    diff = diff_sessions(record_approval("deleted /a", "call_AAA"), record_approval("deleted /a", "call_BBB"))
+    assert [loop.identical for loop in diff.loops] == [True, True] and diff.first_divergence is None
+    assert diff.loops[1].turns[0].incidental == (
+        FieldChange(
+            field="tool_call_id", path="input[0].tool_call_id", kind="changed", a="call_AAA", b="call_BBB"
+        ),
+    )

@@ -607,6 +607,7 @@ def _diff_turn(index: int, a: _Step | None, b: _Step | None) -> TurnDiff:
     changes: list[FieldChange] = []
     incidental: list[FieldChange] = []
     changes.extend(_text_changes("input", "input", a.inputs, b.inputs, _input_text))
+    _compare_input_ids(a.inputs, b.inputs, incidental)
     _compare_requests(a, b, changes)
     _compare_output(a.output, b.output, changes, incidental)
     _compare_tool_results(a, b, changes, incidental)
@@ -649,12 +650,32 @@ def _message_text(message: AgentMessage | None) -> str:
 
 def _input_text(message: AgentMessage) -> str:
     """An input as compared: its text; a tool result (one a resuming run sends for an
-    earlier loop's call) naming its tool and call, and whether it failed."""
+    earlier loop's call) naming its tool and whether it failed, not its call's id, which
+    a fresh run assigns anew (`_compare_input_ids`)."""
     text = _message_text(message)
     if isinstance(message, ToolResultMessage):
         failed = " error" if message.is_error else ""
-        return f"[toolResult {message.tool_name} {message.tool_call_id}{failed}] {text}"
+        return f"[toolResult {message.tool_name}{failed}] {text}"
     return text
+
+
+def _compare_input_ids(
+    a: Sequence[AgentMessage], b: Sequence[AgentMessage], incidental: list[FieldChange]
+) -> None:
+    """The call ids of the tool results among the inputs, by position: incidental."""
+    for index, (input_a, input_b) in enumerate(zip(a, b, strict=False)):
+        if not (isinstance(input_a, ToolResultMessage) and isinstance(input_b, ToolResultMessage)):
+            continue
+        if input_a.tool_call_id != input_b.tool_call_id:
+            incidental.append(
+                FieldChange(
+                    field="tool_call_id",
+                    path=f"input[{index}].tool_call_id",
+                    kind="changed",
+                    a=input_a.tool_call_id,
+                    b=input_b.tool_call_id,
+                )
+            )
 
 
 def _text_change(field: FieldName, path: str, a: str, b: str) -> FieldChange:
