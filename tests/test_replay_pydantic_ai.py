@@ -490,6 +490,28 @@ def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder
     assert bare(replayed_second.messages) == bare(second.messages)
 
 
+def deletion_agent(
+    capability: PhiCapability,
+    answer: Callable[[list[ModelMessage], AgentInfo], ModelResponse],
+    ran: list[str],
+) -> Agent[None, Any]:
+    """An agent answered by `answer` whose tool delete awaits approval (the paths it
+    deleted in `ran`)."""
+    agent = Agent(
+        FunctionModel(answer, model_name="m"),
+        capabilities=[capability],
+        output_type=[str, DeferredToolRequests],
+        name="ops",
+    )
+
+    @agent.tool_plain(requires_approval=True)
+    def delete(path: str) -> str:
+        ran.append(path)
+        return f"deleted {path}"
+
+    return agent
+
+
 def approval_conversation(capability: PhiCapability, answer: Any, ran: list[str], **options: Any) -> Any:
     """A run whose calls await approval (c1, c2), then the run resuming it: c1 approved (it
     runs), c2 denied; the resumed run's output. `answer`: the model's function (None: the
@@ -503,18 +525,7 @@ def approval_conversation(capability: PhiCapability, answer: Any, ran: list[str]
             return ModelResponse(parts=calls, usage=RequestUsage(input_tokens=10, output_tokens=2))
         return ModelResponse(parts=[TextPart("done")], usage=RequestUsage(input_tokens=20, output_tokens=3))
 
-    agent = Agent(
-        FunctionModel(two_deletions if answer is None else answer, model_name="m"),
-        capabilities=[capability],
-        output_type=[str, DeferredToolRequests],
-        name="ops",
-    )
-
-    @agent.tool_plain(requires_approval=True)
-    def delete(path: str) -> str:
-        ran.append(path)
-        return f"deleted {path}"
-
+    agent = deletion_agent(capability, two_deletions if answer is None else answer, ran)
     first = agent.run_sync("clean up", **options)
     assert isinstance(first.output, DeferredToolRequests)
     approvals = DeferredToolResults(approvals={"c1": True, "c2": False})
@@ -585,3 +596,45 @@ def test_the_resumed_run_of_an_approval_replays_alone(
         )
     assert result.output == "done" and ran == []
     assert model.cursor.finished and model.divergence is None
+
+
+def reused_id_conversation(capability: PhiCapability, ran: list[str], **options: Any) -> Any:
+    """Two deletions of /a, each awaiting approval and then approved by a resuming run,
+    whose calls the model gave one id (call_0, as some models number their calls per
+    response); the last run's output."""
+
+    def delete_then_done(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if any(part.part_kind == "user-prompt" for part in messages[-1].parts):
+            return ModelResponse(parts=[ToolCallPart("delete", {"path": "/a"}, tool_call_id="call_0")])
+        return ModelResponse(parts=[TextPart("done")])
+
+    agent = deletion_agent(capability, delete_then_done, ran)
+    history: list[ModelMessage] = []
+    for prompt in ("one", "two"):
+        stopped = agent.run_sync(prompt, message_history=history, **options)
+        assert isinstance(stopped.output, DeferredToolRequests)
+        approved = DeferredToolResults(approvals={"call_0": True})
+        resumed = agent.run_sync(
+            message_history=stopped.all_messages(), deferred_tool_results=approved, **options
+        )
+        history = resumed.all_messages()
+    return resumed.output
+
+
+@pytest.mark.parametrize("capture", [True, False])
+def test_a_call_id_used_again_keeps_the_earlier_calls_result_in_a_chain_replay(capture: bool) -> None:
+    # The rebuilt request of the last run (no captured request) left out every result of
+    # call_0, the first deletion's too: 'message 2 differs'.
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=capture))
+    capability = PhiCapability(recorder, capture_requests=capture)
+    ran: list[str] = []
+    assert reused_id_conversation(capability, ran) == "done" and ran == ["/a", "/a"]
+    last = session_of(recorder).loops[-1]
+    script = ReplayScript.from_session(session_of(recorder), chain=True)
+    model = ReplayModel(script)
+    ran.clear()
+    with recording_as(replay_lineage(script)):
+        output = reused_id_conversation(capability, ran, model=model, capabilities=[model.capability])
+    assert output == "done" and ran == []
+    assert model.cursor.finished and model.divergence is None
+    assert bare(session_of(recorder).loops[-1].messages) == bare(last.messages)

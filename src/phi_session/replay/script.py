@@ -411,7 +411,9 @@ def _without_superseded(past: list[AgentMessage], record: LoopRecord) -> list[Ag
     approved tool's result (or a denial, an outside answer) in place of what the
     interrupted loop holds for the call (`deferred_result`, ADK's request for
     confirmation, LangGraph's ``[interrupted]``), which the model is never sent (one
-    result per call). `past` itself when nothing is superseded (the usual case: no copy)."""
+    result per call). Only the results after the last call of that id are: a model may
+    give an earlier call the same id (``call_0`` in every response), whose result stands.
+    `past` itself when nothing is superseded (the usual case: no copy)."""
     answered: set[str] = set()
     for turn in record.turns:
         own = _own_results(turn)
@@ -420,9 +422,24 @@ def _without_superseded(past: list[AgentMessage], record: LoopRecord) -> list[Ag
             for m in turn.input_messages
             if isinstance(m, ToolResultMessage) and m.tool_call_id not in own
         )
-    if not answered or not any(isinstance(m, ToolResultMessage) and m.tool_call_id in answered for m in past):
+    if not answered:
         return past
-    return [m for m in past if not (isinstance(m, ToolResultMessage) and m.tool_call_id in answered)]
+    last_call: dict[str, int] = {}
+    for position, message in enumerate(past):
+        if isinstance(message, AssistantMessage):
+            for block in message.content:
+                if type(block) is ToolCall and block.id in answered:
+                    last_call[block.id] = position
+    superseded = {
+        position
+        for position, message in enumerate(past)
+        if isinstance(message, ToolResultMessage)
+        and message.tool_call_id in answered
+        and position > last_call.get(message.tool_call_id, -1)
+    }
+    if not superseded:
+        return past
+    return [message for position, message in enumerate(past) if position not in superseded]
 
 
 def _in_call_order(
