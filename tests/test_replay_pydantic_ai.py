@@ -15,8 +15,22 @@ pytest.importorskip(
 )
 
 from msgspec.structs import replace
-from pydantic_ai import Agent, DeferredToolRequests, DeferredToolResults, ModelRetry
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ThinkingPart, ToolCallPart
+from pydantic_ai import (
+    Agent,
+    ApprovalRequired,
+    DeferredToolRequests,
+    DeferredToolResults,
+    ModelRetry,
+    RunContext,
+)
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelResponse,
+    TextPart,
+    ThinkingPart,
+    ToolCallPart,
+    UserPromptPart,
+)
 from pydantic_ai.models import Model
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.models.test import TestModel
@@ -636,5 +650,66 @@ def test_a_call_id_used_again_keeps_the_earlier_calls_result_in_a_chain_replay(c
     with recording_as(replay_lineage(script)):
         output = reused_id_conversation(capability, ran, model=model, capabilities=[model.capability])
     assert output == "done" and ran == []
+    assert model.cursor.finished and model.divergence is None
+    assert bare(session_of(recorder).loops[-1].messages) == bare(last.messages)
+
+
+def conditional_approval_conversation(capability: PhiCapability, ran: list[str], **options: Any) -> Any:
+    """A deletion run by the tool itself (/a), then one whose tool asks for approval
+    (raising ApprovalRequired itself: /b), then the run resuming it, approved; the outputs
+    of the stopped run and of the resuming one."""
+
+    def delete_then_done(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        prompt = next((p for p in messages[-1].parts if isinstance(p, UserPromptPart)), None)
+        if prompt is None:
+            return ModelResponse(parts=[TextPart("done")])
+        call = ToolCallPart("delete", {"path": prompt.content}, tool_call_id=f"call_{len(messages)}")
+        return ModelResponse(parts=[call])
+
+    agent = Agent(
+        FunctionModel(delete_then_done, model_name="m"),
+        capabilities=[capability],
+        output_type=[str, DeferredToolRequests],
+        name="ops",
+    )
+
+    @agent.tool
+    def delete(ctx: RunContext[None], path: str) -> str:
+        if ran and not ctx.tool_call_approved:
+            raise ApprovalRequired()
+        ran.append(path)
+        return f"deleted {path}"
+
+    first = agent.run_sync("/a", **options)
+    stopped = agent.run_sync("/b", message_history=first.all_messages(), **options)
+    if not isinstance(stopped.output, DeferredToolRequests):
+        return stopped.output, None
+    approved = DeferredToolResults(approvals={call.tool_call_id: True for call in stopped.output.approvals})
+    resumed = agent.run_sync(
+        message_history=stopped.all_messages(), deferred_tool_results=approved, **options
+    )
+    return stopped.output, resumed.output
+
+
+@pytest.mark.parametrize("capture", [True, False])
+def test_a_tool_that_asked_for_approval_asks_again_and_the_resuming_run_replays_its_result(
+    capture: bool,
+) -> None:
+    # The stopped run's call was answered with the resuming run's result ('deleted /b'):
+    # the stopped run went on to 'done' where it had stopped, with no divergence.
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=capture))
+    capability = PhiCapability(recorder, capture_requests=capture)
+    ran: list[str] = []
+    stopped, resumed = conditional_approval_conversation(capability, ran)
+    assert isinstance(stopped, DeferredToolRequests) and resumed == "done" and ran == ["/a", "/b"]
+    last = session_of(recorder).loops[-1]
+    script = ReplayScript.from_session(session_of(recorder), chain=True)
+    model = ReplayModel(script)
+    with recording_as(replay_lineage(script)):
+        replayed_stopped, replayed_resumed = conditional_approval_conversation(
+            capability, ran, model=model, capabilities=[model.capability]
+        )
+    assert isinstance(replayed_stopped, DeferredToolRequests) and replayed_resumed == "done"
+    assert ran == ["/a", "/b"]  # answered from the recording
     assert model.cursor.finished and model.divergence is None
     assert bare(session_of(recorder).loops[-1].messages) == bare(last.messages)

@@ -248,7 +248,8 @@ class ReplayCursor:
         self._matched: _Matched | None = None  # the messages of the last request served
         self._warned_uncompared = False
         self._answered: dict[str, ToolResultMessage] = {}  # see `answered`
-        self._tries: dict[tuple[str, int, str], int] = {}  # a turn's tool call -> results served
+        # a turn's tool call, and whether asked awaiting its answer -> results served
+        self._tries: dict[tuple[str, int, str, bool], int] = {}
         # tool call id -> the positions in the script of the turns that made it, in order:
         # a provider numbering calls per reply ("call_0") reuses ids across turns.
         self._calls: dict[str, list[int]] = {}
@@ -374,7 +375,9 @@ class ReplayCursor:
         answered(self)
         return turn.reply
 
-    def tool_result(self, call_id: str, name: str, arguments: object) -> ToolResultMessage | None:
+    def tool_result(
+        self, call_id: str, name: str, arguments: object, *, awaiting_answer: bool = False
+    ) -> ToolResultMessage | None:
         """The recorded result of a tool call of a replayed turn, or None when the tool
         must run live (``tools="live"``, or handed over).
 
@@ -388,12 +391,17 @@ class ReplayCursor:
         after its own turn's: the stopped run's `deferred_result` never stands in for it
         (the framework never asks a tool awaiting approval), and a call of a loop the
         script does not replay is answered from it too (checked against the call in the
-        turn's request)."""
-        answer = self._tool_answer(call_id, name, arguments)
+        turn's request).
+
+        `awaiting_answer`: the call is asked in the run that made it, no answer yet given
+        for it (pydantic-ai: a tool raising ApprovalRequired unless approved, asked again
+        in the run resuming it): that run's recorded results stand, a `deferred_result`
+        among them (the tool stopped the run there), not those a resuming run sent."""
+        answer = self._tool_answer(call_id, name, arguments, awaiting_answer)
         return None if answer is None else answer[0]
 
     def _tool_answer(
-        self, call_id: str, name: str, arguments: object
+        self, call_id: str, name: str, arguments: object, awaiting_answer: bool
     ) -> tuple[ToolResultMessage, bool] | None:
         """`tool_result`, and whether it failed the original run there: a recorded error that
         ended its run, or one a retry followed (a later attempt of the same turn's)."""
@@ -419,7 +427,11 @@ class ReplayCursor:
                 return None
             # The results the call was answered with, in order: its own turn's (a retry
             # ran it again under the same id), then those a resuming run sent for it.
-            later = [result for q in resumed if (result := turns[q].input_result(call_id)) is not None]
+            later = (
+                []
+                if awaiting_answer and made is not None
+                else [result for q in resumed if (result := turns[q].input_result(call_id)) is not None]
+            )
             if made is None:
                 turn = turns[resumed[-1]]
                 call = turn.call_in_request(call_id)
@@ -449,7 +461,7 @@ class ReplayCursor:
                     )
                 )
                 return None
-            key = (turn.loop_id, turn.turn_index, call_id)
+            key = (turn.loop_id, turn.turn_index, call_id, awaiting_answer)
             tried = self._tries.get(key, 0)
             self._tries[key] = tried + 1
             index = min(tried, len(results) - 1)
@@ -477,7 +489,9 @@ class ReplayCursor:
                 raise RecordedModelError(reply.error_message or reply.stop_reason)
         return reply
 
-    def recorded_result(self, call_id: str, name: str, arguments: object) -> ToolResultMessage | None:
+    def recorded_result(
+        self, call_id: str, name: str, arguments: object, *, awaiting_answer: bool = False
+    ) -> ToolResultMessage | None:
         """`tool_result`, with a recorded error that ended the original run raised again.
 
         A recorded error that ended the original run (the tool raised, and its loop was
@@ -488,7 +502,7 @@ class ReplayCursor:
         result of the same call followed (the tool raised, and the framework ran it again:
         a retry retries on the exception). An error the run went on from is returned, for
         the replay to answer as the original did (an error message to the model)."""
-        answer = self._tool_answer(call_id, name, arguments)
+        answer = self._tool_answer(call_id, name, arguments, awaiting_answer)
         if answer is None:
             return None
         result, failed_run = answer

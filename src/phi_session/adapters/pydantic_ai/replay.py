@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic_ai import ModelRetry, RunContext
+from pydantic_ai import ApprovalRequired, CallDeferred, ModelRetry, RunContext
 from pydantic_ai import messages as pai
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
@@ -45,6 +45,7 @@ from ...errors import RecordedToolError
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
+from ...replay.script import deferred_result, is_deferred
 from .._core import recorded_reply, replay_recording, result_text
 from . import _STOP_REASONS, request_payload
 
@@ -247,9 +248,18 @@ class _RecordedToolset(WrapperToolset[Any]):
     async def call_tool(
         self, name: str, tool_args: dict[str, Any], ctx: RunContext[Any], tool: ToolsetTool[Any]
     ) -> Any:
-        result = self.cursor.recorded_result(ctx.tool_call_id or "", name, tool_args)
+        # A call not approved is asked in the run that made it: a tool that asked for its
+        # approval (or deferred it) there, stopping the run, does so again, and the run
+        # resuming it, which asks approved, gets the result that run sent.
+        result = self.cursor.recorded_result(
+            ctx.tool_call_id or "", name, tool_args, awaiting_answer=not ctx.tool_call_approved
+        )
         if result is None:
             return await super().call_tool(name, tool_args, ctx, tool)
+        if is_deferred(result):
+            if result_text(result) == deferred_result(CallDeferred.__name__):
+                raise CallDeferred()
+            raise ApprovalRequired()
         if result.is_error:
             # As the tool did: pydantic-ai makes it the retry the model read.
             raise ModelRetry(result_text(result))
