@@ -471,6 +471,10 @@ def test_the_event_log_and_loop_list_cut_long_texts_and_the_stores_and_exports_n
         ("loop=0&path=/nope", 404, "nothing at '/nope'"),
         ("loop=0&path=/turns/9", 404, "nothing at"),
         ("loop=0&path=/turns/00", 404, "nothing at"),
+        # Digits str.isdigit takes and int() refuses: '²', and past int()'s 4,300 digits.
+        ("loop=0&path=/turns/%C2%B2", 404, "nothing at"),
+        ("loop=0&path=/turns/0/tool_results/%C2%B2/content/0/text", 404, "nothing at"),
+        ("loop=0&path=/turns/" + "1" * 5000, 404, "nothing at"),
         ("loop=0&path=/turns", 404, "is no text"),
         ("loop=0&sequence=0&path=/loop_id/x", 404, "nothing at"),
     ],

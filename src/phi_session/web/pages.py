@@ -43,7 +43,16 @@ from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
 from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
 
-__all__ = ["CLIP_BYTES", "PAGE_BYTES", "CachedSession", "FieldNotFound", "Page", "SessionCache", "clip"]
+__all__ = [
+    "CLIP_BYTES",
+    "PAGE_BYTES",
+    "CachedSession",
+    "FieldNotFound",
+    "Page",
+    "SessionCache",
+    "clip",
+    "whole_number",
+]
 
 CLIP_BYTES = 64 * 1024
 """A text longer than this in UTF-8 is cut in the viewer's loop and event views to its first
@@ -100,6 +109,17 @@ def clip(data: bytes, field: str) -> tuple[bytes, list[dict[str, Any]]]:
     return msgspec.json.encode(tree), cuts
 
 
+def whole_number(text: str, bound: int) -> int | None:
+    """`text` as a whole number below `bound`, or None: ASCII digits only, no more than
+    `bound` has but leading zeros (``str.isdigit`` also takes '²' and other scripts'
+    digits, which int() refuses, as it does numbers past 4,300 digits)."""
+    digits = text.lstrip("0") or "0"
+    if not text.isascii() or not text.isdigit() or len(digits) > len(str(bound)):
+        return None
+    number = int(digits)
+    return number if number < bound else None
+
+
 def _escaped(key: str) -> str:
     """A key as a JSON pointer's token (RFC 6901: ``~`` as ``~0``, ``/`` as ``~1``)."""
     return key.replace("~", "~0").replace("/", "~1")
@@ -113,8 +133,12 @@ def _text_at(data: bytes, pointer: str) -> str:
         key = token.replace("~1", "/").replace("~0", "~")
         if isinstance(value, dict) and key in value:
             value = value[key]
-        elif isinstance(value, list) and key.isdigit() and str(int(key)) == key and int(key) < len(value):
-            value = value[int(key)]
+        elif (
+            isinstance(value, list)
+            and (index := whole_number(key, len(value))) is not None
+            and str(index) == key
+        ):
+            value = value[index]
         else:
             raise FieldNotFound(f"nothing at {pointer[:200]!r}")
     if not isinstance(value, str):

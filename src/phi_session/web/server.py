@@ -132,7 +132,7 @@ from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
 from ..stores.query import MAX_COUNT, SessionQuery, parse_cost_by, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
-from .pages import CachedSession, FieldNotFound, Page, SessionCache, StaleOutline
+from .pages import CachedSession, FieldNotFound, Page, SessionCache, StaleOutline, whole_number
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -653,10 +653,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _index(name: str, text: str, bound: int) -> int:
-        if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) >= bound:
+        index = whole_number(text, bound)
+        if index is None:
             message = f"{name} must be a whole number below {bound}, got {text[:40]!r}"
             raise HttpError(HTTPStatus.BAD_REQUEST, message)
-        return int(text)
+        return index
 
     def _price_table(self) -> dict[str, str | None]:
         pricer = self.server.pricer
