@@ -462,12 +462,11 @@ def test_the_event_log_and_loop_list_cut_long_texts_and_the_stores_and_exports_n
         ("loop=x&path=/error", 400, "loop must be a whole number"),
         ("event=0&path=/error", 400, "event must be a whole number below 0"),
         ("path=/error", 400, "name a loop"),
-        ("loop=0&event=0&path=/error", 400, "name a loop"),
-        ("sequence=1&path=/error", 400, "name a loop"),
+        ("sequence=1&path=/error", 400, "unknown query parameter 'sequence'"),
         ("loop=0", 400, "path must be a JSON pointer"),
         ("loop=0&path=error", 400, "path must be a JSON pointer"),
         ("loop=0&path=/error&x=1", 400, "unknown query parameter 'x'"),
-        ("loop=0&sequence=999&path=/error", 404, "loop #1 holds no event 999"),
+        ("loop=0&event=999&path=/error", 404, "none at 999"),
         ("loop=0&path=/nope", 404, "nothing at '/nope'"),
         ("loop=0&path=/turns/9", 404, "nothing at"),
         ("loop=0&path=/turns/00", 404, "nothing at"),
@@ -476,7 +475,7 @@ def test_the_event_log_and_loop_list_cut_long_texts_and_the_stores_and_exports_n
         ("loop=0&path=/turns/0/tool_results/%C2%B2/content/0/text", 404, "nothing at"),
         ("loop=0&path=/turns/" + "1" * 5000, 404, "nothing at"),
         ("loop=0&path=/turns", 404, "is no text"),
-        ("loop=0&sequence=0&path=/loop_id/x", 404, "nothing at"),
+        ("loop=0&event=0&path=/loop_id/x", 404, "nothing at"),
     ],
 )
 def test_bad_field_requests_are_one_line_errors(
@@ -514,3 +513,57 @@ def test_an_event_log_page_ends_once_it_holds_its_bytes_and_pages_on_from_next(
         page = get_json(server, "/api/sessions/sized/event-log?offset=3")
         assert len(page["events"]) == 1 and page["next"] == 4
     assert PAGE_BYTES == 4 * 1024 * 1024
+
+
+def _renumbered(session: Session, sequences: list[int]) -> Session:
+    """`session` (one loop) with its events numbered `sequences`, through its JSON as a store reads it."""
+    [loop] = session.loops
+    events = [
+        msgspec.structs.replace(item, sequence=n) for item, n in zip(loop.events, sequences, strict=True)
+    ]
+    return decode_session(
+        encode_session(msgspec.structs.replace(session, loops=[msgspec.structs.replace(loop, events=events)]))
+    )
+
+
+@pytest.mark.parametrize(
+    "numbering",
+    [
+        "shared",  # the two ToolExecutionEnd events share a sequence number
+        "zero",  # every event's is 0
+        "u64",  # sequences up to 2**64 - 1, past int64
+    ],
+)
+def test_each_cut_of_the_event_log_gives_its_own_events_text_whatever_the_sequences(
+    tmp_path: Path, numbering: str
+) -> None:
+    """A cut named its event by sequence: two events sharing one each gave the first's text,
+    all of sequence 0 gave 404 and a sequence past 2**63 - 2 was refused (400)."""
+    session = session_of_texts("seq", ["A" * 100_000, "B" * 100_000])
+    count = len(session.loops[0].events)
+    ends = [
+        n for n, item in enumerate(session.loops[0].events) if type(item.event).__name__ == "ToolExecutionEnd"
+    ]
+    sequences = {
+        "shared": [ends[0] if n == ends[1] else n for n in range(count)],
+        "zero": [0] * count,
+        "u64": [2**64 - count + n for n in range(count)],
+    }[numbering]
+    session = _renumbered(session, sequences)
+    logged = [
+        json.loads(encode_event(item.event))
+        for item in sorted(session.loops[0].events, key=lambda item: item.sequence)
+    ]
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
+        store.save(session)
+        for event_type in ("", "ToolExecutionEnd"):
+            log = get_json(server, f"/api/sessions/seq/event-log?type={event_type}")
+            expected = [event for event in logged if event_type in ("", event["type"])]
+            assert [row["event"]["type"] for row in log["events"]] == [event["type"] for event in expected]
+            texts = set()
+            for row, event in zip(log["events"], expected, strict=True):
+                for cut in row["clipped"]:
+                    whole = get_json(server, f"/api/sessions/seq/field?{cut['field']}")
+                    assert whole == _at(event, cut["path"])
+                    texts.add(whole[0])
+            assert texts == {"A", "B"}

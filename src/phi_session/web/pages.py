@@ -38,7 +38,7 @@ from ..codec import encode_event, encode_loop, encode_session
 from ..cost import Cost, Pricer
 from ..diff import PlacedLoop, loop_position
 from ..errors import LoopNotFound
-from ..model import LoopRecord, Session
+from ..model import LoopEvent, LoopRecord, Session
 from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
 from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
@@ -284,16 +284,17 @@ class CachedSession:
             return data
         return data[:-1] + b',"clipped":' + msgspec.json.encode(cuts) + b"}"  # into the loop's object
 
-    def loop_text(self, loop: int, sequence: int | None, pointer: str) -> bytes:
+    def loop_text(self, loop: int, event: int | None, pointer: str) -> bytes:
         """The whole text at `pointer` (JSON, a string) that `clip` cut in loop `loop` as
-        `loop` serves it, or in its event of that `sequence`. Raises `FieldNotFound`."""
-        if sequence is None:
+        `loop` serves it, or in its `event`-th event in the event log's order (not named by
+        sequence: events may share one). Raises `FieldNotFound`."""
+        if event is None:
             return msgspec.json.encode(_text_at(self._loop_json(loop), pointer))
         [record] = self._loops(loop, loop + 1)
-        found = next((item.event for item in record.events if item.sequence == sequence), None)
-        if found is None:
-            raise FieldNotFound(f"loop #{loop + 1} holds no event {sequence}")
-        return msgspec.json.encode(_text_at(encode_event(found), pointer))
+        events = _in_log_order(record)
+        if event >= len(events):
+            raise FieldNotFound(f"loop #{loop + 1} holds {len(events)} events: none at {event}")
+        return msgspec.json.encode(_text_at(encode_event(events[event].event), pointer))
 
     def scoped_text(self, event: int, pointer: str) -> bytes:
         """The whole text at `pointer` that `clip` cut in the `event`-th session-scoped event."""
@@ -347,17 +348,20 @@ class CachedSession:
         self, loops: range, skip: int, event_type: str | None, scoped: list[tuple[int, Any]]
     ) -> Iterator[dict[str, Any]]:
         """The event log's rows from the `skip`-th event of the first of `loops` on, of
-        `event_type` if one is given, then the session-scoped events (each with its
-        position among them all, which names it in a cut's field). Each loop is read as
+        `event_type` if one is given, then the session-scoped events (each event with its
+        position among its loop's or among the session-scoped ones, which names it in a
+        cut's field). Each loop is read as
         its rows are taken, and let go before the next: a loop may hold hundreds of MB,
         and those past a full page are never read."""
         for index in loops:
             [record] = self._loops(index, index + 1)
-            stored = sorted(record.events, key=lambda item: item.sequence)
+            stored = list(enumerate(_in_log_order(record)))
             if event_type is not None:
-                stored = [item for item in stored if type(item.event).__name__ == event_type]
-            for item in stored[skip:]:
-                field = f"loop={index}&sequence={item.sequence}"
+                stored = [
+                    (position, item) for position, item in stored if type(item.event).__name__ == event_type
+                ]
+            for position, item in stored[skip:]:
+                field = f"loop={index}&event={position}"
                 yield _event_row(index, record.loop_id, item.sequence, item.event, field)
             skip = 0
             del record, stored
@@ -417,6 +421,11 @@ class CachedSession:
             "offset": page.offset,
             "loops": [msgspec.to_builtins(pricer.loop_cost(record)) for record in records],
         }
+
+
+def _in_log_order(record: LoopRecord) -> list[LoopEvent]:
+    """A loop's events as the event log lists them: by sequence, those sharing one as stored."""
+    return sorted(record.events, key=lambda item: item.sequence)
 
 
 def _event_row(

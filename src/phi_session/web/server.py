@@ -53,8 +53,9 @@ until a request finds the session deleted):
   filtered by type name and/or loop index, with each type's count and ``next``, the next
   page's offset (null after the last): a page ends early once it holds
   `pages.PAGE_BYTES` (4 MiB) of events;
-* ``/api/sessions/{id}/field?loop=N&path=P`` (in loop N), ``?loop=N&sequence=S&path=P``
-  (in its event S), ``?event=K&path=P`` (in the K-th session-scoped event) the whole
+* ``/api/sessions/{id}/field?loop=N&path=P`` (in loop N), ``?loop=N&event=I&path=P``
+  (in its I-th event in the event log: by sequence, those sharing one as stored),
+  ``?event=K&path=P`` (in the K-th session-scoped event) the whole
   text at JSON pointer P that the loop, loop list and event-log views cut: each of
   those cuts a text over `pages.CLIP_BYTES` (64 KiB) and lists it as ``{"path", "bytes",
   "field"}`` (``field`` this view's query) under the loop's ``clipped`` key, or its
@@ -621,26 +622,25 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _field(self, entry: CachedSession, query: dict[str, str]) -> bytes:
         """The whole text a loop or event view cut: ``loop=N&path=P`` in loop N, ``loop=N&
-        sequence=S&path=P`` in its event S, ``event=K&path=P`` in the K-th session-scoped
-        event (the ``field`` of each cut, `pages.clip`)."""
-        self._only(query, {"loop", "sequence", "event", "path"})
+        event=I&path=P`` in its I-th event in the event log, ``event=K&path=P`` in the K-th
+        session-scoped event (the ``field`` of each cut, `pages.clip`)."""
+        self._only(query, {"loop", "event", "path"})
         pointer = query.get("path", "")
         if not pointer.startswith("/"):
             message = f"path must be a JSON pointer ('/turns/0/...'), got {pointer[:40]!r}"
             raise HttpError(HTTPStatus.BAD_REQUEST, message)
-        if ("loop" in query) == ("event" in query) or ("sequence" in query and "loop" not in query):
-            message = (
-                "name a loop (loop=N, with sequence=S for one of its events) or a session event (event=K)"
-            )
+        if "loop" not in query and "event" not in query:
+            message = "name a loop (loop=N, with event=I for its I-th event) or a session event (event=K)"
             raise HttpError(HTTPStatus.BAD_REQUEST, message)
         try:
-            if "event" in query:
+            if "loop" not in query:
                 return entry.scoped_text(
                     self._index("event", query["event"], len(entry.scoped_events)), pointer
                 )
             loop = self._index("loop", query["loop"], len(entry.outline.loops))
-            sequence = self._index("sequence", query["sequence"], MAX_COUNT) if "sequence" in query else None
-            return entry.loop_text(loop, sequence, pointer)
+            # Bounded by the loop as read (it may have more events than the cached outline counts).
+            event = self._index("event", query["event"], MAX_COUNT) if "event" in query else None
+            return entry.loop_text(loop, event, pointer)
         except FieldNotFound as error:
             raise HttpError(HTTPStatus.NOT_FOUND, str(error)) from None
 
