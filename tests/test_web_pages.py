@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from phi_session.codec import decode_loop, decode_session, encode_event, encode_
 from phi_session.events import TurnStart
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
-from phi_session.messages import ToolCall
+from phi_session.messages import TextContent, ToolCall
 from phi_session.model import LoopConfigSnapshot, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import summarize, to_builtins
@@ -455,27 +456,30 @@ def test_the_event_log_and_loop_list_cut_long_texts_and_the_stores_and_exports_n
     assert request(server, "/api/sessions/long")[2] == encode_session(session, pretty=False)
 
 
+NO_CUT = "0" * 32
+SHORT_TEXT = hashlib.sha256(b"short").hexdigest()[:32]
+
+
 @pytest.mark.parametrize(
     ("query", "status", "fragment"),
     [
-        ("loop=1&path=/error", 400, "loop must be a whole number below 1"),
-        ("loop=x&path=/error", 400, "loop must be a whole number"),
-        ("event=0&path=/error", 400, "event must be a whole number below 0"),
-        ("path=/error", 400, "name a loop"),
-        ("sequence=1&path=/error", 400, "unknown query parameter 'sequence'"),
-        ("loop=0", 400, "path must be a JSON pointer"),
-        ("loop=0&path=error", 400, "path must be a JSON pointer"),
-        ("loop=0&path=/error&x=1", 400, "unknown query parameter 'x'"),
-        ("loop=0&event=999&path=/error", 404, "none at 999"),
-        ("loop=0&path=/nope", 404, "nothing at '/nope'"),
-        ("loop=0&path=/turns/9", 404, "nothing at"),
-        ("loop=0&path=/turns/00", 404, "nothing at"),
+        ("loop=1&digest=" + NO_CUT, 400, "loop must be a whole number below 1"),
+        ("loop=x&digest=" + NO_CUT, 400, "loop must be a whole number"),
         # Digits str.isdigit takes and int() refuses: '²', and past int()'s 4,300 digits.
-        ("loop=0&path=/turns/%C2%B2", 404, "nothing at"),
-        ("loop=0&path=/turns/0/tool_results/%C2%B2/content/0/text", 404, "nothing at"),
-        ("loop=0&path=/turns/" + "1" * 5000, 404, "nothing at"),
-        ("loop=0&path=/turns", 404, "is no text"),
-        ("loop=0&event=0&path=/loop_id/x", 404, "nothing at"),
+        ("loop=%C2%B2&digest=" + NO_CUT, 400, "loop must be a whole number"),
+        ("loop=" + "1" * 5000 + "&digest=" + NO_CUT, 400, "loop must be a whole number"),
+        ("event=0&digest=" + NO_CUT, 400, "event must be a whole number below 0"),
+        ("digest=" + NO_CUT, 400, "name a loop"),
+        ("sequence=1&digest=" + NO_CUT, 400, "unknown query parameter 'sequence'"),
+        ("loop=0&path=/error", 400, "unknown query parameter 'path'"),
+        ("loop=0", 400, "digest must be 32 lowercase hexadecimal digits"),
+        ("loop=0&digest=" + "A" * 32, 400, "digest must be"),
+        ("loop=0&digest=" + NO_CUT + "0", 400, "digest must be"),
+        ("loop=0&digest=" + NO_CUT + "&x=1", 400, "unknown query parameter 'x'"),
+        ("loop=0&event=999&digest=" + NO_CUT, 404, "none at 999"),
+        ("loop=0&digest=" + NO_CUT, 404, "no text cut here has the digest"),
+        ("loop=0&event=0&digest=" + NO_CUT, 404, "no text cut here has the digest"),
+        ("loop=0&digest=" + SHORT_TEXT, 404, "no text cut here"),  # a text too short to be cut
     ],
 )
 def test_bad_field_requests_are_one_line_errors(
@@ -567,3 +571,45 @@ def test_each_cut_of_the_event_log_gives_its_own_events_text_whatever_the_sequen
                     assert whole == _at(event, cut["path"])
                     texts.add(whole[0])
             assert texts == {"A", "B"}
+
+
+def _with_key(session: Session, key: str) -> Session:
+    """`session_of_texts`'s session with its argument's key ``a/b~c`` renamed `key`."""
+    return decode_session(encode_session(session).replace(b'"a/b~c"', msgspec.json.encode(key)))
+
+
+def test_a_cut_is_named_in_a_short_query_whatever_the_keys_above_it(tmp_path: Path) -> None:
+    """A cut was named by its JSON pointer, percent-encoded into its query: under a key of
+    11,000 'é' the query was 66 KB and the server refused it (414)."""
+    session = _with_key(session_of_texts("keys", ["r" * 100_000], "v" * 100_000), "\u00e9" * 11_000)
+    loop = json.loads(encode_loop(msgspec.structs.replace(session.loops[0], events=[])))
+    events = [json.loads(encode_event(item.event)) for item in session.loops[0].events]
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
+        store.save(session)
+        shown = get_json(server, "/api/sessions/keys/loops/0")
+        rows = get_json(server, "/api/sessions/keys/event-log")["events"]
+        cut_in = [(loop, cut) for cut in shown["clipped"]]
+        cut_in += [(events[n], cut) for n, row in enumerate(rows) for cut in row["clipped"]]
+        assert sum("\u00e9" * 11_000 in cut["path"] for _, cut in cut_in) >= 3  # loop, call and end
+        for tree, cut in cut_in:
+            assert len(cut["field"]) < 100
+            assert get_json(server, f"/api/sessions/keys/field?{cut['field']}") == _at(tree, cut["path"])
+
+
+def test_a_cut_still_gives_its_text_once_its_loop_is_saved_again_with_more(tmp_path: Path) -> None:
+    """The viewer reads a store agents may be writing: a loop saved again with a message
+    more (ahead of its turns) must not make a shown cut give another text."""
+    session = session_of_texts("grows", ["r" * 100_000, "s" * 100_000], "v" * 100_000)
+    [loop] = session.loops
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
+        store.save(session)
+        cuts = get_json(server, "/api/sessions/grows/loops/0")["clipped"]
+        stored = json.loads(encode_loop(msgspec.structs.replace(loop, events=[])))
+        more = msgspec.structs.replace(loop.messages[0], content=(TextContent(text="n" * 100_000),))
+        store.save(
+            msgspec.structs.replace(
+                session, loops=[msgspec.structs.replace(loop, messages=(*loop.messages, more))]
+            )
+        )
+        for cut in cuts:
+            assert get_json(server, f"/api/sessions/grows/field?{cut['field']}") == _at(stored, cut["path"])

@@ -14,13 +14,15 @@ JSON bytes.
 A loop or an event may hold texts of megabytes (a tool result, a file an argument
 writes): in the loop list, a loop's and the event log's JSON every text longer than
 `CLIP_BYTES` is cut (`clip`), each cut listed with its full size and the query of the
-``field`` view that gives it whole (`CachedSession.loop_text`, `CachedSession.scoped_text`);
+``field`` view that gives it whole, naming it by its digest (`CachedSession.loop_text`,
+`CachedSession.scoped_text`);
 an event-log page ends early once its events reach `PAGE_BYTES`. Only these views are
 cut: the stores, the whole session's JSON and the CLI's exports never are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -29,7 +31,6 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import islice
 from typing import Any
-from urllib.parse import quote
 
 import msgspec
 
@@ -43,16 +44,7 @@ from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
 from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
 
-__all__ = [
-    "CLIP_BYTES",
-    "PAGE_BYTES",
-    "CachedSession",
-    "FieldNotFound",
-    "Page",
-    "SessionCache",
-    "clip",
-    "whole_number",
-]
+__all__ = ["CLIP_BYTES", "PAGE_BYTES", "CachedSession", "FieldNotFound", "Page", "SessionCache", "clip"]
 
 CLIP_BYTES = 64 * 1024
 """A text longer than this in UTF-8 is cut in the viewer's loop and event views to its first
@@ -76,74 +68,89 @@ class Page:
 
 
 class FieldNotFound(LookupError):
-    """The loop or event a ``field`` request names holds no text at its path (the server's 404)."""
+    """The loop or event a ``field`` request names holds no text cut of its digest (the server's 404)."""
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """A text `clip` cuts: ``holder[key]``, `bytes` long in UTF-8, under the containers `path` names."""
+
+    holder: dict[str, Any] | list[Any]
+    key: str | int
+    text: str
+    bytes: int
+    path: tuple[str, ...]
+
+    @property
+    def pointer(self) -> str:
+        """Where it is, as a JSON pointer (RFC 6901)."""
+        return "".join(f"/{_escaped(part)}" for part in (*self.path, str(self.key)))
+
+
+def _cuts(tree: Any) -> Iterator[_Cut]:
+    """The texts of `tree` (a decoded loop or event) that `clip` cuts, in document order:
+    the one walk that both cuts them (`clip`) and finds one again (`_cut_text`)."""
+    # Depth first with a stack of the containers entered and what is left of each; the
+    # path of each container kept, its pointer written only for a cut.
+    stack: list[tuple[Any, tuple[str, ...], Iterator[tuple[Any, Any]]]] = [(tree, (), _members(tree))]
+    while stack:
+        node, path, members = stack[-1]
+        for key, value in members:
+            if isinstance(value, str):
+                if len(value) > _CLIP_CHARS and (size := len(value.encode())) > CLIP_BYTES:
+                    yield _Cut(node, key, value, size, path)
+            elif isinstance(value, (dict, list)):
+                stack.append((value, (*path, str(key)), _members(value)))
+                break
+        else:
+            stack.pop()
+
+
+def _members(node: dict[str, Any] | list[Any]) -> Iterator[tuple[Any, Any]]:
+    return iter(node.items()) if isinstance(node, dict) else enumerate(node)
+
+
+def _digest(text: str) -> str:
+    """What names a cut text in its ``field`` query: short whatever the keys above it (a
+    JSON pointer under a key of 11,000 'é' made a query of 66 KB, past what the server
+    reads), and the same text's however the item changed since (a loop saved again with
+    more turns: an ordinal or a pointer may have moved)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def clip(data: bytes, field: str) -> tuple[bytes, list[dict[str, Any]]]:
     """`data`, the JSON of a loop or an event, with every text longer than `CLIP_BYTES` cut
     (`_CLIP_CHARS` characters, then ``… [clipped: N bytes]``), and the list of the cuts:
     ``{"path": JSON pointer (RFC 6901), "bytes": N, "field": the field view's query}``,
-    `field` its query naming the loop or event. JSON too short to hold such a text is
-    passed on unread."""
+    `field` its query naming the loop or event, to which each cut adds ``&digest=`` its
+    text's `_digest`. JSON too short to hold such a text is passed on unread."""
     if len(data) <= CLIP_BYTES:
         return data, []
     tree = msgspec.json.decode(data)
-    cuts: list[dict[str, Any]] = []
-    # Depth first with a stack: the path of each container, the pointer written only for a cut.
-    stack: list[tuple[Any, tuple[str, ...]]] = [(tree, ())]
-    while stack:
-        node, path = stack.pop()
-        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
-            if isinstance(value, str):
-                if len(value) > _CLIP_CHARS and (size := len(value.encode())) > CLIP_BYTES:
-                    node[key] = f"{value[:_CLIP_CHARS]}\u2026 [clipped: {size:,} bytes]"
-                    pointer = "".join(f"/{_escaped(part)}" for part in (*path, str(key)))
-                    cuts.append(
-                        {"path": pointer, "bytes": size, "field": f"{field}&path={quote(pointer, safe='')}"}
-                    )
-            elif isinstance(value, (dict, list)):
-                stack.append((value, (*path, str(key))))
+    cuts = list(_cuts(tree))  # cut once the walk is done: it goes on through the containers
     if not cuts:
         return data, []
-    cuts.sort(key=lambda cut: cut["path"])
-    return msgspec.json.encode(tree), cuts
+    for cut in cuts:
+        cut.holder[cut.key] = f"{cut.text[:_CLIP_CHARS]}\u2026 [clipped: {cut.bytes:,} bytes]"  # type: ignore[index]
+    listed = [
+        {"path": cut.pointer, "bytes": cut.bytes, "field": f"{field}&digest={_digest(cut.text)}"}
+        for cut in cuts
+    ]
+    return msgspec.json.encode(tree), listed
 
 
-def whole_number(text: str, bound: int) -> int | None:
-    """`text` as a whole number below `bound`, or None: ASCII digits only, no more than
-    `bound` has but leading zeros (``str.isdigit`` also takes '²' and other scripts'
-    digits, which int() refuses, as it does numbers past 4,300 digits)."""
-    digits = text.lstrip("0") or "0"
-    if not text.isascii() or not text.isdigit() or len(digits) > len(str(bound)):
-        return None
-    number = int(digits)
-    return number if number < bound else None
+def _cut_text(data: bytes, digest: str) -> str:
+    """The whole text that `clip` cuts in `data` (JSON) whose `_digest` is `digest`. Raises
+    `FieldNotFound`."""
+    for cut in _cuts(msgspec.json.decode(data)):
+        if _digest(cut.text) == digest:
+            return cut.text
+    raise FieldNotFound(f"no text cut here has the digest {digest!r} (changed since it was shown?)")
 
 
 def _escaped(key: str) -> str:
     """A key as a JSON pointer's token (RFC 6901: ``~`` as ``~0``, ``/`` as ``~1``)."""
     return key.replace("~", "~0").replace("/", "~1")
-
-
-def _text_at(data: bytes, pointer: str) -> str:
-    """The text at `pointer` (a JSON pointer: `clip`'s paths) in `data`, JSON. Raises
-    `FieldNotFound`."""
-    value: Any = msgspec.json.decode(data)
-    for token in pointer.split("/")[1:]:
-        key = token.replace("~1", "/").replace("~0", "~")
-        if isinstance(value, dict) and key in value:
-            value = value[key]
-        elif (
-            isinstance(value, list)
-            and (index := whole_number(key, len(value))) is not None
-            and str(index) == key
-        ):
-            value = value[index]
-        else:
-            raise FieldNotFound(f"nothing at {pointer[:200]!r}")
-    if not isinstance(value, str):
-        raise FieldNotFound(f"{pointer[:200]!r} is no text")
-    return value
 
 
 class StaleOutline(Exception):
@@ -284,21 +291,21 @@ class CachedSession:
             return data
         return data[:-1] + b',"clipped":' + msgspec.json.encode(cuts) + b"}"  # into the loop's object
 
-    def loop_text(self, loop: int, event: int | None, pointer: str) -> bytes:
-        """The whole text at `pointer` (JSON, a string) that `clip` cut in loop `loop` as
-        `loop` serves it, or in its `event`-th event in the event log's order (not named by
-        sequence: events may share one). Raises `FieldNotFound`."""
+    def loop_text(self, loop: int, event: int | None, digest: str) -> bytes:
+        """The whole text of that `digest` (JSON, a string) that `clip` cut in loop `loop` as
+        `loop` and `loops` serve it, or in its `event`-th event in the event log's order (not
+        named by sequence: events may share one). Raises `FieldNotFound`."""
         if event is None:
-            return msgspec.json.encode(_text_at(self._loop_json(loop), pointer))
+            return msgspec.json.encode(_cut_text(self._loop_json(loop), digest))
         [record] = self._loops(loop, loop + 1)
         events = _in_log_order(record)
         if event >= len(events):
             raise FieldNotFound(f"loop #{loop + 1} holds {len(events)} events: none at {event}")
-        return msgspec.json.encode(_text_at(encode_event(events[event].event), pointer))
+        return msgspec.json.encode(_cut_text(encode_event(events[event].event), digest))
 
-    def scoped_text(self, event: int, pointer: str) -> bytes:
-        """The whole text at `pointer` that `clip` cut in the `event`-th session-scoped event."""
-        return msgspec.json.encode(_text_at(encode_event(self.scoped_events[event]), pointer))
+    def scoped_text(self, event: int, digest: str) -> bytes:
+        """The whole text of that `digest` that `clip` cut in the `event`-th session-scoped event."""
+        return msgspec.json.encode(_cut_text(encode_event(self.scoped_events[event]), digest))
 
     def event_log(self, page: Page, event_type: str | None, loop: int | None) -> bytes:
         """A page of the stored events (each loop's by sequence, then the session-scoped

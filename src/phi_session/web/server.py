@@ -53,13 +53,13 @@ until a request finds the session deleted):
   filtered by type name and/or loop index, with each type's count and ``next``, the next
   page's offset (null after the last): a page ends early once it holds
   `pages.PAGE_BYTES` (4 MiB) of events;
-* ``/api/sessions/{id}/field?loop=N&path=P`` (in loop N), ``?loop=N&event=I&path=P``
+* ``/api/sessions/{id}/field?loop=N&digest=D`` (in loop N), ``?loop=N&event=I&digest=D``
   (in its I-th event in the event log: by sequence, those sharing one as stored),
-  ``?event=K&path=P`` (in the K-th session-scoped event) the whole
-  text at JSON pointer P that the loop, loop list and event-log views cut: each of
-  those cuts a text over `pages.CLIP_BYTES` (64 KiB) and lists it as ``{"path", "bytes",
-  "field"}`` (``field`` this view's query) under the loop's ``clipped`` key, or its
-  row's (`pages.clip`); 400 for a bad index or path, 404 for no text there;
+  ``?event=K&digest=D`` (in the K-th session-scoped event) the whole text of digest D
+  that the loop, loop list and event-log views cut: each of those cuts a text over
+  `pages.CLIP_BYTES` (64 KiB) and lists it as ``{"path", "bytes", "field"}`` (its JSON
+  pointer, its size and this view's query) under the loop's ``clipped`` key, or its
+  row's (`pages.clip`); 400 for a bad index or digest, 404 for no such text there;
 * ``/api/sessions/{id}/timeline?offset=&limit=`` the waterfall's bars of a page of loops
   in tree order (``offset``/``limit`` count loops: default 20, at most 500; the first
   page starts with the session's bar), the session's loop and turn bars with their
@@ -133,7 +133,7 @@ from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
 from ..stores.query import MAX_COUNT, SessionQuery, parse_cost_by, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
-from .pages import CachedSession, FieldNotFound, Page, SessionCache, StaleOutline, whole_number
+from .pages import CachedSession, FieldNotFound, Page, SessionCache, StaleOutline
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -161,6 +161,7 @@ _JSON = "application/json; charset=utf-8"
 _PAGED = ("overview", "loops", "event-log", "timeline", "cost", "field")
 _MAX_PAGE = 5000  # rows per page of a session's loops or events (from the outline, or a few loops)
 _MAX_LOOP_PAGE = 500  # loops per page of the timeline and the cost: each loop is read whole
+_DIGEST = re.compile(r"[0-9a-f]{32}")  # a cut text's, in a field query (`pages.clip`)
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 _Read = TypeVar("_Read")
 _By = TypeVar("_By")
@@ -621,13 +622,13 @@ class ViewerHandler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, entry.event_log(page, query.get("type") or None, loop_index), _JSON
 
     def _field(self, entry: CachedSession, query: dict[str, str]) -> bytes:
-        """The whole text a loop or event view cut: ``loop=N&path=P`` in loop N, ``loop=N&
-        event=I&path=P`` in its I-th event in the event log, ``event=K&path=P`` in the K-th
-        session-scoped event (the ``field`` of each cut, `pages.clip`)."""
-        self._only(query, {"loop", "event", "path"})
-        pointer = query.get("path", "")
-        if not pointer.startswith("/"):
-            message = f"path must be a JSON pointer ('/turns/0/...'), got {pointer[:40]!r}"
+        """The whole text a loop or event view cut: ``loop=N&digest=D`` in loop N, ``loop=N&
+        event=I&digest=D`` in its I-th event in the event log, ``event=K&digest=D`` in the
+        K-th session-scoped event (the ``field`` of each cut, `pages.clip`)."""
+        self._only(query, {"loop", "event", "digest"})
+        digest = query.get("digest", "")
+        if not _DIGEST.fullmatch(digest):
+            message = f"digest must be 32 lowercase hexadecimal digits (a cut's field), got {digest[:40]!r}"
             raise HttpError(HTTPStatus.BAD_REQUEST, message)
         if "loop" not in query and "event" not in query:
             message = "name a loop (loop=N, with event=I for its I-th event) or a session event (event=K)"
@@ -635,12 +636,12 @@ class ViewerHandler(BaseHTTPRequestHandler):
         try:
             if "loop" not in query:
                 return entry.scoped_text(
-                    self._index("event", query["event"], len(entry.scoped_events)), pointer
+                    self._index("event", query["event"], len(entry.scoped_events)), digest
                 )
             loop = self._index("loop", query["loop"], len(entry.outline.loops))
             # Bounded by the loop as read (it may have more events than the cached outline counts).
             event = self._index("event", query["event"], MAX_COUNT) if "event" in query else None
-            return entry.loop_text(loop, event, pointer)
+            return entry.loop_text(loop, event, digest)
         except FieldNotFound as error:
             raise HttpError(HTTPStatus.NOT_FOUND, str(error)) from None
 
@@ -653,11 +654,13 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _index(name: str, text: str, bound: int) -> int:
-        index = whole_number(text, bound)
-        if index is None:
+        # ASCII digits only: str.isdigit also takes '²' and other scripts' digits, which int()
+        # refuses, as it does numbers past 4,300 digits.
+        digits = text.lstrip("0") or "0"
+        if not text.isascii() or not text.isdigit() or len(digits) > len(str(bound)) or int(digits) >= bound:
             message = f"{name} must be a whole number below {bound}, got {text[:40]!r}"
             raise HttpError(HTTPStatus.BAD_REQUEST, message)
-        return index
+        return int(digits)
 
     def _price_table(self) -> dict[str, str | None]:
         pricer = self.server.pricer
