@@ -711,3 +711,18 @@ def test_search_box_and_cost(watched: Watched) -> None:
     page.goto("/#/stats?by=model")
     page.wait_for_selector("#stats")
     expect(page.locator("#stats th", has_text="Cost (USD)")).to_have_count(1)
+
+
+def test_a_long_key_shows_cut_and_whole_on_demand(browser: Any, tmp_path: Path) -> None:
+    """A key was never cut: one argument under a key of 5,000,000 characters came whole."""
+    key = XSS_TEXT + "k" * 100_000
+    size = f"{len(key.encode()):,}"
+    session = session_of_texts("long-key", ["done"], "v", key)
+    with first_loop_opened(browser, tmp_path, session) as (page, details):
+        arguments = details.locator(".structured .block.toolcall pre").first
+        expect(arguments).to_contain_text(f"\u2026 [clipped: {size} bytes]")
+        assert '"v"' in (arguments.text_content() or "")
+        arguments.locator("button.show-all", has_text=f"show all ({size} bytes)").click()
+        expect(arguments.locator("button.show-all")).to_have_count(0)
+        assert arguments.text_content() == "{\n  " + msgspec.json.encode(key).decode() + ': "v"\n}'
+        assert page.locator("#app img, #app script").count() == 0  # the HTML in it stayed text

@@ -573,15 +573,10 @@ def test_each_cut_of_the_event_log_gives_its_own_events_text_whatever_the_sequen
             assert texts == {"A", "B"}
 
 
-def _with_key(session: Session, key: str) -> Session:
-    """`session_of_texts`'s session with its argument's key ``a/b~c`` renamed `key`."""
-    return decode_session(encode_session(session).replace(b'"a/b~c"', msgspec.json.encode(key)))
-
-
 def test_a_cut_is_named_in_a_short_query_whatever_the_keys_above_it(tmp_path: Path) -> None:
     """A cut was named by its JSON pointer, percent-encoded into its query: under a key of
     11,000 'é' the query was 66 KB and the server refused it (414)."""
-    session = _with_key(session_of_texts("keys", ["r" * 100_000], "v" * 100_000), "\u00e9" * 11_000)
+    session = session_of_texts("keys", ["r" * 100_000], "v" * 100_000, "\u00e9" * 11_000)
     loop = json.loads(encode_loop(msgspec.structs.replace(session.loops[0], events=[])))
     events = [json.loads(encode_event(item.event)) for item in session.loops[0].events]
     with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
@@ -613,3 +608,44 @@ def test_a_cut_still_gives_its_text_once_its_loop_is_saved_again_with_more(tmp_p
         )
         for cut in cuts:
             assert get_json(server, f"/api/sessions/grows/field?{cut['field']}") == _at(stored, cut["path"])
+
+
+def test_long_keys_are_cut_too_and_given_whole_on_demand(tmp_path: Path) -> None:
+    """Keys were never cut: a tool call of one argument under a key of 5,000,000 characters
+    made its loop 10 MB, nothing listed as cut."""
+    long_key = "K" * 5_000_000
+    twins = ["k" * 70_000 + "a", "k" * 70_000 + "b"]  # cut alike: both must stay
+    members = {long_key: "v" * 100_000, **dict.fromkeys(twins, "t"), "short": "s"}
+    session = session_of_texts("keys", ["ok"])
+    data = encode_session(session, pretty=False).replace(b'{"a/b~c":""}', msgspec.json.encode(members))
+    session = decode_session(data)
+    loop = json.loads(encode_loop(msgspec.structs.replace(session.loops[0], events=[])))
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
+        store.save(session)
+        body = request(server, "/api/sessions/keys/loops/0")[2]
+        assert len(body) < 20 * CLIP_BYTES
+        shown = json.loads(body)
+        arguments = "/turns/0/output_message/content/0/arguments"
+        shown_members = _at(shown, arguments)
+        assert len(shown_members) == 4 and shown_members["short"] == "s"
+        [big] = [key for key in shown_members if key.startswith("KKK")]
+        assert big.endswith(f"\u2026 [clipped: {len(long_key):,} bytes]")
+        assert shown_members[big].endswith("\u2026 [clipped: 100,000 bytes]")
+        cuts = {(cut["path"], cut["key"]): cut for cut in shown.pop("clipped")}
+        pointer = f"{arguments}/{big}"
+        assert cuts[pointer, True]["bytes"] == len(long_key) and cuts[pointer, False]["bytes"] == 100_000
+        wholes = {get_json(server, f"/api/sessions/keys/field?{cut['field']}") for cut in cuts.values()}
+        assert {long_key, *twins, "v" * 100_000} <= wholes
+        # Where a key was cut, the text under it is the stored loop's.
+        assert _at(loop, "/turns/0/tool_results/0/content/0/text") == _at(
+            shown, "/turns/0/tool_results/0/content/0/text"
+        )
+        body = request(server, "/api/sessions/keys/event-log")[2]
+        assert len(body) < 60 * CLIP_BYTES
+        for row in json.loads(body)["events"]:
+            for cut in row["clipped"]:
+                assert get_json(server, f"/api/sessions/keys/field?{cut['field']}") in {
+                    long_key,
+                    *twins,
+                    "v" * 100_000,
+                }

@@ -57,9 +57,11 @@ def xss_lines() -> list[str]:
     ]
 
 
-def session_of_texts(session_id: str, results: Iterable[str], argument: str = "") -> Session:
-    """One loop of one turn: a call of ``read`` per result, each given `argument` under the
-    key ``a/b~c`` (a JSON pointer escapes both), answered by its result."""
+def session_of_texts(
+    session_id: str, results: Iterable[str], argument: str = "", key: str = "a/b~c"
+) -> Session:
+    """One loop of one turn: a call of ``read`` per result, each given `argument` under
+    `key` (by default ``a/b~c``: a JSON pointer escapes both), answered by its result."""
     recorder = SessionRecorder()
     tracer = Tracer(
         AgentSession(session_id=session_id),
@@ -72,8 +74,7 @@ def session_of_texts(session_id: str, results: Iterable[str], argument: str = ""
         with loop.turn() as turn:
             with turn.assistant() as reply:
                 calls = [
-                    ToolCall(id=f"c{n}", name="read", arguments={"a/b~c": argument})
-                    for n in range(len(texts))
+                    ToolCall(id=f"c{n}", name="read", arguments={key: argument}) for n in range(len(texts))
                 ]
                 reply.finish(tool_calls=calls)
             for call, text in zip(turn.tool_calls, texts, strict=True):

@@ -73,37 +73,68 @@ class FieldNotFound(LookupError):
 
 @dataclass(frozen=True)
 class _Cut:
-    """A text `clip` cuts: ``holder[key]``, `bytes` long in UTF-8, under the containers `path` names."""
+    """A text `clip` cuts, `bytes` long in UTF-8: ``holder[key]``, or with `is_key` the key
+    `key` itself; `path` names the containers above, `name` the member as cut."""
 
-    holder: dict[str, Any] | list[Any]
-    key: str | int
+    holder: Any  # the decoded dict or list
+    key: Any  # its key or index
     text: str
     bytes: int
     path: tuple[str, ...]
+    name: str
+    is_key: bool = False
 
     @property
     def pointer(self) -> str:
-        """Where it is, as a JSON pointer (RFC 6901)."""
-        return "".join(f"/{_escaped(part)}" for part in (*self.path, str(self.key)))
+        """Where it is in the item as cut, as a JSON pointer (RFC 6901): a key's, its member's."""
+        return "".join(f"/{_escaped(part)}" for part in (*self.path, self.name))
 
 
 def _cuts(tree: Any) -> Iterator[_Cut]:
-    """The texts of `tree` (a decoded loop or event) that `clip` cuts, in document order:
-    the one walk that both cuts them (`clip`) and finds one again (`_cut_text`)."""
+    """The texts of `tree` (a decoded loop or event) that `clip` cuts, keys too, in
+    document order: the one walk that both cuts them (`clip`) and finds one again
+    (`_cut_text`). A path holds keys as cut, as the page finds them."""
     # Depth first with a stack of the containers entered and what is left of each; the
     # path of each container kept, its pointer written only for a cut.
     stack: list[tuple[Any, tuple[str, ...], Iterator[tuple[Any, Any]]]] = [(tree, (), _members(tree))]
+    names: dict[int, set[str]] = {}  # id of a dict -> the names its cut keys were given
     while stack:
         node, path, members = stack[-1]
         for key, value in members:
+            name = str(key)
+            if isinstance(key, str) and (size := _cut_size(key)):
+                name = _key_name(node, key, size, names.setdefault(id(node), set()))
+                yield _Cut(node, key, key, size, path, name, is_key=True)
             if isinstance(value, str):
-                if len(value) > _CLIP_CHARS and (size := len(value.encode())) > CLIP_BYTES:
-                    yield _Cut(node, key, value, size, path)
+                if size := _cut_size(value):
+                    yield _Cut(node, key, value, size, path, name)
             elif isinstance(value, (dict, list)):
-                stack.append((value, (*path, str(key)), _members(value)))
+                stack.append((value, (*path, name), _members(value)))
                 break
         else:
             stack.pop()
+
+
+def _cut_size(text: str) -> int:
+    """The size of `text` in UTF-8 if `clip` cuts it, else 0."""
+    if len(text) > _CLIP_CHARS and (size := len(text.encode())) > CLIP_BYTES:
+        return size
+    return 0
+
+
+def _cut(text: str, size: int) -> str:
+    return f"{text[:_CLIP_CHARS]}\u2026 [clipped: {size:,} bytes]"
+
+
+def _key_name(holder: dict[str, Any], key: str, size: int, taken: set[str]) -> str:
+    """The name the cut key `key` of `holder` is shown under: `_cut`, numbered if another key
+    of `holder` is or was cut to the same (two keys of the same head and size), none lost."""
+    name, number = _cut(key, size), 1
+    while name in holder or name in taken:
+        number += 1
+        name = f"{_cut(key, size)} ({number})"
+    taken.add(name)
+    return name
 
 
 def _members(node: dict[str, Any] | list[Any]) -> Iterator[tuple[Any, Any]]:
@@ -119,21 +150,35 @@ def _digest(text: str) -> str:
 
 
 def clip(data: bytes, field: str) -> tuple[bytes, list[dict[str, Any]]]:
-    """`data`, the JSON of a loop or an event, with every text longer than `CLIP_BYTES` cut
-    (`_CLIP_CHARS` characters, then ``… [clipped: N bytes]``), and the list of the cuts:
-    ``{"path": JSON pointer (RFC 6901), "bytes": N, "field": the field view's query}``,
-    `field` its query naming the loop or event, to which each cut adds ``&digest=`` its
-    text's `_digest`. JSON too short to hold such a text is passed on unread."""
+    """`data`, the JSON of a loop or an event, with every text longer than `CLIP_BYTES`, a
+    key too, cut (`_CLIP_CHARS` characters, then ``… [clipped: N bytes]``), and the list of
+    the cuts: ``{"path": JSON pointer (RFC 6901), "key": whether it is the key of the member
+    there, "bytes": N, "field": the field view's query}``, `field` its query naming the loop
+    or event, to which each cut adds ``&digest=`` its text's `_digest`. JSON too short to
+    hold such a text is passed on unread."""
     if len(data) <= CLIP_BYTES:
         return data, []
     tree = msgspec.json.decode(data)
     cuts = list(_cuts(tree))  # cut once the walk is done: it goes on through the containers
     if not cuts:
         return data, []
+    renamed: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}  # id of a dict -> it, its keys' names
     for cut in cuts:
-        cut.holder[cut.key] = f"{cut.text[:_CLIP_CHARS]}\u2026 [clipped: {cut.bytes:,} bytes]"  # type: ignore[index]
+        if cut.is_key:
+            renamed.setdefault(id(cut.holder), (cut.holder, {}))[1][cut.key] = cut.name
+        else:  # before its key is renamed
+            cut.holder[cut.key] = _cut(cut.text, cut.bytes)
+    for holder, names in renamed.values():  # in place and order
+        members = [(names.get(key, key), value) for key, value in holder.items()]
+        holder.clear()
+        holder.update(members)
     listed = [
-        {"path": cut.pointer, "bytes": cut.bytes, "field": f"{field}&digest={_digest(cut.text)}"}
+        {
+            "path": cut.pointer,
+            "key": cut.is_key,
+            "bytes": cut.bytes,
+            "field": f"{field}&digest={_digest(cut.text)}",
+        }
         for cut in cuts
     ]
     return msgspec.json.encode(tree), listed

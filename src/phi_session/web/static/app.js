@@ -55,10 +55,11 @@
 
   // -- texts the server cut -----------------------------------------------------------
   // In a loop's, a loop list row's and an event's JSON the server cuts every text over
-  // 64 KiB and lists the cuts beside it ({path: a JSON pointer, bytes, field}: clip in
-  // web/pages.py). Each such text becomes a Clipped where it was: drawn as what came and
-  // a button that fetches it whole from the field view. Read as text (toString, toJSON)
-  // it is what came, its "… [clipped: N bytes]" marker included.
+  // 64 KiB, keys too, and lists the cuts beside it ({path: a JSON pointer, key: whether
+  // the key there is the text, bytes, field}: clip in web/pages.py). Each such text becomes
+  // a Clipped where it was (a key, in clippedKeys): drawn as what came and a button that
+  // fetches it whole from the field view. Read as text (toString, toJSON) it is what came,
+  // its "… [clipped: N bytes]" marker included.
   class Clipped {
     constructor(text, bytes, url) {
       this.text = text;
@@ -75,6 +76,9 @@
     }
   }
 
+  // An object's cut keys (a key stays a string): the object -> its key -> the Clipped.
+  const clippedKeys = new WeakMap();
+
   function markClipped(tree, cuts, sessionId) {
     const own = (holder, key) => holder !== null && typeof holder === "object" && Object.prototype.hasOwnProperty.call(holder, key);
     for (const cut of cuts || []) {
@@ -82,8 +86,13 @@
       const last = steps.pop();
       let holder = tree;
       for (const step of steps) holder = own(holder, step) ? holder[step] : null;
-      if (own(holder, last) && typeof holder[last] === "string") {
-        holder[last] = new Clipped(holder[last], cut.bytes, "api/sessions/" + encodeURIComponent(sessionId) + "/field?" + cut.field);
+      if (!own(holder, last)) continue;
+      const url = "api/sessions/" + encodeURIComponent(sessionId) + "/field?" + cut.field;
+      if (cut.key) {
+        if (!clippedKeys.has(holder)) clippedKeys.set(holder, new Map());
+        clippedKeys.get(holder).set(last, new Clipped(last, cut.bytes, url));
+      } else if (typeof holder[last] === "string") {
+        holder[last] = new Clipped(holder[last], cut.bytes, url);
       }
     }
     return tree;
@@ -195,15 +204,19 @@
     return isNaN(a) || isNaN(b) ? "" : ((b - a) / 1000).toFixed(2) + "s";
   }
 
-  // Indented JSON text; one holding a cut text comes as a list of text and, for each
-  // cut, its node (clippedNode), which shows it and then its whole as JSON strings.
+  // Indented JSON text; one holding a cut text (a value or a key) comes as a list of text
+  // and, for each cut, its node (clippedNode), which shows it and then its whole as JSON
+  // strings.
   function json(value) {
     const cuts = [];
     const mark = "clip-" + Math.random().toString(36).slice(2) + "-";
+    const marked = (clip) => mark + (cuts.push(clip) - 1);
     const text = JSON.stringify(value, function (key, item) {
-      if (!(this[key] instanceof Clipped)) return item;
-      cuts.push(this[key]);
-      return mark + (cuts.length - 1);
+      if (this[key] instanceof Clipped) return marked(this[key]);
+      const keys = clippedKeys.get(this[key]);
+      if (keys === undefined) return item;
+      return Object.fromEntries(Object.entries(item).map(([name, member]) =>
+        [keys.has(name) ? marked(keys.get(name)) : name, member]));
     }, 2);
     if (!cuts.length) return text;
     return text.split(new RegExp('"' + mark + '(\\d+)"')).map((part, index) =>
