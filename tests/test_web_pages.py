@@ -6,6 +6,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from phi_session.stores.outline import PROMPT_CHARS, first_prompt
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.views import SUB_AGENT_LOOPS, timeline
 from phi_session.web import pages
-from phi_session.web.pages import CLIP_BYTES, PAGE_BYTES
+from phi_session.web.pages import CLIP_BYTES, PAGE_BYTES, VIEW_CHARS
 from phi_session.web.server import ViewerServer
 
 from .test_web_api import get_json, ids, request
@@ -610,6 +611,16 @@ def test_a_cut_still_gives_its_text_once_its_loop_is_saved_again_with_more(tmp_p
             assert get_json(server, f"/api/sessions/grows/field?{cut['field']}") == _at(stored, cut["path"])
 
 
+@contextmanager
+def _first_loop_served(tmp_path: Path, session: Session) -> Iterator[tuple[ViewerServer, Any, bytes]]:
+    """`session` saved alone and served: the server, its first loop's JSON as stored (without
+    its events) and the loop view's answer for it."""
+    stored = json.loads(encode_loop(msgspec.structs.replace(session.loops[0], events=[])))
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
+        store.save(session)
+        yield server, stored, request(server, f"/api/sessions/{session.session_id}/loops/0")[2]
+
+
 def test_long_keys_are_cut_too_and_given_whole_on_demand(tmp_path: Path) -> None:
     """Keys were never cut: a tool call of one argument under a key of 5,000,000 characters
     made its loop 10 MB, nothing listed as cut."""
@@ -619,10 +630,7 @@ def test_long_keys_are_cut_too_and_given_whole_on_demand(tmp_path: Path) -> None
     session = session_of_texts("keys", ["ok"])
     data = encode_session(session, pretty=False).replace(b'{"a/b~c":""}', msgspec.json.encode(members))
     session = decode_session(data)
-    loop = json.loads(encode_loop(msgspec.structs.replace(session.loops[0], events=[])))
-    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
-        store.save(session)
-        body = request(server, "/api/sessions/keys/loops/0")[2]
+    with _first_loop_served(tmp_path, session) as (server, loop, body):
         assert len(body) < 20 * CLIP_BYTES
         shown = json.loads(body)
         arguments = "/turns/0/output_message/content/0/arguments"
@@ -649,3 +657,23 @@ def test_long_keys_are_cut_too_and_given_whole_on_demand(tmp_path: Path) -> None
                     *twins,
                     "v" * 100_000,
                 }
+
+
+def test_past_a_budget_a_loop_view_cuts_shorter_texts_too(tmp_path: Path) -> None:
+    """Only texts over 64 KiB were cut: a loop of 150 tool results of 65,000 bytes was 29 MB."""
+    results = [f"{n:03}" + "y" * 64_997 for n in range(150)]
+    session = session_of_texts("many", results)
+    with _first_loop_served(tmp_path, session) as (server, stored, body):
+        assert len(body) < 2 * VIEW_CHARS
+        shown = json.loads(body)
+        cuts = shown.pop("clipped")
+        # The first whole, in document order (the loop's messages, then its turns); once the
+        # budget is spent, cut to their first 1,024 characters.
+        assert _at(shown, "/messages/2/content/0/text") == results[0]
+        last = _at(shown, "/turns/0/tool_results/149/content/0/text")
+        assert last == results[-1][:1024] + "\u2026 [clipped: 65,000 bytes]"
+        assert all(len(cut["field"]) < 100 for cut in cuts) and len(cuts) > 150
+        for cut in cuts[:: len(cuts) // 7]:
+            assert get_json(server, f"/api/sessions/many/field?{cut['field']}") == _at(stored, cut["path"])
+        for event in get_json(server, "/api/sessions/many/event-log?type=TurnEnd")["events"]:
+            assert len(msgspec.json.encode(event)) < 2 * VIEW_CHARS  # a row's budget alike

@@ -13,7 +13,8 @@ JSON bytes.
 
 A loop or an event may hold texts of megabytes (a tool result, a file an argument
 writes): in the loop list, a loop's and the event log's JSON every text longer than
-`CLIP_BYTES` is cut (`clip`), each cut listed with its full size and the query of the
+`CLIP_BYTES` is cut (`clip`), and past `VIEW_CHARS` of text in one loop, row or event
+every text longer than 4 KiB, each cut listed with its full size and the query of the
 ``field`` view that gives it whole, naming it by its digest (`CachedSession.loop_text`,
 `CachedSession.scoped_text`);
 an event-log page ends early once its events reach `PAGE_BYTES`. Only these views are
@@ -44,13 +45,29 @@ from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
 from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
 
-__all__ = ["CLIP_BYTES", "PAGE_BYTES", "CachedSession", "FieldNotFound", "Page", "SessionCache", "clip"]
+__all__ = [
+    "CLIP_BYTES",
+    "PAGE_BYTES",
+    "VIEW_CHARS",
+    "CachedSession",
+    "FieldNotFound",
+    "Page",
+    "SessionCache",
+    "clip",
+]
 
 CLIP_BYTES = 64 * 1024
 """A text longer than this in UTF-8 is cut in the viewer's loop and event views to its first
 `_CLIP_CHARS` characters and a marker saying its full size (a loop of twelve 5 MB tool
 results was one answer of 91 MB, a page of 10 of its events 15 MB)."""
 _CLIP_CHARS = CLIP_BYTES // 4  # at most CLIP_BYTES in UTF-8, whatever the characters
+VIEW_CHARS = 1024 * 1024
+"""Once the texts of a loop, a loop list row or an event hold this many characters as
+shown, each text after them over `_SHORT_BYTES` in UTF-8 is cut too, to its first
+`_SHORT_CHARS` characters (a loop of 150 tool results of 65,000 bytes, none over
+`CLIP_BYTES`, was 29 MB)."""
+_SHORT_BYTES = 4 * 1024
+_SHORT_CHARS = _SHORT_BYTES // 4
 PAGE_BYTES = 4 * 1024 * 1024
 """An event-log page ends once the JSON of its events reaches this, holding one event at
 least (a page of 200 events of that loop was 303 MB)."""
@@ -73,13 +90,15 @@ class FieldNotFound(LookupError):
 
 @dataclass(frozen=True)
 class _Cut:
-    """A text `clip` cuts, `bytes` long in UTF-8: ``holder[key]``, or with `is_key` the key
-    `key` itself; `path` names the containers above, `name` the member as cut."""
+    """A text `clip` cuts to its first `head` characters, `bytes` long in UTF-8: ``holder[key]``,
+    or with `is_key` the key `key` itself; `path` names the containers above, `name` the
+    member as cut."""
 
     holder: Any  # the decoded dict or list
     key: Any  # its key or index
     text: str
     bytes: int
+    head: int
     path: tuple[str, ...]
     name: str
     is_key: bool = False
@@ -90,24 +109,34 @@ class _Cut:
         return "".join(f"/{_escaped(part)}" for part in (*self.path, self.name))
 
 
-def _cuts(tree: Any) -> Iterator[_Cut]:
+def _cuts(tree: Any, budget: int = VIEW_CHARS) -> Iterator[_Cut]:
     """The texts of `tree` (a decoded loop or event) that `clip` cuts, keys too, in
-    document order: the one walk that both cuts them (`clip`) and finds one again
-    (`_cut_text`). A path holds keys as cut, as the page finds them."""
+    document order: those over `CLIP_BYTES`, and once the texts before them show `budget`
+    characters, those over `_SHORT_BYTES`. The one walk that both cuts them (`clip`) and
+    finds one again (`_cut_text`, with no budget: whatever the texts before it now). A path
+    holds keys as cut, as the page finds them."""
     # Depth first with a stack of the containers entered and what is left of each; the
     # path of each container kept, its pointer written only for a cut.
     stack: list[tuple[Any, tuple[str, ...], Iterator[tuple[Any, Any]]]] = [(tree, (), _members(tree))]
     names: dict[int, set[str]] = {}  # id of a dict -> the names its cut keys were given
+    shown = 0  # characters of the texts walked, as cut
     while stack:
         node, path, members = stack[-1]
         for key, value in members:
             name = str(key)
-            if isinstance(key, str) and (size := _cut_size(key)):
-                name = _key_name(node, key, size, names.setdefault(id(node), set()))
-                yield _Cut(node, key, key, size, path, name, is_key=True)
+            if isinstance(key, str):
+                if cut := _cut_of(key, shown < budget):
+                    size, head = cut
+                    name = _key_name(node, key, size, head, names.setdefault(id(node), set()))
+                    yield _Cut(node, key, key, size, head, path, name, is_key=True)
+                shown += len(name)
             if isinstance(value, str):
-                if size := _cut_size(value):
-                    yield _Cut(node, key, value, size, path, name)
+                if cut := _cut_of(value, shown < budget):
+                    size, head = cut
+                    yield _Cut(node, key, value, size, head, path, name)
+                    shown += head
+                else:
+                    shown += len(value)
             elif isinstance(value, (dict, list)):
                 stack.append((value, (*path, name), _members(value)))
                 break
@@ -115,24 +144,26 @@ def _cuts(tree: Any) -> Iterator[_Cut]:
             stack.pop()
 
 
-def _cut_size(text: str) -> int:
-    """The size of `text` in UTF-8 if `clip` cuts it, else 0."""
-    if len(text) > _CLIP_CHARS and (size := len(text.encode())) > CLIP_BYTES:
-        return size
-    return 0
+def _cut_of(text: str, within_budget: bool) -> tuple[int, int] | None:
+    """Whether `clip` cuts `text`, within the budget or past it: if so, its size in UTF-8
+    and how many characters it keeps."""
+    limit, head = (CLIP_BYTES, _CLIP_CHARS) if within_budget else (_SHORT_BYTES, _SHORT_CHARS)
+    if len(text) > head and (size := len(text.encode())) > limit:
+        return size, head
+    return None
 
 
-def _cut(text: str, size: int) -> str:
-    return f"{text[:_CLIP_CHARS]}\u2026 [clipped: {size:,} bytes]"
+def _cut(text: str, size: int, head: int) -> str:
+    return f"{text[:head]}\u2026 [clipped: {size:,} bytes]"
 
 
-def _key_name(holder: dict[str, Any], key: str, size: int, taken: set[str]) -> str:
+def _key_name(holder: dict[str, Any], key: str, size: int, head: int, taken: set[str]) -> str:
     """The name the cut key `key` of `holder` is shown under: `_cut`, numbered if another key
     of `holder` is or was cut to the same (two keys of the same head and size), none lost."""
-    name, number = _cut(key, size), 1
+    name, number = _cut(key, size, head), 1
     while name in holder or name in taken:
         number += 1
-        name = f"{_cut(key, size)} ({number})"
+        name = f"{_cut(key, size, head)} ({number})"
     taken.add(name)
     return name
 
@@ -151,7 +182,8 @@ def _digest(text: str) -> str:
 
 def clip(data: bytes, field: str) -> tuple[bytes, list[dict[str, Any]]]:
     """`data`, the JSON of a loop or an event, with every text longer than `CLIP_BYTES`, a
-    key too, cut (`_CLIP_CHARS` characters, then ``… [clipped: N bytes]``), and the list of
+    key too, cut (`_CLIP_CHARS` characters, then ``… [clipped: N bytes]``), and past
+    `VIEW_CHARS` every text over `_SHORT_BYTES` (`_SHORT_CHARS` characters), and the list of
     the cuts: ``{"path": JSON pointer (RFC 6901), "key": whether it is the key of the member
     there, "bytes": N, "field": the field view's query}``, `field` its query naming the loop
     or event, to which each cut adds ``&digest=`` its text's `_digest`. JSON too short to
@@ -167,7 +199,7 @@ def clip(data: bytes, field: str) -> tuple[bytes, list[dict[str, Any]]]:
         if cut.is_key:
             renamed.setdefault(id(cut.holder), (cut.holder, {}))[1][cut.key] = cut.name
         else:  # before its key is renamed
-            cut.holder[cut.key] = _cut(cut.text, cut.bytes)
+            cut.holder[cut.key] = _cut(cut.text, cut.bytes, cut.head)
     for holder, names in renamed.values():  # in place and order
         members = [(names.get(key, key), value) for key, value in holder.items()]
         holder.clear()
@@ -185,9 +217,10 @@ def clip(data: bytes, field: str) -> tuple[bytes, list[dict[str, Any]]]:
 
 
 def _cut_text(data: bytes, digest: str) -> str:
-    """The whole text that `clip` cuts in `data` (JSON) whose `_digest` is `digest`. Raises
-    `FieldNotFound`."""
-    for cut in _cuts(msgspec.json.decode(data)):
+    """The whole text that `clip` cuts in `data` (JSON) whose `_digest` is `digest` (any text
+    it may cut, however much of the budget the texts before it spend now: a running loop
+    saved again). Raises `FieldNotFound`."""
+    for cut in _cuts(msgspec.json.decode(data), budget=0):
         if _digest(cut.text) == digest:
             return cut.text
     raise FieldNotFound(f"no text cut here has the digest {digest!r} (changed since it was shown?)")

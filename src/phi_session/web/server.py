@@ -57,7 +57,8 @@ until a request finds the session deleted):
   (in its I-th event in the event log: by sequence, those sharing one as stored),
   ``?event=K&digest=D`` (in the K-th session-scoped event) the whole text of digest D
   that the loop, loop list and event-log views cut: each of those cuts a text over
-  `pages.CLIP_BYTES` (64 KiB), a key too, and lists it as ``{"path", "key", "bytes",
+  `pages.CLIP_BYTES` (64 KiB), a key too (past `pages.VIEW_CHARS` of text, one over
+  4 KiB), and lists it as ``{"path", "key", "bytes",
   "field"}`` (its JSON pointer, a key's that of its member, whether it is a key, its size
   and this view's query) under the loop's ``clipped`` key, or its row's (`pages.clip`);
   400 for a bad index or digest, 404 for no such text there;
