@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -1776,3 +1777,64 @@ def test_a_hand_over_interrupted_as_it_takes_the_links_to_complete_keeps_them(
             parent_session_id="p", parent_loop_id="p.c.1", tool_call_id=f"t_{child}", tool_name="sub"
         )
     assert not list((tmp_path / "j").glob("*.wal"))
+
+
+def test_a_link_raising_a_base_exception_every_time_leaves_close_finishing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sub-agent k's link read its spawner p's outline from a hung store, ended by a
+    `BaseException` every time (gevent's `Timeout`): close() raised it at every call (3 of 3)
+    and never finished, saving k again each time; the journal was never released."""
+    spawner, sub_agent, _ = spawned_apart()
+    store = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(store, checkpoint_interval=None) as elsewhere:
+        elsewhere.record_all(spawner)
+    saves: list[str] = []
+    save = store.save
+
+    def counted(session: Session) -> None:
+        saves.append(session.session_id)
+        save(session)
+
+    def hung(session_id: str) -> NoReturn:
+        raise Fatal
+
+    store.save = counted  # type: ignore[method-assign]
+    store.load_outline = hung  # type: ignore[method-assign]
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_interval=None)
+    persisting.record_all(sub_agent)
+    with caplog.at_level(logging.ERROR, logger="phi_session.persist"):
+        persisting.close()
+    assert saves == ["k"]
+    assert store.load("k").parent_spawn_ref == SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="", tool_name=""
+    )
+    assert any(r.exc_info and r.exc_info[0] is Fatal for r in caplog.records)
+    assert list((tmp_path / "j").glob("*.wal")) == []
+
+
+def test_a_writer_dying_mid_batch_leaves_only_what_it_did_not_get_through(tmp_path: Path) -> None:
+    """Sessions a and b handed over in one batch, the save of b raising a `BaseException`
+    once: close() saved a again (saves a, b, a, b), as the writer let go of a batch's
+    sessions only once all were tried; an exporter sent a twice."""
+    evs = single_loop_sessions(2)
+    store = FatalOnce(tmp_path / "store")
+    saves: list[str] = []
+    save = store.save
+
+    def counted(session: Session) -> None:
+        saves.append(session.session_id)
+        if len(saves) == 2:
+            raise Fatal
+        save(session)
+
+    store.save = counted  # type: ignore[method-assign]
+    store.failed = True
+    persisting = AutoPersistingRecorder(store, checkpoint_interval=None)
+    persisting.record_all(evs)
+    persisting.checkpoint()
+    assert persisting.wait_saved() is False  # the writer died
+    persisting.close()
+    first, second = sorted(recorded(evs))
+    assert saves == [first, second, second]
+    assert stored(store) == recorded(evs)

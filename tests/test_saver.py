@@ -904,3 +904,38 @@ def test_a_link_that_raises_is_not_tried_again_by_every_later_drain_one_interrup
     assert _drained(saver, [_start("z", "z.c.1"), _end("z.c.1")], asynchronously=asynchronously) == ["z"]
     assert reads == ["p", "p"]
     assert store.load("k").parent_spawn_ref == _LINKED
+
+
+class HungRead(BaseException):
+    """What no `except Exception` catches, as gevent's `Timeout` ending a hung read."""
+
+
+@pytest.mark.parametrize("asynchronously", [False, True])
+@pytest.mark.parametrize("raised", [HungRead, KeyboardInterrupt])
+def test_a_link_raising_a_base_exception_every_time_is_dropped_one_interrupted_after_a_few_tries(
+    tmp_path: Path, asynchronously: bool, raised: type[BaseException]
+) -> None:
+    """A link whose read raised the same `BaseException` every time (a gevent `Timeout` on a
+    hung store) was put back at the head of the saver's links: every later drain read it
+    again and raised again (3 of 3). Only an interrupt (Ctrl-C, a cancelled task) puts it
+    back, and a few times at most."""
+    spawner, sub_agent, _ = spawned_apart()
+    store = JsonDirStore(tmp_path)
+    _drained(SessionSaver(store), spawner, asynchronously=False)
+    reads: list[str] = []
+
+    def hung(session_id: str) -> Any:
+        reads.append(session_id)
+        raise raised
+
+    store.load_outline = hung  # type: ignore[method-assign]
+    saver = SessionSaver(store)
+    tries = 1 if raised is HungRead else saver_module.LINK_INTERRUPTS
+    with pytest.raises(raised):
+        _drained(saver, sub_agent, asynchronously=asynchronously)
+    for _ in range(tries - 1):
+        with pytest.raises(raised):
+            _drained(saver, [], asynchronously=asynchronously)
+    assert _drained(saver, [_start("z", "z.c.1"), _end("z.c.1")], asynchronously=asynchronously) == ["z"]
+    assert reads == ["p"] * tries
+    assert store.load("k").parent_spawn_ref == _PROVISIONAL

@@ -49,7 +49,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, MutableSequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 import msgspec
@@ -75,7 +75,15 @@ from .journal.recovery import KeptUnsaved, recover_keeping_unsaved
 from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig, SpawnGap
-from .saver import OrphanSink, SaveOutcome, SaveTarget, SessionSaver, check_save_target, not_saved
+from .saver import (
+    INTERRUPTS,
+    OrphanSink,
+    SaveOutcome,
+    SaveTarget,
+    SessionSaver,
+    check_save_target,
+    not_saved,
+)
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
@@ -211,9 +219,9 @@ class _Pending:
     pin: int | None
     size: int  # `held_bytes`
     # The sub-agent links its drain left incomplete, completed from the store once it is
-    # saved, before it leaves the queue: its pin keeps its records until then, for a
-    # recovery to note them again.
-    gaps: tuple[SpawnGap, ...] = ()
+    # saved (`_linking`), each taken off as it is tried: its pin keeps its records until
+    # they are all tried, for a recovery to note them again.
+    gaps: deque[SpawnGap] = field(default_factory=deque)
 
 
 class AutoPersistingRecorder:
@@ -379,8 +387,8 @@ class AutoPersistingRecorder:
         # and the bound methods a `with` statement makes.
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
-        # _cond: the writer's side: _queue, _queued_bytes, _waiting, _unsaved_pins, _stopping, _releasing,
-        # _settle_due, _writer_ended, _backpressure_waits, _blocked_seconds, _last_warning.
+        # _cond: the writer's side: _queue, _queued_bytes, _waiting, _linking, _unsaved_pins, _stopping,
+        # _releasing, _settle_due, _writer_ended, _backpressure_waits, _blocked_seconds, _last_warning.
         self._cond = threading.Condition(threading.Lock())
         self._closed = False  # no more events
         self._sealed = False  # `close` has drained the recorder for the last time
@@ -415,6 +423,7 @@ class AutoPersistingRecorder:
         self._queue: deque[_Pending] = deque()  # handed to the writer
         self._queued_bytes = 0
         self._waiting: deque[_Pending] = deque()  # drained, waiting for room in the queue
+        self._linking: deque[_Pending] = deque()  # saved, the links they left being completed
         self._unsaved_pins: dict[str, int] = {}  # sessions the saver gave up -> their pins
         self._stopping = False
         # The writer thread returned, or died: nothing waits for it then. Set under `_cond`
@@ -612,7 +621,7 @@ class AutoPersistingRecorder:
             session = self._drained[0]
             # Unpinned once lined up, carrying its pin: a Ctrl-C before leaves it drained
             # and pinned (one handled right between the two keeps the journal longer).
-            gaps = tuple(self._gaps.get(session.session_id, ()))
+            gaps = deque(self._gaps.get(session.session_id, ()))
             item = _Pending(session, self._pin_of(session.session_id), held_bytes(session), gaps)
             with self._cond:
                 _move_head(self._drained, self._waiting, item)
@@ -741,7 +750,7 @@ class AutoPersistingRecorder:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while (
-                self._queue or self._waiting or self._releasing or self._settle_due
+                self._queue or self._waiting or self._linking or self._releasing or self._settle_due
             ) and not self._writer_ended:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -803,6 +812,7 @@ class AutoPersistingRecorder:
                 self._cond.notify_all()
 
     def _write(self) -> None:
+        self._link_saved()  # what a writer that died left
         last_release = time.monotonic()
         while True:
             with self._cond:
@@ -823,16 +833,10 @@ class AutoPersistingRecorder:
                     self._idle_checkpoint()
                 continue
             started = time.thread_time()
-            outcomes = self._saver.save_many([item.session for item in batch])
-            for item, outcome in zip(batch, outcomes, strict=True):
-                self._link_spawns(item, outcome)
+            self._saver.save_many([item.session for item in batch], each=self._tried_head)
+            self._link_saved()
             with self._cond:
                 self._writer_seconds += time.thread_time() - started
-                for item, outcome in zip(batch, outcomes, strict=True):
-                    self._queue.popleft()
-                    self._queued_bytes -= item.size
-                    if outcome.unsaved:
-                        self._keep_pin(item)
                 # Releasing costs a checkpoint-file fsync: when caught up, or now and then under load.
                 self._releasing = (
                     self._settle_due or not self._queue or time.monotonic() - last_release >= _RELEASE_EVERY
@@ -842,11 +846,32 @@ class AutoPersistingRecorder:
                 self._released()
                 last_release = time.monotonic()
 
-    def _link_spawns(self, item: _Pending, outcome: SaveOutcome) -> None:
-        """Complete the sub-agent links `item`, just saved, left incomplete (none if it went
-        to the orphans: not stored, it links nothing)."""
-        if item.gaps and not outcome.orphaned:
-            self._saver.link_spawns(deque(item.gaps))
+    def _tried_head(self, outcome: SaveOutcome) -> None:
+        """The queue's head was tried, with `outcome`: it leaves the queue at once (a writer
+        dying on the next does not leave it to be saved again), for `_linking` if it left
+        sub-agent links to complete (not if it went to the orphans: not stored, it links
+        nothing)."""
+        with self._cond:
+            item = self._queue[0]
+            if item.gaps and not outcome.orphaned:
+                _move_head(self._queue, self._linking, item)
+            else:
+                self._queue.popleft()
+            self._queued_bytes -= item.size
+            if outcome.unsaved:
+                self._keep_pin(item)
+
+    def _link_saved(self) -> None:
+        """Complete the sub-agent links the saved sessions left incomplete; each session
+        leaves `_linking` once all its links are tried."""
+        while True:
+            with self._cond:
+                if not self._linking:
+                    return
+                item = self._linking[0]
+            self._saver.link_spawns(item.gaps)
+            with self._cond:
+                self._linking.popleft()
 
     def _released(self) -> None:
         """The writer tells the journal what is stored and settled; `wait_saved` waits for it."""
@@ -878,7 +903,7 @@ class AutoPersistingRecorder:
         with self._lock:
             with self._cond:
                 self._settle_due = False  # `settled` is read below, under the same lock
-                unsaved = [p.pin for p in (*self._queue, *self._waiting) if p.pin is not None]
+                unsaved = [p.pin for p in (*self._queue, *self._waiting, *self._linking) if p.pin is not None]
                 unsaved += [pin for sid, pin in self._unsaved_pins.items() if sid in unsaved_ids]
             settled = self._settled_through
             # The recorder's orphans are written under `_lock`, the saver's by this thread: the
@@ -1003,21 +1028,28 @@ class AutoPersistingRecorder:
 
     def _save_leftovers(self) -> None:
         """Save what the stopped writer left (it died); each session leaves the queue once
-        tried, so that a `close` interrupted meanwhile goes on with the next."""
+        tried, so that a `close` interrupted meanwhile goes on with the next. A link whose
+        completion raises (gevent's `Timeout` on a hung read) is dropped, said here: one
+        raising every time would keep `close` from ever finishing."""
         while True:
             with self._cond:
-                line = self._queue or self._waiting
-                if not line:
-                    return
-                item = line[0]
-            outcome = self._saver.save(item.session)
-            self._link_spawns(item, outcome)
-            with self._cond:
-                line.popleft()
-                if line is self._queue:
-                    self._queued_bytes -= item.size
-                if outcome.unsaved:
-                    self._keep_pin(item)
+                self._admit()
+                if not self._queue:
+                    break
+                session = self._queue[0].session
+            self._tried_head(self._saver.save(session))
+        while True:
+            try:
+                self._link_saved()
+                return
+            except INTERRUPTS:
+                raise
+            except BaseException:
+                logger.error(
+                    "%r: completing a sub-agent link failed; it keeps its spawn ref without the tool call",
+                    self,
+                    exc_info=True,
+                )
 
     def _close_at_exit(self) -> None:
         """`close` from the exit hook: no caller is left to raise to, nor to read

@@ -113,6 +113,13 @@ def one_at_a_time(drained: deque[_Drained]) -> Iterator[_Drained]:
         drained.popleft()
 
 
+INTERRUPTS = (KeyboardInterrupt, asyncio.CancelledError)
+"""What interrupts work under way (Ctrl-C, a cancelled task), to be gone on with later; any
+other `BaseException` (gevent's `Timeout`) may be raised again by every attempt."""
+LINK_INTERRUPTS = 3
+"""Interrupts a sub-agent link is put back after: one whose read hangs until a timeout
+cancels it every time is then dropped, not tried by every later drain."""
+
 _LASTING = (StoredSessionUnusable, StoreClosed, SessionRefused)  # store errors no retry helps
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 2.0
@@ -242,6 +249,7 @@ class SessionSaver:
         self._no_attempts_after: float | None = None  # `stop_trying_after`'s monotonic instant
         self._drained: deque[Session] = deque()  # drained, not yet through `save`
         self._gaps: deque[SpawnGap] = deque()  # drained with them, not yet linked
+        self._link_interrupts: dict[int, int] = {}  # id of a link put back -> interrupts so far
 
     def __repr__(self) -> str:
         return f"SessionSaver({self.store!r})"
@@ -284,8 +292,12 @@ class SessionSaver:
                     outcome: SaveOutcome = done.value
                     return self._told(session, outcome)
 
-    def save_many(self, sessions: Sequence[Session]) -> list[SaveOutcome]:
-        """Save `sessions`; what became of each.
+    def save_many(
+        self, sessions: Sequence[Session], *, each: Callable[[SaveOutcome], object] | None = None
+    ) -> list[SaveOutcome]:
+        """Save `sessions`; what became of each, also given to `each` in order as soon as it
+        is known: an owner holding them until saved lets go of those tried before a
+        `BaseException` (gevent's `Timeout`) ends the call, not to save them again.
 
         A store that saves many sessions in one transaction (`BatchStore`, such as
         `SqliteStore`) gets them in one attempt; if that fails, each is saved on its
@@ -307,8 +319,14 @@ class SessionSaver:
                 )
             else:
                 self._count_saved(len(sessions))
-                return [self._told(session, SaveOutcome(saved=True)) for session in sessions]
-        return [self.save(session) for session in sessions]
+                return [self._outcome(self._told(s, SaveOutcome(saved=True)), each) for s in sessions]
+        return [self._outcome(self.save(session), each) for session in sessions]
+
+    @staticmethod
+    def _outcome(outcome: SaveOutcome, each: Callable[[SaveOutcome], object] | None) -> SaveOutcome:
+        if each is not None:
+            each(outcome)
+        return outcome
 
     async def asave(self, session: Session, *, once: bool = False) -> SaveOutcome:
         """`save` through the store's `asave`, pausing with ``asyncio.sleep``."""
@@ -588,7 +606,7 @@ class SessionSaver:
         (`SpawnGap.noted_by`) must be saved first: of two recorders' sides, the later read
         then sees the other's save."""
         while gaps:
-            with _tried_once(gaps) as gap:
+            with self._tried_once(gaps) as gap:
                 amendment = self._completed_link(gap)
                 if amendment is not None:
                     self.save(amendment)
@@ -596,10 +614,35 @@ class SessionSaver:
     async def alink_spawns(self, gaps: deque[SpawnGap]) -> None:
         """`link_spawns` through `asave` (the read runs in a worker thread)."""
         while gaps:
-            with _tried_once(gaps) as gap:
+            with self._tried_once(gaps) as gap:
                 amendment = await asyncio.to_thread(self._completed_link, gap)
                 if amendment is not None:
                     await self.asave(amendment)
+
+    @contextmanager
+    def _tried_once(self, gaps: deque[SpawnGap]) -> Iterator[SpawnGap]:
+        """The head of `gaps`, taken off as it is tried: one whose completion raises (the host's
+        `on_saved`, a bug, a gevent `Timeout` on a hung read) is not tried again, and raised
+        again, by every later drain. An interrupt (`INTERRUPTS`) puts it back for the next,
+        `LINK_INTERRUPTS` times at most."""
+        gap = gaps.popleft()
+        with self._lock:
+            interrupts = self._link_interrupts.pop(id(gap), 0) + 1
+        try:
+            yield gap
+        except INTERRUPTS:
+            if interrupts < LINK_INTERRUPTS:
+                with self._lock:
+                    self._link_interrupts[id(gap)] = interrupts
+                gaps.appendleft(gap)
+            else:
+                logger.warning(
+                    "completing sub-agent session %r's link was interrupted %d times: dropped, its"
+                    " spawn ref keeps no tool call",
+                    gap.session_id,
+                    interrupts,
+                )
+            raise
 
     def _completed_link(self, gap: SpawnGap) -> Session | None:
         """The amendment that completes `gap` (the sub-agent's header with the tool call),
@@ -717,21 +760,6 @@ class SessionSaver:
                 orphaned=self._orphaned,
                 unsaved=len(self._unsaved_now()),
             )
-
-
-@contextmanager
-def _tried_once(gaps: deque[SpawnGap]) -> Iterator[SpawnGap]:
-    """The head of `gaps`, taken off as it is tried: one whose completion raises (the host's
-    `on_saved`, a bug) is not tried again, and raised again, by every later drain. An
-    interrupt (Ctrl-C, a cancelled task) puts it back for the next."""
-    gap = gaps.popleft()
-    try:
-        yield gap
-    except Exception:
-        raise
-    except BaseException:
-        gaps.appendleft(gap)
-        raise
 
 
 def _spawn_amendment(gap: SpawnGap, outline: SessionOutline) -> Session | None:
