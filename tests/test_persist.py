@@ -1704,13 +1704,23 @@ def test_a_writer_that_dies_wakes_flush_and_close_saves_what_it_left(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The writer thread's death woke no one: flush() (and wait_saved() without a timeout)
-    waited for it for ever."""
+    waited for it for ever. flush() then returned as if the sessions were saved."""
     evs = single_loop_sessions(3)
     store = FatalOnce(tmp_path / "store")
     persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_interval=None)
     persisting.record_all(evs)
+    raised: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            persisting.flush()
+        except PhiSessionError as error:
+            raised.append(error)
+
     with caplog.at_level(logging.ERROR, logger="phi_session.persist"):
-        assert returns(persisting.flush)
+        assert returns(flush)
+    [error] = raised
+    assert "the writer thread died (logged), 3 sessions not saved" in str(error)
     [died] = [r for r in caplog.records if "writer thread died" in r.getMessage()]
     assert died.exc_info is not None and died.exc_info[0] is Fatal
     assert persisting.wait_saved() is False
@@ -1838,3 +1848,43 @@ def test_a_writer_dying_mid_batch_leaves_only_what_it_did_not_get_through(tmp_pa
     first, second = sorted(recorded(evs))
     assert saves == [first, second, second]
     assert stored(store) == recorded(evs)
+
+
+def test_a_writer_that_died_starts_again_at_the_next_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the writer thread died (a store raising a `BaseException` once), nothing was
+    saved until close() and the backpressure no longer held: 5000 checkpoints of a session
+    each with max_pending_bytes=10000 left 4994 sessions waiting in memory."""
+    evs = single_loop_sessions(200)
+    store = FatalOnce(tmp_path / "store")
+    persisting = AutoPersistingRecorder(
+        store, checkpoint_every=20, checkpoint_interval=None, max_pending_bytes=10_000
+    )
+    most = 0
+    with caplog.at_level(logging.ERROR, logger="phi_session.persist"):
+        for event in evs:
+            persisting.on_event(event)
+            most = max(most, int(persisting.stats()["sessions_waiting"]))
+        persisting.flush()
+    assert stored(store) == recorded(evs)  # before close
+    assert most <= 20
+    assert len([r for r in caplog.records if "writer thread died" in r.getMessage()]) == 1
+    persisting.close()
+
+
+def test_a_flush_whose_restarted_writer_dies_again_raises(tmp_path: Path) -> None:
+    """flush() returned normally though the writer thread had died, its sessions unsaved
+    (failed_sessions() empty, 3 sessions queued)."""
+    evs = single_loop_sessions(3)
+    store = FatalOnce(tmp_path / "store")
+    persisting = AutoPersistingRecorder(store, checkpoint_interval=None)
+    persisting.record_all(evs)
+    persisting.checkpoint()
+    assert persisting.wait_saved() is False  # died
+    store.failed = False  # and dies again once started again
+    with pytest.raises(PhiSessionError, match="writer thread died"):
+        persisting.flush()
+    persisting.flush()  # started again, it saves them
+    assert stored(store) == recorded(evs)
+    persisting.close()

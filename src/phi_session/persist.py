@@ -437,7 +437,7 @@ class AutoPersistingRecorder:
         self._last_warning = -float("inf")
 
     def _start(self) -> None:
-        self._writer = DaemonThread(self._run, "phi-session auto-persist writer")
+        self._start_writer()
         # Runs before the exit hooks of the store (opened before us), which close
         # connections the writer may be saving with.
         self._exit_hook = ExitHook(self, self._close_at_exit, self._unsaved_at_exit)
@@ -609,6 +609,8 @@ class AutoPersistingRecorder:
         and the orphans (journaled, or left for `_keep_orphans`); returns how many."""
         self._since_checkpoint = 0
         self._counters["checkpoints"] += 1
+        if not last:
+            self._restart_writer()
         # Read before draining: every event up to it has been applied by then.
         settled = self.journal.last_seq if self.journal is not None else -1
         self._drained.extend(self.recorder.drain_completed())
@@ -638,6 +640,17 @@ class AutoPersistingRecorder:
         # done again, and hands over (and writes) what is still there.
         self._sealed = last
         return handed
+
+    def _restart_writer(self) -> None:
+        """Start the writer again if it died (logged, `_run`): the sessions handed over are
+        saved again, and the backpressure holds, from this checkpoint on."""
+        with self._cond:
+            if self._writer_ended and not self._stopping:
+                self._writer_ended = False
+                self._start_writer()
+
+    def _start_writer(self) -> None:
+        self._writer = DaemonThread(self._run, "phi-session auto-persist writer")
 
     def _pin_of(self, session_id: str) -> int | None:
         """The lowest journal seq a session's records start from (under `_lock`), or None."""
@@ -736,17 +749,27 @@ class AutoPersistingRecorder:
     def flush(self) -> None:
         """End of stream: abort open loops, hand every session over and wait until each is
         saved or, refused by the store, set aside in `failed_sessions` (which `close`
-        retries, raising `StoreError` if they still fail); or until the writer thread died
-        (logged), leaving them to `close`."""
+        retries, raising `StoreError` if they still fail). A writer thread that died is
+        started again first; `PhiSessionError` if it dies (logged) during the flush, leaving
+        sessions unsaved: the next checkpoint, or `close`, tries them again."""
         with self._lock:
             self._check_open()
         self._hand_over(self.recorder.flush)
-        self.wait_saved()
+        if not self.wait_saved():
+            raise PhiSessionError(
+                f"{self!r}: the writer thread died (logged), {self._left_to_save()} sessions not saved;"
+                " the next checkpoint or close() tries them again"
+            )
+
+    def _left_to_save(self) -> int:
+        """Sessions handed over to the writer, not yet tried."""
+        with self._cond:
+            return len(self._queue) + len(self._waiting)
 
     def wait_saved(self, timeout: float | None = None) -> bool:
         """Wait until every handed-over session is saved (or set aside) and the journal
         knows it (`Journal.release`); False on timeout, or if the writer thread died (logged)
-        leaving some: `close` saves them."""
+        leaving some: the next checkpoint starts it again, `close` saves them."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while (
@@ -802,8 +825,10 @@ class AutoPersistingRecorder:
             self._write()
         except BaseException:
             logger.error(
-                "%r: the writer thread died; the sessions handed over wait for close() to save them",
+                "%r: the writer thread died; the next checkpoint starts it again, %d sessions handed"
+                " over wait for it (or close)",
                 self,
+                self._left_to_save(),
                 exc_info=True,
             )
         finally:
