@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -1886,5 +1886,42 @@ def test_a_flush_whose_restarted_writer_dies_again_raises(tmp_path: Path) -> Non
     with pytest.raises(PhiSessionError, match="writer thread died"):
         persisting.flush()
     persisting.flush()  # started again, it saves them
+    assert stored(store) == recorded(evs)
+    persisting.close()
+
+
+@pytest.mark.parametrize("interval", [1.0, None])
+def test_a_writer_dying_as_it_releases_the_journal_leaves_flush_returning(
+    tmp_path: Path, interval: float | None
+) -> None:
+    """A writer that died telling the journal what it saved left its release flag raised:
+    the restarted writer never lowered it (checkpoint_interval=None) or lowered it without
+    waking anyone, and flush() waited for ever."""
+    evs = single_loop_sessions(3)
+    store = JsonDirStore(tmp_path / "store")
+    persisting = AutoPersistingRecorder(
+        store, journal=tmp_path / "journal", checkpoint_every=10**9, checkpoint_interval=interval
+    )
+    journal = persisting.journal
+    assert journal is not None
+    release = journal.release
+    calls = []
+
+    def release_dying_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Fatal
+        return release(*args, **kwargs)
+
+    journal.release = release_dying_once  # type: ignore[method-assign]
+    persisting.record_all(evs)
+    persisting.checkpoint()
+    persisting.wait_saved()  # saved; the writer died releasing
+    assert len(calls) == 1
+    done = threading.Event()
+    flusher = threading.Thread(target=lambda: (persisting.flush(), done.set()), daemon=True)
+    flusher.start()
+    flusher.join(30)
+    assert done.is_set()
     assert stored(store) == recorded(evs)
     persisting.close()

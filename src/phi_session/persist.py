@@ -834,6 +834,9 @@ class AutoPersistingRecorder:
         finally:
             with self._cond:
                 self._writer_ended = True
+                # A release it died in is over (the next save or `close` releases again):
+                # left raised, the flag would keep `wait_saved` waiting for ever.
+                self._releasing = False
                 self._cond.notify_all()
 
     def _write(self) -> None:
