@@ -1032,14 +1032,19 @@ def test_a_call_awaiting_approval_gets_a_result_saying_so(
 def test_a_tool_returning_none_still_returned(
     recorder: SessionRecorder, hooks: bool, task_spans: bool, sensitive: bool
 ) -> None:
-    # Its span ends as a call awaiting approval does; the run goes on after it.
+    # Its span ends as a call awaiting approval does; the run goes on after it. The model
+    # is sent its output as the SDK writes None (recorded so when the hooks or the span show it).
     model = responses_model([call_item("forget", {"key": "k"}, "f1")], [message_item("forgotten")])
     config = grouped("none", task_spans, sensitive=sensitive)
     hooked = openai_agents.PhiRunHooks() if hooks else None
-    run(Agent(name="mem", tools=[forget], model=model), "forget k", hooks=hooked, run_config=config)
+    result = run(Agent(name="mem", tools=[forget], model=model), "forget k", hooks=hooked, run_config=config)
+    (sent,) = [
+        item["output"] for item in result.to_input_list() if item.get("type") == "function_call_output"
+    ]
     (loop,) = sessions(recorder)["none"].loops
     ((call_id, is_error, text),) = results_of(loop)
-    assert (is_error, text) == (False, "")
+    assert sent == "None"
+    assert (is_error, text) == (False, sent if hooks or sensitive else "")
     assert call_id == "f1" or not (hooks or sensitive)  # else nothing shows the call
     assert loop.status == "Completed" and len(loop.turns) == 2
 
@@ -1049,7 +1054,7 @@ def test_a_tool_returning_none_still_returned(
 @each_sensitivity
 @pytest.mark.parametrize(
     ("tool", "arguments", "returned"),
-    [(forget, {"key": "k"}, ""), (add, {"a": 1, "b": 2}, "3")],
+    [(forget, {"key": "k"}, "None"), (add, {"a": 1, "b": 2}, "3")],
     ids=["returning-none", "returning-3"],
 )
 def test_a_tool_ending_the_run_that_needs_no_approval_returned(
@@ -1275,7 +1280,7 @@ def test_without_hooks_a_tool_that_may_await_approval_keeps_its_place_before_a_h
     agent = Agent(name="desk", tools=[jot], handoffs=[helper], model=model)
     run(agent, "go", hooks=None, run_config=grouped("jot", task_spans))
     desk, _ = sessions(recorder)["jot"].loops
-    assert results_of(desk) == [("j1", False, ""), ("h1", False, '{"assistant": "helper"}')]
+    assert results_of(desk) == [("j1", False, "None"), ("h1", False, '{"assistant": "helper"}')]
 
 
 class SpanEnded(IdleProcessor):
@@ -1316,7 +1321,7 @@ def test_without_hooks_tool_results_keep_the_order_their_tools_ended_in(
     finally:
         set_trace_processors(before)
     (loop,) = sessions(recorder)["order"].loops
-    assert results_of(loop) == [("j2", False, ""), ("a1", False, "after")]
+    assert results_of(loop) == [("j2", False, "None"), ("a1", False, "after")]
     jot_result, after_result = loop.turns[0].tool_results
     assert jot_result.timestamp <= after_result.timestamp
 

@@ -289,7 +289,7 @@ def _tool_result_message(
 def _ran_result(call_id: str, tool: _Tool, run: AdapterRun) -> ToolResultMessage:
     """The held result of `tool`, run before its loop's first turn, as call `call_id`'s."""
     return _tool_result_message(
-        call_id, tool.name, tool.text or "", run, is_error=tool.failed, timestamp=tool.ended_at
+        call_id, tool.name, tool.text, run, is_error=tool.failed, timestamp=tool.ended_at
     )
 
 
@@ -337,9 +337,10 @@ def _may_await_approval(name: str) -> bool:
     return not found
 
 
-def _output_text(output: Any) -> str:
-    """A tool's output as recorded: the SDK's string form (None: no text)."""
-    return "" if output is None else str(output)
+def _output_text(output: Any, *, known: bool) -> str:
+    """A tool's output as recorded: the SDK's string form, which it sends the model (for
+    None too: 'None'). An output not `known` (its span's, without sensitive data) has no text."""
+    return str(output) if known else ""
 
 
 def _result_text(output: str, error: Any) -> str:
@@ -516,11 +517,12 @@ class _Tool:
     # What the model is sent as its result, as `PhiRunHooks` saw it (`on_tool_end`): the
     # span keeps it only with sensitive data, and a failure's only as "redacted".
     output: str | None = None
-    # Its result, when held (`_Mapper._tool_ended`): the text (None: not decided yet,
-    # `_Mapper._settle`), whether it failed, the output as the SDK sends the model (to find
-    # its call in the next input, `_Mapper._resumed_results`; None: not known) and when
-    # it ended.
-    text: str | None = None
+    # Its result, when held (`_Mapper._tool_ended`): the text if it ran, whether it may
+    # await approval instead (not decided yet, `_Mapper._settle`), whether it failed, the
+    # output as the SDK sends the model (to find its call in the next input,
+    # `_Mapper._resumed_results`; None: not known) and when it ended.
+    text: str = ""
+    undecided: bool = False
     failed: bool = False
     sent: str | None = None
     ended_at: int | None = None
@@ -901,7 +903,7 @@ class _Mapper:
         """The hooks' result of a function span's tool (before the span ends)."""
         tool = self._tools.get(span_id)
         if tool is not None:
-            tool.output = _output_text(result)
+            tool.output = _output_text(result, known=True)
 
     def _tool_ended(self, span_id: str, data: Any, error: Any) -> None:
         tool = self._tools.pop(span_id, None)
@@ -918,7 +920,10 @@ class _Mapper:
         loop, run = tool.loop, tool.loop.run
         if run is None:
             return
-        text = _result_text(_output_text(output), error)
+        # A span ending with no output nor error holds the tool's None when it holds its
+        # input too (sensitive data); else nothing shows the output.
+        known = output is not None or (error is None and data.input is not None)
+        text = _result_text(_output_text(output, known=known), error)
         undecided = (
             tool.turn is not None and output is None and error is None and _may_await_approval(tool.name)
         )
@@ -927,9 +932,9 @@ class _Mapper:
             # call of a resumed run: the SDK runs no span for a call still undecided), until
             # that turn's input shows its call; else until the undecided are decided, the
             # results keeping the order their tools ended in.
-            tool.text = None if undecided else text
+            tool.text, tool.undecided = text, undecided
             tool.failed = error is not None
-            tool.sent = str(output) if error is None and output is not None else None
+            tool.sent = text if error is None and known else None
             tool.ended_at = run.tracer.agent.millis()
             (loop.ran if tool.turn is None else loop.held).append(tool)
             return
@@ -959,8 +964,8 @@ class _Mapper:
         held, loop.held = loop.held, []
         awaiting: list[ToolCall] = []
         for tool in held:
-            awaits = tool.text is None and not went_on
-            text = tool.text if tool.text is not None else _AWAITING_APPROVAL if awaits else ""
+            awaits = tool.undecided and not went_on
+            text = _AWAITING_APPROVAL if awaits else tool.text
             self._tool_result(tool, text, failed=tool.failed, timestamp=tool.ended_at)
             if awaits and tool.call_id is not None:
                 awaiting.append(ToolCall(id=tool.call_id, name=tool.name, arguments=tool.args or {}))
