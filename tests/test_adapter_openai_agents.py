@@ -28,6 +28,7 @@ from agents import (
     handoff,
     input_guardrail,
     output_guardrail,
+    tool_namespace,
     trace,
 )
 from agents.testing.model import ModelStep, ScriptedModel, assistant_message, function_call
@@ -1009,6 +1010,22 @@ def results_of(loop: Any) -> list[tuple[str, bool, str]]:
         for m in loop.messages
         if isinstance(m, ToolResultMessage)
     ]
+
+
+@each_task_spans
+def test_without_hooks_a_namespaced_tool_ending_the_run_that_needs_no_approval_returned(
+    recorder: SessionRecorder, task_spans: bool
+) -> None:
+    # The SDK names its span "notes.forget", the tool's name is "forget": it is still the
+    # tool that needs no approval, its None no call awaiting one.
+    (namespaced,) = tool_namespace(name="notes", description="Notes.", tools=[forget])
+    call = {**call_item("forget", {"key": "k"}, "n1"), "namespace": "notes"}
+    model = responses_model([call], [message_item("welcome")])
+    agent = Agent(name="a", tools=[namespaced], model=model, tool_use_behavior="stop_on_first_tool")
+    result = run(agent, "go", hooks=None, run_config=grouped("namespaced", task_spans))
+    assert result.interruptions == []
+    (loop,) = sessions(recorder)["namespaced"].loops
+    assert [(is_error, text) for _, is_error, text in results_of(loop)] == [(False, "None")]
 
 
 @each_hooks

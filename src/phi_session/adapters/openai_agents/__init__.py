@@ -102,6 +102,7 @@ from .._core import (
 require_extra("openai-agents", "agents")
 
 from agents import FunctionTool, Handoff, RunHooks  # noqa: E402
+from agents._tool_identity import get_function_tool_trace_name  # noqa: E402
 from agents.run_internal import agent_tool_configuration  # noqa: E402
 from agents.run_internal.turn_preparation import get_handoffs  # noqa: E402
 from agents.tracing import (  # noqa: E402
@@ -319,10 +320,11 @@ _RUN_AGENTS: Any = getattr(agent_tool_configuration, "_current_run", None)
 
 
 def _may_await_approval(name: str) -> bool:
-    """Whether a call of the running run's tool `name` may wait for approval: a function
-    tool of its agents whose ``needs_approval`` is False never does; any other (approval
-    set, a callable deciding it, a tool not found or the SDK's record not readable) may.
-    Read in the tool's own span, which runs in the run's context."""
+    """Whether a call of the running run's tool `name` (its span's: the name the SDK traces
+    it under, ``namespace.name`` for a tool in a ``tool_namespace``) may wait for approval:
+    a function tool of its agents whose ``needs_approval`` is False never does; any other
+    (approval set, a callable deciding it, a tool not found or the SDK's record not
+    readable) may. Read in the tool's own span, which runs in the run's context."""
     run = _RUN_AGENTS.get() if isinstance(_RUN_AGENTS, ContextVar) else None
     resolutions = getattr(run, "resolutions", None)
     if not isinstance(resolutions, dict):
@@ -330,7 +332,7 @@ def _may_await_approval(name: str) -> bool:
     found = False
     for resolution in list(resolutions.values()):
         for tool in getattr(getattr(resolution, "agent", None), "tools", None) or ():
-            if getattr(tool, "name", None) == name:
+            if name in (getattr(tool, "name", None), get_function_tool_trace_name(tool)):
                 if not isinstance(tool, FunctionTool) or tool.needs_approval is not False:
                     return True
                 found = True
