@@ -1016,8 +1016,9 @@ def results_of(loop: Any) -> list[tuple[str, bool, str]]:
 def test_without_hooks_a_namespaced_tool_ending_the_run_that_needs_no_approval_returned(
     recorder: SessionRecorder, task_spans: bool
 ) -> None:
-    # The SDK names its span "notes.forget", the tool's name is "forget": it is still the
-    # tool that needs no approval, its None no call awaiting one.
+    # The SDK names its span "notes.forget", the call's and the tool's name is "forget": it
+    # is still the call's span, and the tool that needs no approval, its None no call
+    # awaiting one.
     (namespaced,) = tool_namespace(name="notes", description="Notes.", tools=[forget])
     call = {**call_item("forget", {"key": "k"}, "n1"), "namespace": "notes"}
     model = responses_model([call], [message_item("welcome")])
@@ -1025,7 +1026,7 @@ def test_without_hooks_a_namespaced_tool_ending_the_run_that_needs_no_approval_r
     result = run(agent, "go", hooks=None, run_config=grouped("namespaced", task_spans))
     assert result.interruptions == []
     (loop,) = sessions(recorder)["namespaced"].loops
-    assert [(is_error, text) for _, is_error, text in results_of(loop)] == [(False, "None")]
+    assert results_of(loop) == [("n1", False, "None")]
 
 
 @each_hooks

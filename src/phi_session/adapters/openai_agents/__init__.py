@@ -102,7 +102,7 @@ from .._core import (
 require_extra("openai-agents", "agents")
 
 from agents import FunctionTool, Handoff, RunHooks  # noqa: E402
-from agents._tool_identity import get_function_tool_trace_name  # noqa: E402
+from agents._tool_identity import get_function_tool_trace_name, get_tool_call_trace_name  # noqa: E402
 from agents.run_internal import agent_tool_configuration  # noqa: E402
 from agents.run_internal.turn_preparation import get_handoffs  # noqa: E402
 from agents.tracing import (  # noqa: E402
@@ -237,6 +237,19 @@ def _output_blocks(items: Any) -> tuple[list[Content], list[ToolCall]]:
             blocks += more_blocks
             calls += more_calls
     return blocks, calls
+
+
+def _traced_names(items: Any) -> dict[str, str]:
+    """The names the SDK gives the function spans of a model output's calls of namespaced
+    tools (``namespace.name``, the call's name being ``name``), by call id."""
+    names: dict[str, str] = {}
+    for item in items or ():
+        get = _getter(item)
+        if get("type", None) == "function_call" and get("namespace", None):
+            traced = get_tool_call_trace_name(item)
+            if traced is not None:
+                names[str(get("call_id", None) or get("id", None) or "")] = traced
+    return names
 
 
 _ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
@@ -552,6 +565,7 @@ class _Loop:
     reply: tuple[list[Content], list[ToolCall], Usage | None, str | None] | None = None
     request: AnnotatedRequestPayload | None = None  # the next turn's, from the hooks
     calls: list[ToolCall] = field(default_factory=list)  # the reply's calls no function span took yet
+    traced_names: dict[str, str] = field(default_factory=dict)  # the reply's, `_traced_names`
     # Before the first turn: the calls of the loop it continues that a resumed run takes
     # over, awaiting approval (`_Mapper._awaited`), and the tools it ran meanwhile, their
     # results held (`_Mapper._resumed_results`).
@@ -581,9 +595,10 @@ class _Loop:
     held: list[_Tool] = field(default_factory=list)
 
     def match_call(self, name: str) -> ToolCall | None:
-        """The response's next unmatched call named `name`, if any."""
+        """The response's next unmatched call named `name` (a function span's: for a
+        namespaced tool, ``namespace.name``), if any."""
         for index, call in enumerate(self.calls):
-            if call.name == name:
+            if name in (call.name, self.traced_names.get(call.id)):
                 del self.calls[index]
                 return call
         return None
@@ -821,7 +836,7 @@ class _Mapper:
             for new in self._first_inputs(loop, data.input):
                 turn.user(new)
         blocks, calls = _output_blocks(items)
-        loop.calls = list(calls)
+        loop.calls, loop.traced_names = list(calls), _traced_names(items)
         if model:
             message.model = str(model)
         failed = _error_of(span)
@@ -1185,7 +1200,7 @@ class _Mapper:
             return
         blocks, calls = _output_blocks(response.output)
         usage = reply[2] if reply[2] is not None else _usage(response.usage)
-        loop.calls = list(calls)
+        loop.calls, loop.traced_names = list(calls), _traced_names(response.output)
         loop.reply = (blocks, calls, usage, reply[3])
 
     def stream_delta(self, task: asyncio.Task[Any], kind: str, delta: str) -> None:
