@@ -32,6 +32,7 @@ from opentelemetry.trace import (
 )
 
 from phi_session import SessionRecorder, Timestamp, decode_session, encode_session
+from phi_session import persist as persist_module
 from phi_session.demo import run_demo
 from phi_session.errors import ExportError, InvalidArgument
 from phi_session.events import (
@@ -406,6 +407,24 @@ def test_export_errors_reach_flush_and_close_never_the_agent(demo_sessions: list
     sink.close()
     assert sink.failed_sessions() == []
     assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+
+
+def test_sessions_a_failed_close_kept_are_exported_by_a_later_close_or_flush(
+    demo_sessions: list[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the deadline the first close() set (retry_for plus a second), the collector back,
+    a later close() or flush() tried none of the kept sessions: they were never exported."""
+    monkeypatch.setattr(persist_module, "_CLOSE_GRACE", 0.0)  # the deadline passes at once
+    for again in ("close", "flush"):
+        exporter = _DownAtFirst(10**6)
+        sink = OtelExportSink(exporter, retry_for=0)
+        _feed(sink, demo_sessions[0])
+        with pytest.raises(ExportError):
+            sink.close()
+        exporter.refusals = 0  # the collector is back
+        assert getattr(sink, again)() in (None, True)
+        assert sink.failed_sessions() == []
+        assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
 
 
 def test_a_full_backlog_blocks_the_producer_rather_than_dropping(

@@ -36,6 +36,7 @@ from phi_session import (
     ToolResult,
     Usage,
 )
+from phi_session import persist as persist_module
 from phi_session.codec import encode_event, encode_session
 from phi_session.errors import (
     InvalidArgument,
@@ -202,6 +203,23 @@ def test_a_store_that_stays_down_is_said_down_once_not_per_session(
     loud = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(loud) <= 4, loud  # a retry or two of the first session, the store taken to be down
     assert sorted(session.session_id for session in persisting.failed_sessions()) == sorted(recorded(evs))
+
+
+def test_sessions_kept_by_a_close_past_its_deadline_are_tried_again_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() set a deadline for saving that outlived it: once past, the store down at close,
+    retry_failed() ("after close too") kept every session without trying it, ever."""
+    monkeypatch.setattr(persist_module, "_CLOSE_GRACE", 0.0)  # the deadline passes at once
+    evs = single_loop_sessions(3)
+    store = FlakyStore(tmp_path / "store", failures=10**6)
+    persisting = AutoPersistingRecorder(store, retry_for=0, checkpoint_interval=None)
+    persisting.record_all(evs)
+    with pytest.raises(StoreError, match="3 sessions could not be saved"):
+        persisting.close()
+    store.failures = 0  # the store is back
+    assert persisting.retry_failed() == 0
+    assert stored(store) == recorded(evs)
 
 
 def test_transient_save_failures_are_retried(tmp_path: Path) -> None:
@@ -988,6 +1006,7 @@ _EXIT_CHILD = """
 import itertools, sys
 sys.path.insert(0, sys.argv[4])
 from journal_kill_worker import stream
+from phi_session import persist as persist_module
 from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.stores.sqlite import SqliteStore
 

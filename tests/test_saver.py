@@ -402,6 +402,20 @@ def test_past_its_deadline_a_saver_stops_trying_a_down_store_but_not_a_healthy_o
     assert saver.unsaved == [second, third]
 
 
+def test_a_deadline_for_one_block_of_calls_leaves_the_later_ones_trying(clock: FakeTime) -> None:
+    """`AutoPersistingRecorder.close`'s deadline outlived it: its kept sessions were never tried again."""
+    memory = MemoryStore(failing(10**6, ps.StoreError("down")))
+    saver = saver_for(memory, retry_for=1)
+    first, second = sessions(2)
+    with saver.trying_for(0):
+        assert saver.save(first).unsaved
+        assert saver.save(second).unsaved
+    assert memory.attempts == 1  # the second not tried: past the deadline, the store down
+    memory.trouble = None
+    assert saver.retry_unsaved() == 0
+    assert sorted(memory.sessions) == sorted([first.session_id, second.session_id])
+
+
 def test_a_store_down_is_said_once_and_the_sessions_kept_meanwhile_counted_when_it_saves_again(
     clock: FakeTime, caplog: pytest.LogCaptureFixture
 ) -> None:

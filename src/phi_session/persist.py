@@ -1015,19 +1015,20 @@ class AutoPersistingRecorder:
                 while self._feeding:
                     self._lock.wait()
             # Bounded even on a dead store whose every attempt waits for a timeout: past this,
-            # what is left is kept (failed_sessions, the journal) without being tried.
-            self._saver.stop_trying_after(self._saver.retry_for + _CLOSE_GRACE)
-            orphans_error = None
-            try:
-                self._hand_over(self.recorder.flush, last=True)
-            except PhiSessionError as error:  # the sessions are handed over; the orphans stay journaled
-                orphans_error = error
-            with self._cond:
-                self._stopping = True
-                self._cond.notify_all()
-            self._writer.join()
-            self._save_leftovers()
-            unsaved = self._saver.retry_unsaved()  # last chance
+            # what is left is kept (failed_sessions, the journal) without being tried; by this
+            # close only, `retry_failed` tries them again.
+            with self._saver.trying_for(self._saver.retry_for + _CLOSE_GRACE):
+                orphans_error = None
+                try:
+                    self._hand_over(self.recorder.flush, last=True)
+                except PhiSessionError as error:  # the sessions are handed over; the orphans stay journaled
+                    orphans_error = error
+                with self._cond:
+                    self._stopping = True
+                    self._cond.notify_all()
+                self._writer.join()
+                self._save_leftovers()
+                unsaved = self._saver.retry_unsaved()  # last chance
             self._release_journal()
             journal_error = None
             if self.journal is not None:

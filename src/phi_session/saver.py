@@ -13,9 +13,10 @@ command line use to save sessions, so all of them fail the same way. The policy:
   again at each checkpoint (the ingest worker) gives each one attempt (``once``): one
   the store keeps failing must not hold up the others every time. An owner that must
   end in bounded time (`AutoPersistingRecorder.close`) sets a deadline
-  (`stop_trying_after`): past it, a session being retried stops, and one is not even
-  tried while the store is down, since each attempt on a dead server can itself take
-  seconds (a connect or lock timeout); it is kept unsaved.
+  (`stop_trying_after`, or `trying_for` for the calls of one block): past it, a session
+  being retried stops, and one is not even tried while the store is down, since each
+  attempt on a dead server can itself take seconds (a connect or lock timeout); it is
+  kept unsaved.
 * **A closed store is not retried.** `StoreClosed` (its ``close`` was called: a
   `PostgresStore` left its ``with`` block before the recorder saving into it) cannot
   change with time: every session is kept in `unsaved` at once, with one error line
@@ -260,6 +261,17 @@ class SessionSaver:
         being retried stops retrying then. A store that is up is still tried."""
         with self._lock:
             self._no_attempts_after = time.monotonic() + seconds
+
+    @contextmanager
+    def trying_for(self, seconds: float) -> Iterator[None]:
+        """`stop_trying_after(seconds)` for the calls within only: the sessions they keep
+        are tried again by later calls (`retry_unsaved`), as their owners promise."""
+        self.stop_trying_after(seconds)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._no_attempts_after = None
 
     # -- one session -----------------------------------------------------------------------
 
