@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import subprocess
 import sys
 import threading
@@ -425,6 +426,21 @@ def test_sessions_a_failed_close_kept_are_exported_by_a_later_close_or_flush(
         assert getattr(sink, again)() in (None, True)
         assert sink.failed_sessions() == []
         assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+
+
+def test_flush_checks_its_timeout_and_waits_forever_for_an_infinite_one(demo_sessions: list[Session]) -> None:
+    """flush(inf) raised OverflowError, flush("5") a bare TypeError of an addition, and
+    flush(True) waited a second."""
+    exporter = _Unanswered(patience=0.2)
+    sink = OtelExportSink(exporter)
+    _feed(sink, demo_sessions[0])
+    wrongs = (("5", TypeError), (True, TypeError), (-1, InvalidArgument), (math.nan, InvalidArgument))
+    for wrong, error in wrongs:
+        with pytest.raises(error, match="timeout"):
+            sink.flush(wrong)  # type: ignore[arg-type]
+    assert sink.flush(math.inf) is True
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+    sink.close()
 
 
 def test_a_full_backlog_blocks_the_producer_rather_than_dropping(

@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import numbers
 import os
 import threading
@@ -769,8 +770,10 @@ class AutoPersistingRecorder:
     def wait_saved(self, timeout: float | None = None) -> bool:
         """Wait until every handed-over session is saved (or set aside) and the journal
         knows it (`Journal.release`); False on timeout, or if the writer thread died (logged)
-        leaving some: the next checkpoint starts it again, `close` saves them."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        leaving some: the next checkpoint starts it again, `close` saves them. An infinite
+        `timeout` is none."""
+        check_seconds("timeout", timeout, optional=True)
+        deadline = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
         with self._cond:
             while (
                 self._queue or self._waiting or self._linking or self._releasing or self._settle_due

@@ -872,7 +872,8 @@ class OtelExportSink:
         return self._worker.failed_sessions()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every completed session is exported; False if `timeout` seconds passed first.
+        """Wait until every completed session is exported; False if `timeout` seconds passed
+        first (None or infinite: no limit).
 
         Raises `ExportError` if the exporter did not take some of them.
         """
