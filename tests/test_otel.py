@@ -443,6 +443,34 @@ def test_flush_checks_its_timeout_and_waits_forever_for_an_infinite_one(demo_ses
     sink.close()
 
 
+def _latest(exporter: InMemorySpanExporter) -> dict[int, ReadableSpan]:
+    """The spans a backend ends up with: a span exported again replaces the earlier."""
+    return {span.context.span_id: span for span in exporter.get_finished_spans()}
+
+
+def test_flush_waits_for_a_parallel_groups_selection_to_be_exported() -> None:
+    """Only a loop's AgentEnd had its session exported: flush() right after a parallel
+    group's selection returned True with the branches exported without it."""
+    from phi_session import LoopConfigSnapshot, Tracer, Usage
+
+    first, second = LoopConfigSnapshot(model="a", provider="p"), LoopConfigSnapshot(model="b", provider="p")
+    exporter = InMemorySpanExporter()
+    sink = OtelExportSink(exporter)
+    tracer = Tracer(sinks=[sink], config=first)
+    with tracer.parallel([first, second]) as group:
+        for index in range(2):
+            with group.branch(index) as branch:
+                branch.user("q")
+                with branch.turn() as turn, turn.assistant() as reply:
+                    reply.text_delta("answer")
+                    reply.finish(usage=Usage(input=1, output=1, total_tokens=2))
+        group.select(0)
+    assert sink.flush(10)
+    loops = [span for span in _latest(exporter).values() if span.name.startswith("invoke_agent")]
+    assert sorted((span.attributes or {}).get(attr.PHI_PARALLEL_SELECTED) for span in loops) == [False, True]
+    sink.close()
+
+
 def test_a_full_backlog_blocks_the_producer_rather_than_dropping(
     demo_sessions: list[Session], caplog: pytest.LogCaptureFixture
 ) -> None:

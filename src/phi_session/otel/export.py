@@ -877,6 +877,9 @@ class OtelExportSink:
 
         Raises `ExportError` if the exporter did not take some of them.
         """
+        # Only an AgentEnd hands its session over at once: a parallel group's end (its
+        # selection) completes one too, exported by the worker's next checkpoint otherwise.
+        self._worker.checkpoint()
         if not self._worker.wait_saved(timeout):
             return False
         self._export_failed()
