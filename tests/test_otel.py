@@ -443,6 +443,25 @@ def test_flush_checks_its_timeout_and_waits_forever_for_an_infinite_one(demo_ses
     sink.close()
 
 
+def test_spans_are_of_the_service_the_environment_names(
+    demo_sessions: list[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default resource's service.name was always phi-session: OTEL_SERVICE_NAME was ignored."""
+    from phi_session.otel import export as export_module
+
+    def service() -> object:
+        monkeypatch.setattr(export_module, "_default_resource", None)
+        return _export(demo_sessions[:1])[0].resource.attributes["service.name"]
+
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert service() == "phi-session"  # the SDK would say unknown_service
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attributes")
+    assert service() == "from-attributes"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "billing-agent")
+    assert service() == "billing-agent"
+
+
 def _latest(exporter: InMemorySpanExporter) -> dict[int, ReadableSpan]:
     """The spans a backend ends up with: a span exported again replaces the earlier."""
     return {span.context.span_id: span for span in exporter.get_finished_spans()}

@@ -675,7 +675,12 @@ def _resource(resource: Resource | None) -> Resource:
     if resource is not None:
         return resource
     if _default_resource is None:
-        _default_resource = Resource.create({"service.name": "phi-session"})
+        # What the environment says (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES); our name
+        # only where it names no service (the SDK's unknown_service).
+        detected = Resource.create()
+        if str(detected.attributes.get("service.name", "")).startswith("unknown_service"):
+            detected = detected.merge(Resource({"service.name": "phi-session"}))
+        _default_resource = detected
     return _default_resource
 
 
@@ -725,8 +730,9 @@ def export_session(
 
     `capture_content` adds messages, system instructions, tool arguments and results, and
     the exact phi-core events (``phi.events``, which make ingest lossless);
-    `first_ordinals` is `session_spans`'. Raises `ExportError` when the exporter reports
-    failure or raises.
+    `first_ordinals` is `session_spans`'. Without `resource`, the spans' is the environment's
+    (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``), of service ``phi-session`` if it
+    names none. Raises `ExportError` when the exporter reports failure or raises.
     """
     _check_exporter(exporter)
     spans = session_spans(
