@@ -58,6 +58,10 @@ def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest
         ("SUBJECT_PREFIX", "a b", "expected dot-separated tokens"),
         ("PARTITIONS", "0", "expected an integer from 1 to 1024, got 0"),
         ("MAX_BYTES", "1e9", "expected an integer, got '1e9'"),
+        # int() reads these as 40, 40 and 4: a typo taken for another number
+        ("PARTITIONS", "4_0", "expected an integer, got '4_0'"),
+        ("PARTITIONS", " 40", "expected an integer, got ' 40'"),
+        ("PARTITIONS", "\u0664", "expected an integer, got '\u0664'"),
         ("DUPLICATE_WINDOW", "1e7", "expected a number from 1 to 604800"),
     ):
         with monkeypatch.context() as env:

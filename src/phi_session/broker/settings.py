@@ -177,6 +177,9 @@ def _parse_env(name: str, raw: str, kind: object) -> Any:
         return raw
     integer = kind in ("int", int)
     try:
+        if integer and not (raw.isascii() and raw.isdigit()):
+            # int() also reads '4_0', ' 40' and other scripts' digits: a typo taken for a number
+            raise ValueError(raw)
         return int(raw) if integer else float(raw)
     except ValueError:
         expected = "an integer" if integer else "a number"
