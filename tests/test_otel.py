@@ -490,6 +490,39 @@ def test_flush_waits_for_a_parallel_groups_selection_to_be_exported() -> None:
     sink.close()
 
 
+def test_a_sub_agent_exported_before_its_tool_call_ended_is_sent_again_under_the_tool_span() -> None:
+    """A sub-agent's session ends, and is exported, before its spawner's ToolExecutionEnd
+    names the tool call: its loop span stayed under the spawner's loop span, as the
+    amendment naming the call holds no loops, where export_session puts it under the tool span."""
+    from phi_session import LoopConfigSnapshot, Tracer, Usage
+
+    exporter = InMemorySpanExporter()
+    sink, recorder = OtelExportSink(exporter), SessionRecorder()
+    tracer = Tracer(sinks=[sink, recorder], config=LoopConfigSnapshot(model="m", provider="p"))
+    with tracer.loop() as loop:
+        loop.user("research this")
+        with loop.turn() as turn:
+            with turn.assistant() as reply:
+                reply.finish(tool_calls=[ToolCall(id="call-1", name="research", arguments={})])
+            with turn.tool(turn.tool_calls[0]) as tool:
+                with tool.sub_agent() as sub:
+                    sub.user("x")
+                    with sub.turn() as sub_turn, sub_turn.assistant() as sub_reply:
+                        sub_reply.text_delta("found")
+                        sub_reply.finish(usage=Usage(input=1, output=1, total_tokens=2))
+                assert sink.flush(10)  # exported before the tool call ends
+                tool.result("found")
+    tracer.close()
+    assert sink.flush(10)
+    recorder.flush()
+    expected = _by_id(_export(recorder.drain_completed()))
+    exported = _latest(exporter)
+    assert {i: (s.parent and s.parent.span_id, s.context.trace_id) for i, s in exported.items()} == {
+        i: (s.parent and s.parent.span_id, s.context.trace_id) for i, s in expected.items()
+    }
+    sink.close()
+
+
 def test_a_full_backlog_blocks_the_producer_rather_than_dropping(
     demo_sessions: list[Session], caplog: pytest.LogCaptureFixture
 ) -> None:

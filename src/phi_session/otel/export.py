@@ -76,6 +76,7 @@ from ..messages import (
 from ..model import LoopRecord, RecordMark, Session, Turn, is_replayed
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
+from ..stores.base import merge_sessions
 from . import attributes as attr
 
 __all__ = ["OtelExportSink", "export_session", "session_spans"]
@@ -87,6 +88,9 @@ _default_resource: Resource | None = None
 # Sessions whose exported records an `OtelExportSink` remembers, to number a loop id's later
 # records after them (a few dozen bytes per loop).
 _EXPORTED_MEMORY = 10_000
+# Sub-agent sessions an `OtelExportSink` holds whole until the tool call that spawned them is
+# named (`_AwaitingToolCall`): normally until their spawner's tool call ends.
+_AWAITING_MEMORY = 1_000
 
 # Span events for these loop events; fields that may hold content are sent only with capture.
 _SPAN_EVENTS: dict[type, str] = {
@@ -788,6 +792,40 @@ class _ExportedRecords:
             return first
 
 
+class _AwaitingToolCall:
+    """Sub-agent sessions exported while their spawn ref named no tool call (the sub-agent
+    ended before its spawner's ToolExecutionEnd did): their loop spans went under the
+    spawner's loop span. The amendment that names the call holds no loops; it is exported
+    merged with what was exported before it, under the same span ids, now under the tool
+    span (as `export_session` of the stored session has them). Bounded: the latest
+    `_AWAITING_MEMORY` sessions; one forgotten stays under its spawner's loop span."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the writer thread and a caller's retry both export
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # session id -> what was exported
+
+    def completed(self, session: Session) -> Session:
+        """`session`, merged after what was exported of it if it names the awaited tool call."""
+        spawn = session.parent_spawn_ref
+        if spawn is None or not spawn.tool_call_id:
+            return session
+        with self._lock:
+            earlier = self._sessions.get(session.session_id)
+        return session if earlier is None else merge_sessions(earlier, session)
+
+    def exported(self, session: Session) -> None:
+        """`session` (as `completed` made it) was exported: kept while its call is awaited."""
+        spawn = session.parent_spawn_ref
+        with self._lock:
+            earlier = self._sessions.pop(session.session_id, None)
+            if spawn is None or spawn.tool_call_id:
+                return
+            whole = session if earlier is None else merge_sessions(earlier, session)
+            self._sessions[session.session_id] = whole
+            if len(self._sessions) > _AWAITING_MEMORY:
+                self._sessions.popitem(last=False)
+
+
 class _ExportTarget:
     """`export_session` as a save target: the export gets the drain-and-save machinery of
     stores (backlog, retries, exit hook) instead of a second worker of its own."""
@@ -799,11 +837,13 @@ class _ExportTarget:
         # the exit hook), when the default resource's detectors can no longer start threads.
         self.resource = _resource(resource)
         self.exported = _ExportedRecords()
+        self.awaiting = _AwaitingToolCall()
 
     def __repr__(self) -> str:
         return f"the exporter {self.exporter!r}"
 
     def save(self, session: Session) -> None:
+        session = self.awaiting.completed(session)
         export_session(
             session,
             self.exporter,
@@ -811,6 +851,7 @@ class _ExportTarget:
             resource=self.resource,
             first_ordinals=self.exported.first_ordinals(session),
         )
+        self.awaiting.exported(session)
 
     async def asave(self, session: Session) -> None:
         await asyncio.to_thread(self.save, session)
