@@ -462,6 +462,33 @@ def test_spans_are_of_the_service_the_environment_names(
     assert service() == "billing-agent"
 
 
+def test_the_loops_request_settings_are_on_its_chat_and_loop_spans() -> None:
+    """gen_ai.request.max_tokens and gen_ai.request.temperature were never written, though
+    the loop's config has them; a temperature reads as written (0.2, not its 32-bit expansion)."""
+    from phi_session import LoopConfigSnapshot, Tracer, Usage
+
+    def requested(config: LoopConfigSnapshot) -> dict[str, list[tuple[object, object]]]:
+        recorder = SessionRecorder()
+        with Tracer(sinks=[recorder], config=config).loop() as loop:
+            loop.user("hi")
+            with loop.turn() as turn, turn.assistant() as reply:
+                reply.text_delta("x")
+                reply.finish(usage=Usage(input=1, output=1, total_tokens=2))
+        recorder.flush()
+        found: dict[str, list[tuple[object, object]]] = {}
+        for span in _export(recorder.drain_completed()):
+            attributes = span.attributes or {}
+            found.setdefault(span.name.split()[0], []).append(
+                (attributes.get(attr.REQUEST_MAX_TOKENS), attributes.get(attr.REQUEST_TEMPERATURE))
+            )
+        return found
+
+    settings = LoopConfigSnapshot(model="m", provider="openai", max_tokens=512, temperature=0.2)
+    assert requested(settings) == {"chat": [(512, 0.2)], "invoke_agent": [(512, 0.2)]}
+    unset = LoopConfigSnapshot(model="m", provider="openai")
+    assert requested(unset) == {"chat": [(None, None)], "invoke_agent": [(None, None)]}
+
+
 def _latest(exporter: InMemorySpanExporter) -> dict[int, ReadableSpan]:
     """The spans a backend ends up with: a span exported again replaces the earlier."""
     return {span.context.span_id: span for span in exporter.get_finished_spans()}

@@ -27,7 +27,6 @@ REQUEST_MODEL = "gen_ai.request.model"
 REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
 REQUEST_TEMPERATURE = "gen_ai.request.temperature"
 RESPONSE_MODEL = "gen_ai.response.model"
-RESPONSE_ID = "gen_ai.response.id"
 RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 AGENT_NAME = "gen_ai.agent.name"
 AGENT_ID = "gen_ai.agent.id"
@@ -99,7 +98,6 @@ PHI_LOOP_USAGE = "phi.loop.usage"
 # The span's usage (phi-core JSON) when a count of gen_ai.usage.* is past OTLP's int64 (there
 # clamped to it): phi-core's counts are u64, and the conventions' input tokens add the cached.
 PHI_USAGE = "phi.usage"
-PHI_SYNTHESIZED = "phi.synthesized"  # on ingest: which ids were made up (see ingest)
 PHI_LINK_KIND = "phi.link.kind"
 LINK_CONTINUATION = "continuation"
 LINK_PARALLEL = "parallel"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from .._checks import check_type, check_unsigned
+from .._float32 import Float32
 from ..codec import encode_event, encode_record, escape_surrogates, json_text, without_lone_surrogates
 from ..errors import ExportError, StoreError
 from ..events import (
@@ -52,6 +54,7 @@ from ..events import (
     CompactionEnded,
     CompactionStarted,
     InputRejected,
+    LoopConfigSnapshot,
     MessageEnd,
     ProgressMessage,
     PrunApplied,
@@ -207,6 +210,19 @@ def _usage_attributes(usage: Usage) -> dict[str, Any]:
     attributes: dict[str, Any] = {name: min(count, _LAST_INT64) for name, count in counts.items()}
     if attributes != counts:  # clamped: the exact counts apart, which the ingest reads first
         attributes[attr.PHI_USAGE] = encode_record(usage).decode()
+    return attributes
+
+
+def _request_attributes(config: LoopConfigSnapshot) -> dict[str, Any]:
+    """What the loop asks of its model, on its span and its chat spans: those of the
+    settings the conventions name that `config` sets."""
+    attributes: dict[str, Any] = {attr.PROVIDER_NAME: config.provider, attr.REQUEST_MODEL: config.model}
+    if isinstance(config.max_tokens, int):
+        attributes[attr.REQUEST_MAX_TOKENS] = config.max_tokens
+    temperature = config.temperature
+    if isinstance(temperature, Float32) and math.isfinite(temperature):
+        # As written (0.2), not as its 32-bit value's 64-bit expansion (0.20000000298...).
+        attributes[attr.REQUEST_TEMPERATURE] = float(temperature.to_json())
     return attributes
 
 
@@ -486,8 +502,7 @@ class _LoopExport:
         if record.parent_loop_id is not None:
             attributes[attr.PHI_PARENT_LOOP_ID] = record.parent_loop_id
         if config is not None:
-            attributes[attr.PROVIDER_NAME] = config.provider
-            attributes[attr.REQUEST_MODEL] = config.model
+            attributes.update(_request_attributes(config))
             attributes[attr.PHI_CONFIG] = encode_record(config).decode()
         group = record.parallel_group
         if group is not None:
@@ -511,8 +526,7 @@ class _LoopExport:
         }
         config = self.record.config
         if config is not None:
-            attributes[attr.PROVIDER_NAME] = config.provider
-            attributes[attr.REQUEST_MODEL] = config.model
+            attributes.update(_request_attributes(config))
         return attributes
 
     def _tool_attributes(self, event: Any) -> dict[str, Any]:
