@@ -458,12 +458,14 @@ class Opaque:
     """Not JSON."""
 
 
-def test_a_tool_input_holding_a_cycle_is_recorded_as_json() -> None:
+def test_a_tool_run_for_a_call_records_the_calls_arguments_not_its_input() -> None:
+    # The node hands the tool an input holding a cycle and an object: the execution's
+    # arguments are those the model sent, its input never recorded.
     recorder = SessionRecorder()
     handler = PhiCallbackHandler([recorder])
     state: dict[str, Any] = {"n": 1, "obj": Opaque()}
     state["self"] = state
-    model = chat(reply("", ("c1", "inspect", {})))
+    model = chat(reply("", ("c1", "inspect", {"state": {"n": 1}})))
 
     @tool
     def inspect(state: Any) -> str:
@@ -472,14 +474,13 @@ def test_a_tool_input_holding_a_cycle_is_recorded_as_json() -> None:
 
     def step(_: Any, config: Any) -> Any:
         model.invoke("go", config)
-        return inspect.invoke({"state": state}, config)
+        return inspect.run({"state": state}, callbacks=config["callbacks"], tool_call_id="c1")
 
-    assert RunnableLambda(step).invoke("go", {"callbacks": [handler]}) == "seen"
+    assert RunnableLambda(step).invoke("go", {"callbacks": [handler]}).content == "seen"
     (session,) = recorded(recorder).values()
     (loop,) = session.loops
     (start,) = [entry.event for entry in loop.events if isinstance(entry.event, ToolExecutionStart)]
-    assert start.args["state"]["n"] == 1 and start.args["state"]["self"] == "{...}"
-    assert start.args["state"]["obj"].startswith("<")
+    assert start.args == {"state": {"n": 1}}
     (result,) = loop.turns[0].tool_results
     assert result.content[0].text == "seen"  # type: ignore[union-attr]
     assert handler.core.fault_count == 0
@@ -1440,3 +1441,61 @@ def test_a_tool_error_held_for_its_answer_keeps_its_time_and_place_among_the_res
     assert (first.tool_call_id, second.tool_call_id) == ("c1", "c2")
     assert first.content[0].text.startswith("Error: ValueError('bad b')")  # type: ignore[union-attr]
     assert first.timestamp < second.timestamp
+
+
+# -- which turn a tool belongs to ---------------------------------------------------------------
+
+
+@tool
+def retrieve(q: str) -> str:
+    """Retrieve documents."""
+    return f"docs about {q}"
+
+
+def run_graph(handler: Any, nodes: dict[str, Any], edges: list[tuple[str, str]], thread: str) -> Any:
+    """Run a `State` graph of `nodes` (sync functions) and `edges` with `handler`: ``invoke``
+    for the sync handler, ``ainvoke`` for the async one."""
+    graph = StateGraph(State)
+    for name, node in nodes.items():
+        graph.add_node(name, node)
+    for start, end in edges:
+        graph.add_edge(start, end)
+    app = graph.compile()
+    config: Any = {"callbacks": [handler], "configurable": {"thread_id": thread}}
+    if isinstance(handler, AsyncPhiCallbackHandler):
+        return asyncio.run(app.ainvoke({"messages": [("user", "hi")]}, config))
+    return app.invoke({"messages": [("user", "hi")]}, config)
+
+
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+def test_a_tool_a_node_calls_after_a_reply_without_that_call_is_an_input_of_the_next_turn(
+    handler: type,
+) -> None:
+    # plan -> fetch (retrieve.invoke, no model call asked for it) -> answer: the plan's
+    # reply made no call, so the tool's output is what the next model call is sent.
+    recorder = SessionRecorder()
+    events: list[Any] = []
+    model = chat(reply("plan: search cats"), reply("answer using docs"))
+
+    def fetch(state: State) -> dict[str, Any]:
+        return {"messages": [HumanMessage(retrieve.invoke({"q": "cats"}))]}
+
+    nodes = {
+        "plan": lambda s: {"messages": [model.invoke(s["messages"])]},
+        "fetch": fetch,
+        "answer": lambda s: {"messages": [model.invoke(s["messages"])]},
+    }
+    recording = handler([recorder, events.append])
+    edges = [(START, "plan"), ("plan", "fetch"), ("fetch", "answer"), ("answer", END)]
+    out = run_graph(recording, nodes, edges, "direct")
+    assert out["messages"][-1].content == "answer using docs"
+    assert recording.core.fault_count == 0
+    assert not [e for e in events if isinstance(e, (ToolExecutionStart, ToolExecutionEnd))]
+    (loop,) = recorded(recorder)["direct"].loops
+    assert [turn.tool_results for turn in loop.turns] == [(), ()]
+    assert [(type(m).__name__, m.content[0].text) for m in loop.messages] == [  # type: ignore[union-attr]
+        ("UserMessage", "hi"),
+        ("AssistantMessage", "plan: search cats"),
+        ("UserMessage", "docs about cats"),
+        ("AssistantMessage", "answer using docs"),
+    ]

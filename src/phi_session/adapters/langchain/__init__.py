@@ -26,10 +26,12 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   ``on_llm_new_token`` streams text, reasoning and tool-call argument deltas;
   ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
-* tool start / end / error are the tool's execution and result (a ``ToolMessage``
-  with ``status="error"`` is an error result; a tool's exception is held until the
+* tool start / end / error are the execution and result of a call of the open turn's
+  reply (a tool run for no such call, as a node calling one directly, is not recorded:
+  its output is a later input); a ``ToolMessage`` with ``status="error"`` is an error
+  result; a tool's exception is held until the
   ``ToolMessage`` for the call that the tool node returns, or the next model call sends,
-  if any, is the result: the tool node's answer in its place); a tool returning a ``Command`` with
+  if any, is the result: the tool node's answer in its place; a tool returning a ``Command`` with
   ``goto`` hands over: the next model call starts the next agent's loop, continuing
   this one, its metadata naming the call that handed over (`HANDOFF_KEY`: the reply
   that made it keeps ``toolUse``);
@@ -1048,18 +1050,17 @@ class _Mapper:
             return
         with run.lock:
             turn = run.turn
-            if turn is None or not turn.running:
-                # Not a call of the run's model; a run inside it is still a sub-agent.
-                logger.info("tool %s ran outside a model turn: not recorded", name)
+            call_id = tool_call_id
+            if turn is None or not turn.running or call_id is None or call_id not in run.call_args:
+                # Not a call of the open turn's reply (a node calling a tool directly, or
+                # no turn open): not a tool execution, its output is what a later model call
+                # is sent; a run inside it is still a sub-agent.
+                logger.info("tool %s ran for no call of a model turn: not recorded", name)
                 self._unrecorded_tools[run_id] = run
                 run.children.add(run_id)
                 return
-            call_id = tool_call_id or f"lc-{UUID(int=run_id)}"
             run.retried(call_id)
-            args = run.call_args.get(call_id)
-            if args is None:
-                args = jsonable(inputs)
-            tool = turn.tool(id=call_id, name=name, args=args).start()
+            tool = turn.tool(id=call_id, name=name, args=run.call_args[call_id]).start()
         self._runs[run_id] = run
         self._tools[run_id] = (run, tool, enter_tool(tool))
         run.children.add(run_id)
