@@ -1452,14 +1452,18 @@ def retrieve(q: str) -> str:
     return f"docs about {q}"
 
 
-def run_graph(handler: Any, nodes: dict[str, Any], edges: list[tuple[str, str]], thread: str) -> Any:
-    """Run a `State` graph of `nodes` (sync functions) and `edges` with `handler`: ``invoke``
-    for the sync handler, ``ainvoke`` for the async one."""
+def run_graph(handler: Any, nodes: dict[str, Any], edges: list[tuple[str, str | None]], thread: str) -> Any:
+    """Run a `State` graph of `nodes` (sync functions) and `edges` (or a conditional edge:
+    the end None routes by `tools_condition`) with `handler`: ``invoke`` for the sync
+    handler, ``ainvoke`` for the async one."""
     graph = StateGraph(State)
     for name, node in nodes.items():
         graph.add_node(name, node)
     for start, end in edges:
-        graph.add_edge(start, end)
+        if end is None:
+            graph.add_conditional_edges(start, tools_condition)
+        else:
+            graph.add_edge(start, end)
     app = graph.compile()
     config: Any = {"callbacks": [handler], "configurable": {"thread_id": thread}}
     if isinstance(handler, AsyncPhiCallbackHandler):
@@ -1498,4 +1502,43 @@ def test_a_tool_a_node_calls_after_a_reply_without_that_call_is_an_input_of_the_
         ("AssistantMessage", "plan: search cats"),
         ("UserMessage", "docs about cats"),
         ("AssistantMessage", "answer using docs"),
+    ]
+
+
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+def test_a_hand_written_tool_node_invoking_tools_by_their_args_answers_the_calls_once(handler: type) -> None:
+    # LangGraph's quickstart: tools_by_name[name].invoke(call["args"]), then a ToolMessage
+    # naming the call. The tool run carries no call id: it is the unanswered call of the
+    # reply with its name and arguments (the calls taken in reverse: matched by arguments).
+    recorder = SessionRecorder()
+    calls = reply("", ("call_1", "add", {"a": 1, "b": 2}), ("call_2", "add", {"a": 3, "b": 4}))
+    model = chat(calls, reply("3 and 7"))
+    bound = model.bind_tools([add])
+
+    def tool_node(state: State) -> dict[str, Any]:
+        answers = []
+        for call in reversed(state["messages"][-1].tool_calls):
+            observation = {"add": add}[call["name"]].invoke(call["args"])
+            answers.append(ToolMessage(content=str(observation), tool_call_id=call["id"]))
+        return {"messages": answers}
+
+    nodes = {"model": lambda s: {"messages": [bound.invoke(s["messages"])]}, "tools": tool_node}
+    edges: list[tuple[str, str | None]] = [(START, "model"), ("model", None), ("tools", "model")]
+    recording = handler([recorder])
+    out = run_graph(recording, nodes, edges, "manual")
+    assert out["messages"][-1].content == "3 and 7"
+    assert recording.core.fault_count == 0
+    (loop,) = recorded(recorder)["manual"].loops
+    first, second = loop.turns
+    assert [(r.tool_call_id, r.tool_name, r.content[0].text) for r in first.tool_results] == [  # type: ignore[union-attr]
+        ("call_2", "add", "7"),
+        ("call_1", "add", "3"),
+    ]
+    assert second.input_messages == ()  # the tool node's answers are those results, not new inputs
+    assert [type(m).__name__ for m in loop.messages] == [
+        "UserMessage",
+        "AssistantMessage",
+        "ToolResultMessage",
+        "ToolResultMessage",
+        "AssistantMessage",
     ]

@@ -27,8 +27,10 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
 * tool start / end / error are the execution and result of a call of the open turn's
-  reply (a tool run for no such call, as a node calling one directly, is not recorded:
-  its output is a later input); a ``ToolMessage`` with ``status="error"`` is an error
+  reply, by its ``tool_call_id``, else (a hand-written tool node invoking the tool with
+  the call's arguments) the unanswered call with its name and arguments (a tool run for
+  no such call, as a node calling one directly, is not recorded: its output is a later
+  input); a ``ToolMessage`` with ``status="error"`` is an error
   result; a tool's exception is held until the
   ``ToolMessage`` for the call that the tool node returns, or the next model call sends,
   if any, is the result: the tool node's answer in its place; a tool returning a ``Command`` with
@@ -51,7 +53,6 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import Token
-from operator import attrgetter
 from typing import Any, cast
 from uuid import UUID
 
@@ -188,8 +189,6 @@ def _usage(metadata: Mapping[str, Any] | None) -> Usage | None:
         reasoning=(metadata.get("output_token_details") or {}).get("reasoning"),
     )
 
-
-_call_id, _arguments = attrgetter("id"), attrgetter("arguments")
 
 _LENGTH_REASONS = frozenset(("length", "max_tokens", "MAX_TOKENS"))
 
@@ -425,7 +424,7 @@ class _Run:
     """
 
     __slots__ = (
-        "call_args",
+        "calls",
         "children",
         "convert",
         "copies",
@@ -443,6 +442,7 @@ class _Run:
         "reply",
         "resumes",
         "spawner",
+        "started",
         "tokens",
         "turn",
         "waiting",
@@ -474,8 +474,10 @@ class _Run:
         self.inputs: dict[str | int, BaseMessage] = {}
         """The other input messages the loop recorded, by message id, else by identity
         (held, so that their identity stays theirs): a model call may resend them."""
-        self.call_args: dict[str, Any] = {}
-        """The arguments of the open turn's tool calls by call id (as its message recorded them)."""
+        self.calls: dict[str, ToolCall] = {}
+        """The open turn's tool calls by id (as its message recorded them)."""
+        self.started: set[str] = set()
+        """The calls of the open turn whose tool started (the others are unanswered)."""
         self.interrupts: dict[object, Any] = {}
         """The values of the interrupts that stopped the run, by interrupt id."""
         self.convert: Callable[[BaseMessage, int], Message | None] = (
@@ -584,9 +586,26 @@ class _Run:
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
-        self.call_args = {}
+        self.calls = {}
+        self.started = set()
         if turn is not None and turn.running:
             turn.end()
+
+    def call_for(self, name: str, inputs: Any) -> str | None:
+        """The unanswered call of the open turn's reply that a tool run given no call id
+        answers (a hand-written tool node invoking the tool with the call's arguments):
+        the first with its name and, when the tool was given arguments, those arguments.
+        Under the run's lock."""
+        args = jsonable(inputs) if isinstance(inputs, Mapping) else None
+        for call_id, call in self.calls.items():
+            if (
+                call_id not in self.started
+                and call_id not in self.recorded
+                and call.name == name
+                and (args is None or call.arguments == args)
+            ):
+                return call_id
+        return None
 
     def new_inputs(self, messages: Sequence[BaseMessage], timestamp: int) -> list[AgentMessage]:
         """The messages after the last AI message that the loop has not recorded yet."""
@@ -820,7 +839,7 @@ class _Mapper:
                 # The calls of its last reply it recorded results of: the resumed run's model
                 # call sends them again, and they are no new inputs (the interrupted call's
                 # result, which comes with the resume, is).
-                answered = frozenset(run.recorded.intersection(run.call_args))
+                answered = frozenset(run.recorded.intersection(run.calls))
                 self.core.leave_note(thread, (loop.loop_id, answered))
             if error is None and loop.running:
                 run.end_turn()
@@ -1022,7 +1041,7 @@ class _Mapper:
         )
         if calls:  # the recorded calls (own copies of the arguments) end its content
             tail = recorded.content[-len(calls) :]
-            run.call_args = dict(zip(map(_call_id, tail), map(_arguments, tail), strict=True))
+            run.calls = {call.id: call for call in tail if type(call) is ToolCall}
 
     def _ended_alone(self, run_id: _RunId, run: _Run, error: BaseException | None = None) -> None:
         """A bare model call (its own root run) ends its loop with it."""
@@ -1050,8 +1069,9 @@ class _Mapper:
             return
         with run.lock:
             turn = run.turn
-            call_id = tool_call_id
-            if turn is None or not turn.running or call_id is None or call_id not in run.call_args:
+            call_id = tool_call_id if tool_call_id is not None else run.call_for(name, inputs)
+            call = run.calls.get(call_id) if call_id is not None else None
+            if turn is None or not turn.running or call is None:
                 # Not a call of the open turn's reply (a node calling a tool directly, or
                 # no turn open): not a tool execution, its output is what a later model call
                 # is sent; a run inside it is still a sub-agent.
@@ -1059,8 +1079,9 @@ class _Mapper:
                 self._unrecorded_tools[run_id] = run
                 run.children.add(run_id)
                 return
-            run.retried(call_id)
-            tool = turn.tool(id=call_id, name=name, args=run.call_args[call_id]).start()
+            run.retried(call.id)
+            run.started.add(call.id)
+            tool = turn.tool(id=call.id, name=name, args=call.arguments).start()
         self._runs[run_id] = run
         self._tools[run_id] = (run, tool, enter_tool(tool))
         run.children.add(run_id)
