@@ -1318,6 +1318,15 @@ class FanOut(TypedDict):
     answers: Annotated[list[str], lambda left, right: left + right]
 
 
+def fan_out(work: Any) -> Any:
+    """A graph running the node `work` once for each topic, in parallel (LangGraph's Send)."""
+    graph = StateGraph(FanOut)
+    graph.add_node("work", work)
+    graph.add_conditional_edges(START, lambda s: [Send("work", {"topic": t}) for t in s["topics"]], ["work"])
+    graph.add_edge("work", END)
+    return graph.compile()
+
+
 def test_parallel_model_calls_of_a_send_fan_out_each_keep_their_reply_and_usage() -> None:
     # Three nodes (LangGraph's Send) each call a model that does not stream; every call
     # starts before any ends (the barrier): each is a turn with its reply and usage.
@@ -1337,14 +1346,10 @@ def test_parallel_model_calls_of_a_send_fan_out_each_keep_their_reply_and_usage(
         answer = models[state["topic"]].invoke([HumanMessage(f"about {state['topic']}")])
         return {"answers": [answer.content]}
 
-    graph = StateGraph(FanOut)
-    graph.add_node("work", work)
-    graph.add_conditional_edges(START, lambda s: [Send("work", {"topic": t}) for t in s["topics"]], ["work"])
-    graph.add_edge("work", END)
     recorder = SessionRecorder()
     handler = PhiCallbackHandler([recorder])
     config: Any = {"callbacks": [handler], "configurable": {"thread_id": "fan"}}
-    out = graph.compile().invoke({"topics": list("abc"), "answers": []}, config)
+    out = fan_out(work).invoke({"topics": list("abc"), "answers": []}, config)
     assert sorted(out["answers"]) == ["ans-a", "ans-b", "ans-c"]
     assert handler.core.fault_count == 0
     (loop,) = recorded(recorder)["fan"].loops
@@ -1542,3 +1547,144 @@ def test_a_hand_written_tool_node_invoking_tools_by_their_args_answers_the_calls
         "ToolResultMessage",
         "AssistantMessage",
     ]
+
+
+class Hooked(ScriptedChat):
+    """Runs `hooks[n]` (if any) as its n-th call (from 0) starts generating."""
+
+    hooks: dict[int, Any] = Field(default_factory=dict)
+    calls: int = 0
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        hook = self.hooks.get(self.calls)
+        self.calls += 1
+        if hook is not None:
+            hook()
+        return super()._generate(*args, **kwargs)
+
+
+def turn_results(loop: Any) -> list[tuple[list[str], list[tuple[str, bool, str]]]]:
+    """Each turn's tool calls and results (call id, error, text)."""
+    return [
+        (
+            [block.id for block in turn.output_message.content if isinstance(block, ToolCall)],
+            [(r.tool_call_id, r.is_error, r.content[0].text) for r in turn.tool_results],
+        )
+        for turn in loop.turns
+    ]
+
+
+def wait(event: threading.Event) -> None:
+    assert event.wait(30)
+
+
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+@pytest.mark.parametrize("first", ["tool", "model"])
+def test_a_tool_running_while_a_parallel_node_calls_a_model_keeps_its_result_in_its_turn(
+    handler: type, first: str
+) -> None:
+    # One step runs the tool of the model's call and a node asking another model for a
+    # title: the title's call starts while the tool runs (or just before it starts). The
+    # tool's result is its call's, in the turn whose reply made it; the title call's turn
+    # follows.
+    tool_running, title_started = threading.Event(), threading.Event()
+
+    @tool
+    def search(q: str) -> str:
+        """Search."""
+        tool_running.set()
+        if first == "tool":
+            wait(title_started)
+        return f"results for {q}"
+
+    agent = chat(reply("", ("c1", "search", {"q": "cats"})))
+    bound = agent.bind_tools([search])
+    titler = Hooked(messages=iter([reply("Cats", model="titler")]))
+    titler.hooks[0] = lambda: (title_started.set(), first == "model" and wait(tool_running))
+
+    def tools(state: State) -> dict[str, Any]:
+        if first == "model":
+            wait(title_started)  # the tool starts once the title's call started
+        return ToolNode([search]).invoke(state)  # type: ignore[no-any-return]
+
+    def title(state: State) -> dict[str, Any]:
+        if first == "tool":
+            wait(tool_running)
+        titler.invoke([HumanMessage("title for: cats")])
+        return {}
+
+    nodes = {"model": lambda s: {"messages": [bound.invoke(s["messages"])]}, "tools": tools, "title": title}
+    edges: list[tuple[str, str | None]] = [
+        (START, "model"),
+        ("model", "tools"),
+        ("model", "title"),
+        ("tools", END),
+        ("title", END),
+    ]
+    recorder = SessionRecorder()
+    recording = handler([recorder])
+    out = run_graph(recording, nodes, edges, "title")
+    assert out["messages"][-1].content == "results for cats"
+    assert recording.core.fault_count == 0
+    (loop,) = recorded(recorder)["title"].loops
+    assert turn_results(loop) == [(["c1"], [("c1", False, "results for cats")]), ([], [])]
+    assert loop.turns[1].output_message.content[0].text == "Cats"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+def test_a_send_fan_out_of_agents_keeps_each_tool_result_once_after_its_call(handler: type) -> None:
+    # Map-reduce: two create_agent workers of one run. b's tool runs when a's first model
+    # call starts, a's while b's second call runs. Every result is recorded once, after its
+    # call: in the turn whose reply made the call, or as an input of a later turn, never
+    # cut short.
+    b_tool_runs, a_tool_runs, b_second_call = threading.Event(), threading.Event(), threading.Event()
+
+    @tool
+    def slow_lookup(q: str) -> str:
+        """Slow look-up."""
+        a_tool_runs.set()
+        wait(b_second_call)
+        return f"found {q}"
+
+    @tool
+    def fast_lookup(q: str) -> str:
+        """Fast look-up."""
+        b_tool_runs.set()
+        wait(a_tool_runs)
+        return f"found {q}"
+
+    fast = Hooked(messages=iter([reply("", ("cb", "fast_lookup", {"q": "B"})), reply("B done")]))
+    fast.hooks[1] = b_second_call.set
+    agents = {
+        "a": create_agent(chat(reply("", ("ca", "slow_lookup", {"q": "A"})), reply("A done")), [slow_lookup]),
+        "b": create_agent(fast, [fast_lookup]),
+    }
+
+    def work(state: Any) -> dict[str, Any]:
+        if state["topic"] == "a":
+            wait(b_tool_runs)
+        out = agents[state["topic"]].invoke({"messages": [HumanMessage(f"topic {state['topic']}")]})
+        return {"answers": [out["messages"][-1].content]}
+
+    recorder = SessionRecorder()
+    recording = handler([recorder])
+    config: Any = {"callbacks": [recording], "configurable": {"thread_id": "map"}}
+    app, inputs = fan_out(work), {"topics": ["a", "b"], "answers": []}
+    if handler is AsyncPhiCallbackHandler:
+        out = asyncio.run(app.ainvoke(inputs, config))
+    else:
+        out = app.invoke(inputs, config)
+    assert sorted(out["answers"]) == ["A done", "B done"]
+    assert recording.core.fault_count == 0
+    (loop,) = recorded(recorder)["map"].loops
+    for calls, results in turn_results(loop):
+        assert {call for call, _, _ in results} <= set(calls)
+    called: set[str] = set()
+    answered = []
+    for message in loop.messages:
+        if isinstance(message, AssistantMessage):
+            called |= {block.id for block in message.content if isinstance(block, ToolCall)}
+        elif isinstance(message, ToolResultMessage):
+            assert message.tool_call_id in called
+            answered.append((message.tool_call_id, message.is_error, message.content[0].text))  # type: ignore[union-attr]
+    assert sorted(answered) == [("ca", False, "found A"), ("cb", False, "found B")]

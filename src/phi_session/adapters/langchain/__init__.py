@@ -21,8 +21,10 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
 * ``on_chat_model_start`` opens a turn (after ending the previous one) with the new
   input messages (those after the last AI message that were not recorded already)
   and, with ``capture_requests=True``, the turn's ``TurnRequest``; a call starting
-  while another call of the run is in flight (parallel nodes) waits for that reply to
-  end, then has its turn (the tokens it streams meanwhile kept for it);
+  while another call of the run is in flight or the tools of the open turn's calls run
+  (parallel nodes) waits for that reply and those tools to end (or for its own end, if
+  a call of the reply has yet to run its tool), then has its turn (the tokens it streams
+  meanwhile kept for it): a turn never ends under its tools;
   ``on_llm_new_token`` streams text, reasoning and tool-call argument deltas;
   ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
@@ -441,6 +443,7 @@ class _Run:
         "recorded",
         "reply",
         "resumes",
+        "running",
         "spawner",
         "started",
         "tokens",
@@ -478,6 +481,8 @@ class _Run:
         """The open turn's tool calls by id (as its message recorded them)."""
         self.started: set[str] = set()
         """The calls of the open turn whose tool started (the others are unanswered)."""
+        self.running = 0
+        """The open turn's tools running: it does not end before they do."""
         self.interrupts: dict[object, Any] = {}
         """The values of the interrupts that stopped the run, by interrupt id."""
         self.convert: Callable[[BaseMessage, int], Message | None] = (
@@ -588,8 +593,24 @@ class _Run:
         turn, self.turn, self.reply = self.turn, None, None
         self.calls = {}
         self.started = set()
+        self.running = 0  # cut short with the turn (the run ended under them)
         if turn is not None and turn.running:
             turn.end()
+
+    def busy(self) -> bool:
+        """Whether the open turn goes on: its reply streams, or its tools run. Under the run's
+        lock."""
+        return self.running > 0 or (self.reply is not None and self.reply.running)
+
+    def unanswered(self, sent: Iterable[BaseMessage] = ()) -> bool:
+        """Whether a call of the open turn's reply has neither run its tool nor an answer
+        among the messages `sent` (a node answering it without the tool). Under the run's
+        lock."""
+        answered = {message.tool_call_id for message in sent if isinstance(message, ToolMessage)}
+        return any(
+            call_id not in self.started and call_id not in self.recorded and call_id not in answered
+            for call_id in self.calls
+        )
 
     def call_for(self, name: str, inputs: Any) -> str | None:
         """The unanswered call of the open turn's reply that a tool run given no call id
@@ -904,9 +925,11 @@ class _Mapper:
                 return  # ended under the run: the handler closed, or the interpreter is exiting
             if run.key != run_id and not self.core.claim(run_id):
                 return  # another handler recording into the same place records the run's turn
-            if run.reply is not None and run.reply.running:
+            if run.busy() or run.unanswered(since_last_reply(call.history, _is_ai)):
                 # A parallel call (another node of the step): one turn at a time, so it
-                # waits for the running reply to end (its tokens meanwhile kept for its turn).
+                # waits for the running reply and the tools of its calls to end, or for its
+                # own end if a call's tool has yet to start (its tokens meanwhile kept for
+                # its turn).
                 run.waiting[run_id] = call
             else:
                 self._replies[run_id] = (run, self._open_turn(run, call))
@@ -947,17 +970,20 @@ class _Mapper:
         return reply
 
     def _next_turns(self, run: _Run) -> None:
-        """The turns of the calls waiting for one, once the run's reply has ended: each
-        call that ended meanwhile recorded at once, then the first still in flight opened
-        (its reply ends when it does). Under the run's lock."""
+        """The turns of the calls waiting for one, once the run's reply and its tools have
+        ended: each call that ended meanwhile recorded at once, then the first still in
+        flight opened (its reply ends when it does), unless a call of the reply has yet to
+        run its tool (it ends the turn when it ends). Under the run's lock."""
         waiting = run.waiting
-        while waiting and (run.reply is None or not run.reply.running):
+        while waiting and not run.busy():
             if run.loop is None or not run.loop.running:
                 waiting.clear()  # ended under the run (the handler closed)
                 return
-            key = next(
-                (key for key, call in waiting.items() if call.outcome is not None), next(iter(waiting))
-            )
+            key = next((key for key, call in waiting.items() if call.outcome is not None), None)
+            if key is None:
+                if run.unanswered():
+                    return
+                key = next(iter(waiting))
             call = waiting.pop(key)
             reply = self._open_turn(run, call)
             for token, chunk in call.tokens:  # what it streamed while waiting
@@ -1011,6 +1037,7 @@ class _Mapper:
                 self._next_turns(run)
             elif run_id in run.waiting:
                 run.waiting[run_id].outcome = outcome  # recorded when its turn comes
+                self._next_turns(run)
         self._ended_alone(run_id, run, outcome if isinstance(outcome, BaseException) else None)
 
     @staticmethod
@@ -1081,6 +1108,7 @@ class _Mapper:
                 return
             run.retried(call.id)
             run.started.add(call.id)
+            run.running += 1
             tool = turn.tool(id=call.id, name=name, args=call.arguments).start()
         self._runs[run_id] = run
         self._tools[run_id] = (run, tool, enter_tool(tool))
@@ -1110,6 +1138,7 @@ class _Mapper:
             if handoff and run.handoff is None:
                 run.handoff = {"tool_call_id": tool.tool_call_id, "tool_name": tool.tool_name}
             run.end_tool(tool, now)
+            self._tool_ended(run)
 
     def tool_error(self, error: BaseException, run_id: _RunId) -> None:
         found = self._tools.pop(run_id, None)
@@ -1128,6 +1157,7 @@ class _Mapper:
             tool.result(_INTERRUPTED)
             with run.lock:
                 run.end_tool(tool, now)
+                self._tool_ended(run)
             return
         with run.lock:
             # Its result is what the model is sent for the call (a tool node handling the
@@ -1137,6 +1167,14 @@ class _Mapper:
                 run.hold_failed(tool, error, now)
             else:
                 run.end_tool(tool, now, error)
+            self._tool_ended(run)
+
+    def _tool_ended(self, run: _Run) -> None:
+        """One of the open turn's tools ended: the last one lets the model calls waiting
+        meanwhile have their turns. Under the run's lock."""
+        if run.running:  # none when the run ended under it
+            run.running -= 1
+            self._next_turns(run)
 
     def _unrecorded_tool_end(self, run_id: _RunId) -> None:
         run = self._unrecorded_tools.pop(run_id, None)
