@@ -1579,15 +1579,16 @@ def wait(event: threading.Event) -> None:
 
 
 @pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
-@pytest.mark.parametrize("first", ["tool", "model"])
+@pytest.mark.parametrize("first", ["tool", "model", "model call"])
 def test_a_tool_running_while_a_parallel_node_calls_a_model_keeps_its_result_in_its_turn(
     handler: type, first: str
 ) -> None:
     # One step runs the tool of the model's call and a node asking another model for a
     # title: the title's call starts while the tool runs (or just before it starts). The
     # tool's result is its call's, in the turn whose reply made it; the title call's turn
-    # follows.
-    tool_running, title_started = threading.Event(), threading.Event()
+    # follows. A tool starting once that call came and went ("model call") is an input of
+    # the title's turn, the turn open as it returns (no model call is sent its result).
+    tool_running, title_started, title_done = threading.Event(), threading.Event(), threading.Event()
 
     @tool
     def search(q: str) -> str:
@@ -1603,14 +1604,15 @@ def test_a_tool_running_while_a_parallel_node_calls_a_model_keeps_its_result_in_
     titler.hooks[0] = lambda: (title_started.set(), first == "model" and wait(tool_running))
 
     def tools(state: State) -> dict[str, Any]:
-        if first == "model":
-            wait(title_started)  # the tool starts once the title's call started
+        if first != "tool":  # the tool starts once the title's call started, or ended
+            wait(title_done if first == "model call" else title_started)
         return ToolNode([search]).invoke(state)  # type: ignore[no-any-return]
 
     def title(state: State) -> dict[str, Any]:
         if first == "tool":
             wait(tool_running)
         titler.invoke([HumanMessage("title for: cats")])
+        title_done.set()
         return {}
 
     nodes = {"model": lambda s: {"messages": [bound.invoke(s["messages"])]}, "tools": tools, "title": title}
@@ -1627,8 +1629,15 @@ def test_a_tool_running_while_a_parallel_node_calls_a_model_keeps_its_result_in_
     assert out["messages"][-1].content == "results for cats"
     assert recording.core.fault_count == 0
     (loop,) = recorded(recorder)["title"].loops
-    assert turn_results(loop) == [(["c1"], [("c1", False, "results for cats")]), ([], [])]
     assert loop.turns[1].output_message.content[0].text == "Cats"  # type: ignore[union-attr]
+    if first != "model call":
+        assert turn_results(loop) == [(["c1"], [("c1", False, "results for cats")]), ([], [])]
+        return
+    assert turn_results(loop) == [(["c1"], []), ([], [])]
+    late = loop.messages[-1]  # after the title's reply
+    assert isinstance(late, ToolResultMessage) and late in loop.turns[1].input_messages
+    assert (late.tool_call_id, late.tool_name, late.is_error) == ("c1", "search", False)
+    assert late.content[0].text == "results for cats"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])

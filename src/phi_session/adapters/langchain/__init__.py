@@ -24,7 +24,8 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   while another call of the run is in flight or the tools of the open turn's calls run
   (parallel nodes) waits for that reply and those tools to end (or for its own end, if
   a call of the reply has yet to run its tool), then has its turn (the tokens it streams
-  meanwhile kept for it): a turn never ends under its tools;
+  meanwhile kept for it): a turn never ends under its tools, and the result of one
+  starting after its turn ended so is an input of the turn open as it returns;
   ``on_llm_new_token`` streams text, reasoning and tool-call argument deltas;
   ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
@@ -435,6 +436,7 @@ class _Run:
         "inputs",
         "interrupts",
         "key",
+        "late",
         "lock",
         "loop",
         "metadata",
@@ -483,6 +485,10 @@ class _Run:
         """The calls of the open turn whose tool started (the others are unanswered)."""
         self.running = 0
         """The open turn's tools running: it does not end before they do."""
+        self.late: dict[str, ToolCall] = {}
+        """The calls of the turn ended last whose tool had not started (a parallel node's
+        model call came and went first): a tool starting for one is no tool execution of
+        that turn, its result an input of the turn open as it returns."""
         self.interrupts: dict[object, Any] = {}
         """The values of the interrupts that stopped the run, by interrupt id."""
         self.convert: Callable[[BaseMessage, int], Message | None] = (
@@ -591,6 +597,11 @@ class _Run:
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
+        self.late = {
+            call_id: call
+            for call_id, call in self.calls.items()
+            if call_id not in self.started and call_id not in self.recorded
+        }
         self.calls = {}
         self.started = set()
         self.running = 0  # cut short with the turn (the run ended under them)
@@ -670,6 +681,9 @@ class _Mapper:
         self._within: dict[_RunId, tuple[_RunId, _Run]] = {}
         """Tools a tool invokes (part of its execution) -> the outermost tool's run id and its
         run: what runs inside them runs inside that tool."""
+        self._late: dict[_RunId, ToolCall] = {}
+        """Unrecorded tools answering a call of a turn that ended before they started
+        (`_Run.late`) -> that call: their results are inputs."""
 
     def _root(
         self,
@@ -844,6 +858,7 @@ class _Mapper:
             self._tools.pop(child, None)
             self._unrecorded_tools.pop(child, None)
             self._within.pop(child, None)
+            self._late.pop(child, None)
         with run.lock:
             run.settle_failed(())
             if run.loop is None and run.sub_agent:
@@ -1105,6 +1120,9 @@ class _Mapper:
                 logger.info("tool %s ran for no call of a model turn: not recorded", name)
                 self._unrecorded_tools[run_id] = run
                 run.children.add(run_id)
+                late = run.late.pop(call_id, None) if call_id is not None else None
+                if late is not None:
+                    self._late[run_id] = late
                 return
             run.retried(call.id)
             run.started.add(call.id)
@@ -1118,6 +1136,7 @@ class _Mapper:
         found = self._tools.pop(run_id, None)
         self._runs.pop(run_id, None)
         if found is None:
+            self._late_result(run_id, output)
             self._unrecorded_tool_end(run_id)
             return
         run, tool, token = found
@@ -1176,7 +1195,32 @@ class _Mapper:
             run.running -= 1
             self._next_turns(run)
 
+    def _late_result(self, run_id: _RunId, output: Any) -> None:
+        """The result of a tool answering a call of a turn that ended before it started, as
+        an input of the turn open now (or the next): the model is sent it, if ever, only
+        later. (One that raised is left to the tool node's answer, sent with the next call.)"""
+        call = self._late.pop(run_id, None)
+        run = self._unrecorded_tools.get(run_id)
+        if call is None or run is None:
+            return
+        if type(output).__name__ == "Command":
+            output = _command_message(output, call.id)
+        content, is_error = _tool_output(output)
+        result = ToolResultMessage(
+            tool_call_id=call.id,
+            tool_name=call.name,
+            content=(TextContent(text=content),) if isinstance(content, str) else content,
+            is_error=is_error,
+            timestamp=self.core.agent.millis(),
+        )
+        with run.lock:
+            loop = run.loop
+            if loop is not None and loop.running and call.id not in run.recorded:
+                run.recorded.add(call.id)  # not a new input again when a model call sends it
+                loop.user(result)
+
     def _unrecorded_tool_end(self, run_id: _RunId) -> None:
+        self._late.pop(run_id, None)  # one that raised: its answer comes with the next call
         run = self._unrecorded_tools.pop(run_id, None)
         if run is None:
             within = self._within.pop(run_id, None)
