@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import runpy
 import subprocess
 import sys
@@ -580,6 +581,61 @@ def test_a_tool_error_an_agent_recovers_from_lets_the_run_go_on() -> None:
     (record,) = h.session().loops
     assert record.status == "Completed" and record.turns[0].tool_results[0].is_error
     assert texts(record)[-1] == ("assistant", "sorry")
+
+
+def _sent_to_model(seen: list[list[Any]], first: Step) -> Callable[[LlmRequest], Step]:
+    """A model calling as `first` says, then answering "ok"; `seen` gets the function
+    responses of each request (what ADK sent the model)."""
+
+    def reply(request: LlmRequest) -> Step:
+        parts = [part for content in request.contents for part in content.parts or ()]
+        seen.append([part.function_response.response for part in parts if part.function_response])
+        return first if len(seen) == 1 else ["ok"]
+
+    return reply
+
+
+def test_a_result_an_agents_after_tool_callback_substitutes_is_recorded_as_sent() -> None:
+    h = Harness()
+    seen: list[list[Any]] = []
+
+    def alter(tool: Any, args: Any, tool_context: Any, tool_response: Any) -> dict[str, str]:
+        return {"result": "altered"}
+
+    model = ScriptedLlm.of(reply=_sent_to_model(seen, [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]))
+    h.run(LlmAgent(name="calc", model=model, tools=[add], after_tool_callback=alter))
+    assert seen[-1] == [{"result": "altered"}, {"result": "altered"}]
+    (record,) = h.session().loops
+    assert [(r.is_error, r.content[0].text) for r in record.turns[0].tool_results] == [(False, "altered")] * 2
+    assert record.status == "Completed" and texts(record)[-1] == ("assistant", "ok")
+
+
+def test_an_error_an_agents_callback_answers_is_recorded_with_the_answer() -> None:
+    h = Harness()
+    seen: list[list[Any]] = []
+
+    def recover(tool: Any, args: Any, tool_context: Any, error: Exception) -> dict[str, str]:
+        return {"status": "recovered"}
+
+    model = ScriptedLlm.of(reply=_sent_to_model(seen, [("explode", {"reason": "boom"})]))
+    h.run(LlmAgent(name="risky", model=model, tools=[explode], on_tool_error_callback=recover))
+    assert seen[-1] == [{"status": "recovered"}]
+    (record,) = h.session().loops
+    (result,) = record.turns[0].tool_results
+    # The tool failed; the model got the callback's answer.
+    assert result.is_error and result.content[0].text == '{"status":"recovered"}'
+
+
+def test_a_call_of_a_tool_that_does_not_exist_is_recorded_with_adks_answer() -> None:
+    h = Harness()
+    seen: list[list[Any]] = []
+    model = ScriptedLlm.of(reply=_sent_to_model(seen, [("nosuch", {"x": 1})]))
+    h.run(LlmAgent(name="calc", model=model, tools=[add]))
+    (answer,) = seen[-1]
+    (record,) = h.session().loops
+    (result,) = record.turns[0].tool_results
+    assert answer["error"].startswith("Invoking `nosuch()` failed")
+    assert result.is_error and json.loads(result.content[0].text) == answer
 
 
 def test_an_exception_ends_the_loop_aborted() -> None:

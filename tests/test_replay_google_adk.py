@@ -404,7 +404,7 @@ def test_a_handled_tool_error_is_answered_with_what_the_model_got(store: SqliteS
     run(failing(ScriptedLlm.of([("explode", {"reason": "x"})], ["It failed."])), store)
     original = store.load(SESSION)
     (result,) = [m for m in original.loops[0].messages if isinstance(m, ToolResultMessage)]
-    assert result.is_error and result.content[0].text == "explode failed: ValueError: tool failed: x"  # type: ignore[union-attr]
+    assert result.is_error and result.content[0].text == '{"error":"tool failed: x"}'  # type: ignore[union-attr]
     RUNS.clear()
     model = ReplayLlm(original)
     with model.recording():
@@ -557,7 +557,7 @@ def test_a_transferred_agents_handled_tool_error_replays_as_the_recorded_error(
     assert RUNS == []
     replayed = store.load(SESSION).loops[-1]
     (result,) = [m for m in replayed.messages if isinstance(m, ToolResultMessage)]
-    assert result.is_error and result.content[0].text == "explode failed: ValueError: tool failed: x"  # type: ignore[union-attr]
+    assert result.is_error and result.content[0].text == '{"error":"tool failed: x"}'  # type: ignore[union-attr]
     assert turns(replayed) == turns(calc_loop)
 
 

@@ -33,7 +33,12 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   added to the model's) is a turn of its own, that answer its message, with no usage;
   so is one a plugin listed after this one gives before the run (no agent runs), in
   the invocation's loop;
-* tool callbacks are tool executions; a tool error is a failed result;
+* tool callbacks are tool executions, whose result is what ADK sends the model (the
+  function response of its event, a value that is no dict unwrapped from ADK's
+  ``{"result": value}``): an agent's ``after_tool_callback`` (run after the plugins) may
+  replace it; a tool error is a failed result, with the answer an
+  ``on_tool_error_callback`` gives (ADK's, for a tool that does not exist) as its text,
+  or the error, when it escapes;
 * another agent taking over within the invocation (``transfer_to_agent``, the next
   agent of a ``SequentialAgent``) ends the loop and starts a loop continuing it; a
   transfer's assistant message has stop reason ``handoff``. The invocation's first
@@ -53,8 +58,8 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
 
 What is not recorded: a plugin listed before this one that answers a callback itself
 (returns a value) hides that callback from this plugin (ADK stops at the first
-answer), so list `PhiPlugin` first; a result another plugin substitutes for a tool's
-is not seen (the tool's own result is recorded); live (bidirectional) streaming is
+answer), so list `PhiPlugin` first (a result such a plugin substitutes for a tool's
+hides the tool's end); live (bidirectional) streaming is
 not mapped. An invocation stopped midway ends failed (``Aborted``, `ABANDONED` as its
 error), a reply it cut off recorded as what came with stop reason ``aborted``: one whose
 events the host stopped reading (a ``break``, ``aclose``, leaving the sync
@@ -630,6 +635,20 @@ class _ToolOutsideTurn:
         )
 
 
+def _built_from(sent: dict[str, Any], result: Any) -> bool:
+    """Whether ADK's function response `sent` is the one it builds from the tool's
+    `result`: that dict (copied: its values themselves) or ``{"result": value}``."""
+    built = result if isinstance(result, dict) else {"result": result}
+    return sent.keys() == built.keys() and all(sent[key] is value for key, value in built.items())
+
+
+def _end_tool(scope: ToolScope | _ToolOutsideTurn, result: Any, error: BaseException | None) -> None:
+    """End a tool with the result or error its callbacks saw."""
+    if error is None:
+        scope.result(_json_text(result))
+    scope.end(error)
+
+
 @dataclass
 class _Lane:
     """The loop of one ADK branch of an invocation (the root branch is ``None``) and
@@ -642,6 +661,13 @@ class _Lane:
     turn: TurnScope | None = None
     reply: _Reply | None = None
     tools: dict[str, tuple[ToolScope | _ToolOutsideTurn, Token[RunningTool | None] | None]] = field(
+        default_factory=dict
+    )
+    # Tools whose callbacks are done, by call id, until ADK's function response tells
+    # what the model got: with the result the plugin saw, or the tool's error. An
+    # agent's after_tool/on_tool_error callback runs after this plugin's and may answer
+    # in the tool's place.
+    answered: dict[str, tuple[ToolScope | _ToolOutsideTurn, Any, BaseException | None]] = field(
         default_factory=dict
     )
     done: bool = False  # the agent of its parallel branch is done: the loop ends completed
@@ -670,6 +696,7 @@ class _Lane:
             self.reply.finish()
 
     def end_turn(self, error: BaseException | str | None = None) -> None:
+        self.end_answered()
         if self.reply is not None:
             self.reply.finish(error)
         turn = self.turn
@@ -697,6 +724,43 @@ class _Lane:
         # The tool runs in a copy of this context (ADK makes sure of it), so an
         # invocation it starts (AgentTool) finds it: a sub-agent.
         self.tools[call_id] = (scope, enter_tool(scope))
+
+    def await_response(
+        self, call_id: str, scope: ToolScope | _ToolOutsideTurn, result: Any, error: BaseException | None
+    ) -> None:
+        """Tool `call_id`'s callbacks are done, with `result` or `error`: it ends when
+        its function response comes."""
+        self.answered[call_id] = (scope, result, error)
+
+    def responded(self, responses: Sequence[types.FunctionResponse]) -> None:
+        """ADK's function responses: what the model gets for the calls they answer. One
+        ADK did not build from the result the plugin saw (an agent's callback replaced
+        it, or answered an error; ADK answered a call of a tool that does not exist) is
+        the result, unwrapped when ADK wrapped a value as ``{"result": value}``; an
+        error answered stays an error (the tool failed), the answer its text."""
+        for response in responses:
+            entry = self.answered.pop(response.id or response.name or "", None)
+            if entry is None:
+                continue
+            scope, result, error = entry
+            sent = response.response or {}
+            # Media ADK moved out of the result into parts: the plugin's result holds it.
+            if not response.parts and (error is not None or not _built_from(sent, result)):
+                answer = _json_text(sent["result"] if list(sent) == ["result"] else sent)
+                if error is None:
+                    scope.result(answer)
+                else:
+                    scope.error(answer)
+                scope.end()
+            else:
+                _end_tool(scope, result, error)
+
+    def end_answered(self) -> None:
+        """End the answered tools no function response came for (a long-running tool
+        returning None, the turn or invocation ending first): with what the plugin saw."""
+        answered, self.answered = self.answered, {}
+        for scope, result, error in answered.values():
+            _end_tool(scope, result, error)
 
     def take_tool(self, call_id: str) -> ToolScope | _ToolOutsideTurn | None:
         """The running tool `call_id`, no longer marked as running in this context."""
@@ -897,6 +961,11 @@ class PhiPlugin(BasePlugin):
             if event.partial:
                 return
             lane = self._lanes.get((invocation_context.invocation_id, event.branch))
+            if lane is not None and lane.answered:
+                responses = event.get_function_responses()
+                if responses:
+                    lane.responded(responses)
+                    return
             reply = lane.reply if lane is not None else None
             # Cheapest checks first: most events (tool responses) are not it.
             if lane is not None and reply is not None and event.author == lane.agent:
@@ -930,12 +999,14 @@ class PhiPlugin(BasePlugin):
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext, result: Any
     ) -> None:
         try:
-            scope = self._take_tool(tool_context, tool)
-            if scope is not None:
+            taken = self._take_tool(tool_context, tool)
+            if taken is not None:
+                lane, call_id, scope = taken
                 recorded = _replayed_result(tool_context)
                 if recorded is None:
-                    scope.result(_json_text(result))
-                elif recorded.is_error:  # a handled error replayed: ADK takes the answer for a success
+                    lane.await_response(call_id, scope, result, None)
+                    return
+                if recorded.is_error:  # a handled error replayed: ADK takes the answer for a success
                     scope.error(recorded.content)
                 else:
                     scope.result(recorded.content)
@@ -947,9 +1018,10 @@ class PhiPlugin(BasePlugin):
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext, error: Exception
     ) -> None:
         try:
-            scope = self._take_tool(tool_context, tool)
-            if scope is not None:
-                scope.end(error)
+            taken = self._take_tool(tool_context, tool)
+            if taken is not None:
+                lane, call_id, scope = taken
+                lane.await_response(call_id, scope, None, error)
         except Exception as caught:
             self.core.fault(caught)
 
@@ -1103,9 +1175,16 @@ class PhiPlugin(BasePlugin):
         self.core.safely(lane.close, None)
         self.core.end_run(lane.key)
 
-    def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | _ToolOutsideTurn | None:
+    def _take_tool(
+        self, tool_context: ToolContext, tool: BaseTool
+    ) -> tuple[_Lane, str, ToolScope | _ToolOutsideTurn] | None:
+        """The running tool of the callback, its lane and call id."""
         lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
-        return lane.take_tool(tool_context.function_call_id or tool.name) if lane is not None else None
+        if lane is None:
+            return None
+        call_id = tool_context.function_call_id or tool.name
+        scope = lane.take_tool(call_id)
+        return (lane, call_id, scope) if scope is not None else None
 
     def _stopped(self, invocation_id: str) -> bool:
         """Whether the invocation ADK says is done stopped midway: ADK takes a host that
