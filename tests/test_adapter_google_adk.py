@@ -60,6 +60,7 @@ class ScriptedLlm(BaseLlm):
 
     script: list[Any] = Field(default_factory=list)
     reply: Callable[[LlmRequest], Step] | None = None
+    usage: types.GenerateContentResponseUsageMetadata | None = None  # None: Gemini's, as below
 
     @classmethod
     def of(cls, *steps: Step, reply: Callable[[LlmRequest], Step] | None = None) -> ScriptedLlm:
@@ -77,7 +78,7 @@ class ScriptedLlm(BaseLlm):
             else types.Part(function_call=types.FunctionCall(name=item[0], args=item[1]))
             for item in step
         ]
-        usage = types.GenerateContentResponseUsageMetadata(
+        usage = self.usage or types.GenerateContentResponseUsageMetadata(
             prompt_token_count=12,
             cached_content_token_count=2,
             candidates_token_count=5,
@@ -200,6 +201,27 @@ def test_tools_and_usage_in_one_loop() -> None:
     assert (usage.input, usage.output, usage.reasoning, usage.cache_read) == (10, 8, 3, 2)
     assert usage.total_tokens == 20
     assert record.usage.input == 20
+
+
+def _recorded_usage(usage: types.GenerateContentResponseUsageMetadata) -> tuple[int, int, int, int, int]:
+    """(input, output, reasoning, cache read, cache write) recorded for one reply with `usage`."""
+    h = Harness()
+    h.run(LlmAgent(name="a", model=ScriptedLlm(model="openai/o3", script=[["hi"]], usage=usage)))
+    recorded = h.session().loops[0].turns[0].output_message.usage
+    return recorded.input, recorded.output, recorded.reasoning, recorded.cache_read, recorded.cache_write
+
+
+def test_reasoning_counted_in_the_candidates_is_not_added_again() -> None:
+    # LiteLlm (OpenAI's completion_tokens include the reasoning): total = prompt + candidates.
+    usage = types.GenerateContentResponseUsageMetadata(
+        prompt_token_count=100, candidates_token_count=500, thoughts_token_count=400, total_token_count=600
+    )
+    assert _recorded_usage(usage) == (100, 500, 400, 0, 0)
+    # Gemini (and ADK's Anthropic model): the thoughts apart, in the total.
+    apart = usage.model_copy(update={"candidates_token_count": 100})
+    assert _recorded_usage(apart) == (100, 500, 400, 0, 0)
+    # No total: Gemini's rule.
+    assert _recorded_usage(apart.model_copy(update={"total_token_count": None})) == (100, 500, 400, 0, 0)
 
 
 def test_a_second_invocation_continues_the_first() -> None:

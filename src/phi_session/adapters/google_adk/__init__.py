@@ -216,14 +216,17 @@ def _blocks(parts: Sequence[types.Part] | None) -> tuple[Content, ...]:
 def _usage(metadata: types.GenerateContentResponseUsageMetadata | None) -> Usage | None:
     """One response's usage. Gemini's prompt count includes the cached tokens and its
     candidate count excludes the thoughts; phi-core's input excludes the cache and its
-    output includes the reasoning."""
+    output includes the reasoning. ADK's LiteLlm counts the reasoning in the candidates
+    (OpenAI's completion tokens include it), as its total shows: prompt + candidates."""
     if metadata is None:
         return None
     cached = metadata.cached_content_token_count or 0
     prompt = (metadata.prompt_token_count or 0) + (metadata.tool_use_prompt_token_count or 0)
     thoughts = metadata.thoughts_token_count or 0
+    candidates = metadata.candidates_token_count or 0
     inputs = max(0, prompt - cached)
-    output = (metadata.candidates_token_count or 0) + thoughts
+    included = metadata.total_token_count == prompt + candidates
+    output = candidates if included else candidates + thoughts
     return usage_of(inputs, output, cache_read=cached, reasoning=thoughts)
 
 
