@@ -224,6 +224,23 @@ def test_reasoning_counted_in_the_candidates_is_not_added_again() -> None:
     assert _recorded_usage(apart.model_copy(update={"total_token_count": None})) == (100, 500, 400, 0, 0)
 
 
+def anthropic_usage() -> types.GenerateContentResponseUsageMetadata:
+    """Usage as ADK's AnthropicLlm (and LiteLlm) give it for input 50, cache read 1000,
+    cache write 2000, output 30: the writes in the prompt, and as an attribute of their own."""
+    usage = types.GenerateContentResponseUsageMetadata(
+        prompt_token_count=3050,
+        candidates_token_count=30,
+        total_token_count=3080,
+        cached_content_token_count=1000,
+    )
+    object.__setattr__(usage, "cache_creation_input_tokens", 2000)
+    return usage
+
+
+def test_cache_writes_anthropic_counts_in_the_prompt_are_not_input() -> None:
+    assert _recorded_usage(anthropic_usage()) == (50, 30, 0, 1000, 2000)
+
+
 def test_a_second_invocation_continues_the_first() -> None:
     h = Harness()
     runner = h.runner(LlmAgent(name="chat", model=ScriptedLlm.of(["one"], ["two"])))

@@ -30,7 +30,7 @@ from phi_session.model import LoopRecord, Session, is_replayed
 from phi_session.replay import RecordedModelError
 from phi_session.replay.script import SharedContext
 
-from .test_adapter_google_adk import Harness, ScriptedLlm, _answer
+from .test_adapter_google_adk import Harness, ScriptedLlm, _answer, anthropic_usage
 
 # ADK warns about its own deprecations; nothing of this test's.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -416,6 +416,18 @@ def test_a_handled_tool_error_is_answered_with_what_the_model_got(store: SqliteS
     replayed = the_other(session, original.loops[0])
     assert turns(replayed) == turns(original.loops[0])
     assert diff_loops(session, original.loops[0].loop_id, session, replayed.loop_id).identical
+
+
+def test_a_reply_with_cache_writes_replays_with_its_usage(store: SqliteStore) -> None:
+    run(agent(ScriptedLlm(model="claude-1", script=[["Hi."]], usage=anthropic_usage())), store)
+    original = store.load(SESSION)
+    (first,) = original.loops
+    model = ReplayLlm(original)
+    with model.recording():
+        run(agent(model), store, model.tools_plugin())
+    replayed = the_other(store.load(SESSION), first)
+    assert turns(replayed) == turns(first)
+    assert (replayed.usage.input, replayed.usage.cache_write) == (50, 2000)
 
 
 def test_an_empty_reply_without_a_finish_reason_replays_as_it_was_not_as_an_error(store: SqliteStore) -> None:

@@ -217,17 +217,20 @@ def _usage(metadata: types.GenerateContentResponseUsageMetadata | None) -> Usage
     """One response's usage. Gemini's prompt count includes the cached tokens and its
     candidate count excludes the thoughts; phi-core's input excludes the cache and its
     output includes the reasoning. ADK's LiteLlm counts the reasoning in the candidates
-    (OpenAI's completion tokens include it), as its total shows: prompt + candidates."""
+    (OpenAI's completion tokens include it), as its total shows: prompt + candidates.
+    ADK's Anthropic and LiteLlm models count the cache writes in the prompt too, and
+    give them as an attribute of their own."""
     if metadata is None:
         return None
     cached = metadata.cached_content_token_count or 0
+    written = getattr(metadata, "cache_creation_input_tokens", None) or 0
     prompt = (metadata.prompt_token_count or 0) + (metadata.tool_use_prompt_token_count or 0)
     thoughts = metadata.thoughts_token_count or 0
     candidates = metadata.candidates_token_count or 0
-    inputs = max(0, prompt - cached)
+    inputs = max(0, prompt - cached - written)
     included = metadata.total_token_count == prompt + candidates
     output = candidates if included else candidates + thoughts
-    return usage_of(inputs, output, cache_read=cached, reasoning=thoughts)
+    return usage_of(inputs, output, cache_read=cached, cache_write=written, reasoning=thoughts)
 
 
 def _request_messages(content: types.Content, timestamp: int) -> list[Message]:

@@ -115,14 +115,17 @@ def _parts(blocks: Sequence[Content]) -> list[types.Part]:
 
 def _usage_metadata(usage: Usage) -> types.GenerateContentResponseUsageMetadata:
     """The inverse of `_usage`: Gemini's prompt count includes the cache, its candidate
-    count excludes the thoughts."""
-    return types.GenerateContentResponseUsageMetadata(
-        prompt_token_count=usage.input + usage.cache_read,
+    count excludes the thoughts; cache writes as ADK's Anthropic model gives them."""
+    metadata = types.GenerateContentResponseUsageMetadata(
+        prompt_token_count=usage.input + usage.cache_read + usage.cache_write,
         cached_content_token_count=usage.cache_read,
         candidates_token_count=max(0, usage.output - usage.reasoning),
         thoughts_token_count=usage.reasoning,
         total_token_count=usage.total_tokens,
     )
+    if usage.cache_write:
+        object.__setattr__(metadata, "cache_creation_input_tokens", usage.cache_write)
+    return metadata
 
 
 def _actionable(block: Content) -> bool:
