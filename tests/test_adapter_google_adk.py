@@ -431,6 +431,48 @@ def test_arguments_streamed_as_partial_args_are_tool_call_deltas() -> None:
     assert call.arguments == {"label": "hello", "n": 2.0, "loud": True, "note": None}  # type: ignore[union-attr]
 
 
+class TruncatedLlm(BaseLlm):
+    """Gemini replying in two chunks cut by its token limit (MAX_TOKENS), streamed through
+    ADK's own aggregator or as one response."""
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        usage = types.GenerateContentResponseUsageMetadata(
+            prompt_token_count=10, candidates_token_count=4, total_token_count=14
+        )
+
+        def chunk(text: str, last: bool) -> types.GenerateContentResponse:
+            content = types.Content(role="model", parts=[types.Part(text=text)])
+            reason = types.FinishReason.MAX_TOKENS if last else None
+            return types.GenerateContentResponse(
+                candidates=[types.Candidate(content=content, finish_reason=reason)],
+                usage_metadata=usage if last else None,
+            )
+
+        if not stream:
+            yield LlmResponse.create(chunk("The answer is trunc", True))
+            return
+        aggregator = StreamingResponseAggregator()
+        for index, text in enumerate(["The answer ", "is trunc"]):
+            async for response in aggregator.process_response(chunk(text, index == 1)):
+                yield response
+        closed = aggregator.close()
+        if closed is not None:
+            yield closed
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_cut_by_the_token_limit_stops_for_length(stream: bool) -> None:
+    # Streamed, ADK repeats the finish reason as the response's error code.
+    h = Harness()
+    h.run(LlmAgent(name="a", model=TruncatedLlm(model="gemini-2.5-flash")), stream=stream)
+    (record,) = h.session().loops
+    message = record.turns[0].output_message
+    assert (message.stop_reason, message.error_message) == ("length", None)
+    assert texts(record)[-1] == ("assistant", "The answer is trunc") and record.status == "Completed"
+
+
 def _transfer_to(h: Harness, helper: LlmAgent) -> list[LoopRecord]:
     """The loops of agent root transferring to `helper` at once."""
     root = LlmAgent(

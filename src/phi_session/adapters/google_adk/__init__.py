@@ -336,13 +336,15 @@ _name = attrgetter("name")
 
 def _stop(response: LlmResponse, calls: Sequence[types.FunctionCall]) -> tuple[StopReason | None, str | None]:
     """The stop reason (None: phi-core's default) and error text of a final response."""
-    if response.error_code or response.error_message:
-        return "error", response.error_message or str(response.error_code)
     reason = response.finish_reason
     name = reason.value if reason is not None else None
+    # ADK repeats a finish reason other than STOP as the error code (a stream's last
+    # response, a response without content): the token limit is no error.
+    if name == "MAX_TOKENS" and response.error_code in (None, name):
+        return "length", None
+    if response.error_code or response.error_message:
+        return "error", response.error_message or str(response.error_code)
     if name not in _NORMAL_FINISH:
-        if name == "MAX_TOKENS":
-            return "length", None
         return "error", name
     if _TRANSFER_TOOL in map(_name, calls):
         return "handoff", None
