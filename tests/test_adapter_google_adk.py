@@ -1356,48 +1356,74 @@ def test_an_invocation_whose_events_the_host_stops_reading_ends_aborted(how: str
         assert first.stop_reason == "toolUse" and not record.turns[0].tool_results
 
 
-@pytest.mark.parametrize("where", ["except", "finally", "own task's finally"])
-def test_a_run_the_host_starts_while_handling_a_cancellation_ends_completed(where: str) -> None:
-    """The stop of a task being cancelled was told by the exception being handled, which
-    inside ADK's generators was also the host's, further down: a run the host made in an
-    ``except CancelledError:`` or a ``finally:`` (another task's cancelled, or its own)
-    was saved Aborted, its agents taken for stopped."""
+@pytest.mark.parametrize("after", ["tool result", "first agent", "final answer", "transferred answer"])
+def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: str) -> None:
+    # Nothing is cut off (the tool's result came, the first agent is done), yet more was
+    # to come; not after an LLM agent's final answer (`if event.is_final_response(): break`).
     h = Harness()
-    agents = [
-        LlmAgent(name="a", model=ScriptedLlm.of(["one"])),
-        LlmAgent(name="b", model=ScriptedLlm.of(["two"])),
-    ]
-    runner = h.runner(SequentialAgent(name="seq", sub_agents=agents))
+    helper = LlmAgent(name="helper", model=ScriptedLlm.of(["helped"]), description="helps")
+    if after == "first agent":
+        first, second = (LlmAgent(name=name, model=ScriptedLlm.of([f"{name} says"])) for name in "ab")
+        root: Any = SequentialAgent(name="seq", sub_agents=[first, second])
+    elif after == "transferred answer":
+        transfer = ScriptedLlm.of([("transfer_to_agent", {"agent_name": "helper"})])
+        root = LlmAgent(name="root", model=transfer, sub_agents=[helper])
+    else:
+        root = LlmAgent(name="calc", model=ScriptedLlm.of([("add", {"a": 1, "b": 2})], ["3"]), tools=[add])
+    runner = h.runner(root)
 
-    async def host() -> None:  # cancelled while it waits: it runs the agents as it stops
+    async def scenario() -> None:
+        await runner.session_service.create_session(app_name="app", user_id="u", session_id="s1")
+        message = types.Content(role="user", parts=[types.Part(text="go")])
+        events = runner.run_async(user_id="u", session_id="s1", new_message=message)
+        async for event in events:
+            if (event.get_function_responses() and after == "tool result") or (
+                event.is_final_response() and after != "tool result"
+            ):
+                await events.aclose()
+                break
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ADK's advice on context caching
+        asyncio.run(scenario())
+    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count == 0
+    record = h.session().loops[-1]
+    last = {
+        "tool result": "result:3",
+        "first agent": "a says",
+        "final answer": "3",
+        "transferred answer": "helped",
+    }
+    assert texts(record)[-1][1] == last[after]
+    if after in ("tool result", "first agent"):
+        assert (record.status, record.error) == ("Aborted", google_adk.ABANDONED)
+    else:
+        assert record.status == "Completed"
+
+
+def test_a_run_the_host_makes_as_its_own_generator_closes_ends_completed() -> None:
+    # A host's stream closed (a client gone, say) runs the agents as it stops: the close
+    # ADK's callbacks see then is the host's, not one of the invocation's events.
+    h = Harness()
+    runner = h.runner(
+        LlmAgent(name="calc", model=ScriptedLlm.of([("add", {"a": 1, "b": 2})], ["3"]), tools=[add])
+    )
+
+    async def stream() -> AsyncGenerator[int, None]:
         try:
-            await asyncio.Event().wait()
+            yield 1
+            yield 2
         finally:
             await h.ask(runner, "go")
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(host() if where == "own task's finally" else asyncio.Event().wait())
-        await asyncio.sleep(0)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            if where == "except":
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    await h.ask(runner, "go")
-            elif where == "finally":
-                try:
-                    await task
-                finally:
-                    await h.ask(runner, "go")
-            else:
-                await task
+        generator = stream()
+        await anext(generator)
+        await generator.aclose()
 
     asyncio.run(scenario())
-    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count == 0
-    loops = h.session().loops
-    assert [loop.status for loop in loops] == ["Completed", "Completed"]
-    assert [texts(loop)[-1] for loop in loops] == [("assistant", "one"), ("assistant", "two")]
+    (record,) = h.session().loops
+    assert record.status == "Completed" and texts(record)[-1] == ("assistant", "3")
 
 
 @pytest.mark.parametrize("where", ["in a tool", "in the next model call"])

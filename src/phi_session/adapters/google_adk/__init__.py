@@ -63,7 +63,8 @@ hides the tool's end); live (bidirectional) streaming is
 not mapped. An invocation stopped midway ends failed (``Aborted``, `ABANDONED` as its
 error), a reply it cut off recorded as what came with stop reason ``aborted``: one whose
 events the host stopped reading (a ``break``, ``aclose``, leaving the sync
-``Runner.run`` loop), which ADK ends as if it were done, as it ends; one whose task was
+``Runner.run`` loop), which ADK ends as if it were done, as it ends (between two steps
+too; not after an LLM agent's final answer, which completes it); one whose task was
 cancelled (ADK calls no plugin then) once ADK lets go of its context: at the next
 invocation's start, or at `PhiPlugin.close`.
 """
@@ -398,6 +399,22 @@ def _cancelled(invocation: _Invocation | None) -> bool:
     return cancelling > (invocation.cancelling if task is invocation.task else 0)
 
 
+def _closing() -> GeneratorExit | None:
+    """The generator close being handled, if any (`sys.exc_info`: a generator's own, else
+    the one of whoever drives it)."""
+    error = sys.exc_info()[1]
+    return error if isinstance(error, GeneratorExit) else None
+
+
+def _closed_early(invocation: _Invocation) -> bool:
+    """Whether the host closed the invocation's events before their end (a ``break``,
+    ``aclose``): ADK then calls after_run_callback as it handles that close. Not a close
+    the host was handling already as the invocation started (one it runs the invocation
+    in a ``finally:`` for)."""
+    closing = _closing()
+    return closing is not None and closing is not invocation.closing
+
+
 def _is_answer(event: Event) -> bool:
     """Whether an agent's event outside any model call is an answer (an agent callback's
     content), not a tool's response (a confirmed tool's, run before the model) or the user's."""
@@ -569,12 +586,19 @@ class _Reply:
         return self._last is None or self._unseen is not None
 
     @property
+    def _calls(self) -> bool:
+        return any(part.function_call is not None for part in self._parts)
+
+    @property
     def stopped(self) -> bool:
         """Whether the answer stopped short of what was to follow: it is cut off, or it
         called tools none of which has started."""
-        return self.cut_off or (
-            self.scope.running and any(part.function_call is not None for part in self._parts)
-        )
+        return self.cut_off or (self.scope.running and self._calls)
+
+    @property
+    def last_word(self) -> bool:
+        """Whether the answer is whole and calls no tool: its agent's last word."""
+        return not self.cut_off and not self._calls
 
     def finish(self, error: BaseException | str | None = None) -> None:
         """Finish the message with what arrived. A stream may end without a final
@@ -796,13 +820,22 @@ ABANDONED = "the invocation stopped before it finished (its task cancelled or it
 class _Invocation:
     """The lanes of one ADK invocation, by branch."""
 
-    def __init__(self, invocation_id: str, watch: weakref.finalize[Any, Any]) -> None:
+    def __init__(self, invocation_id: str, watch: weakref.finalize[Any, Any], llm: bool) -> None:
         self.id = invocation_id
+        self.llm = llm  # whether it runs an LLM agent (not a workflow agent)
         self.lanes: dict[str | None, _Lane] = {}
         self.branched = False  # whether a parallel branch forked
         # Reports the invocation abandoned when ADK frees its context before it ended.
         self.watch = watch
         self.task, self.cancelling = _cancelling()  # what `_cancelled` compares with
+        self.closing = _closing()  # what `_closed_early` compares with
+
+    @property
+    def answered(self) -> bool:
+        """Whether the invocation of an LLM agent gave its final answer: its last reply
+        (the agent's, or one's it transferred to) calls no tool, or no turn is open."""
+        reply = self.lanes[None].reply
+        return self.llm and (reply is None or reply.last_word)
 
     def parent_of(self, branch: str) -> _Lane:
         """The lane a new branch forks from: its nearest enclosing branch, else the root."""
@@ -1055,7 +1088,7 @@ class PhiPlugin(BasePlugin):
             self._end_abandoned()
         watch = weakref.finalize(ic, self._abandoned.append, ic.invocation_id)
         watch.atexit = False
-        invocation = _Invocation(ic.invocation_id, watch)
+        invocation = _Invocation(ic.invocation_id, watch, isinstance(ic.agent, LlmAgent))
         key = (ic.invocation_id, None)
         metadata = _metadata(ic.invocation_id, None)
         message = _new_message(ic)
@@ -1199,10 +1232,15 @@ class PhiPlugin(BasePlugin):
         stops reading its events (a break, ``aclose``, leaving the sync ``Runner.run``
         loop, which cancels its task) for a clean completion."""
         invocation = self._invocations.get(invocation_id)
+        if invocation is None:
+            return False
         cancelled = _cancelled(invocation)
-        return invocation is not None and any(
-            lane.stopped_midway(cancelled) for lane in invocation.lanes.values()
-        )
+        if any(lane.stopped_midway(cancelled) for lane in invocation.lanes.values()):
+            return True
+        # Closed between two steps (a tool's result read, an agent of a SequentialAgent
+        # done): nothing is cut off, yet more was to come; not after an LLM agent's
+        # final answer (a host's ``if event.is_final_response(): break``).
+        return _closed_early(invocation) and not invocation.answered
 
     def _finish(self, invocation_id: str, error: BaseException | str | None) -> None:
         with self._lock:
