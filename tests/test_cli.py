@@ -1047,6 +1047,38 @@ def test_next_page_cursor_cannot_drive_the_terminal(tmp_path: Path) -> None:
     assert cursor.endswith(f"{MINIMAL_ID}\\x1b[31m\\x1b]0;owned\\x07\\x9b2J\\u202eevil")
 
 
+def test_an_id_holding_a_newline_or_a_tab_is_shown_escaped_on_its_one_row(tmp_path: Path) -> None:
+    # A raw newline made one session two rows (the second a forged-looking id); a tab
+    # (or its one-line space) made 'tab\there' look like 'tab here'.
+    forged, tabbed = "real-run\nforged-session-id", "tab\there"
+    lines = [line for line in example_lines() if MINIMAL_ID in line]
+    stream = tmp_path / "ids.jsonl"
+    stream.write_text(
+        "".join(
+            line.replace(MINIMAL_ID, json.dumps(sid)[1:-1]) + "\n"
+            for sid in (forged, tabbed)
+            for line in lines
+        )
+    )
+    store = tmp_path / "s.db"
+    outputs = {
+        "record": run("record", stream, "--store", store).stdout,
+        "list": run("list", "--store", store).stdout,
+        "search": run("search", "hello", "--store", store).stdout,
+        "show": run("show", forged, "--store", store).stdout,
+        "show tab": run("show", tabbed, "--store", store).stdout,
+        "diff": run("diff", f"{forged}:#1", f"{tabbed}:#1", "--store", store).stdout,
+    }
+    for command, out in outputs.items():
+        assert "\t" not in out and "tab here" not in out, command
+        assert not [line for line in out.splitlines() if line.lstrip(" │├└─").startswith("forged")], command
+    for command in ("record", "list", "search", "show", "diff"):
+        assert "real-run\\x0aforged-session-id" in outputs[command], command
+    for command in ("record", "list", "search", "show tab", "diff"):
+        assert "tab\\x09here" in outputs[command], command
+    assert "tab\\x09here.anthropic.claude-haiku-4-5.1" in outputs["show tab"]  # the loop tree's ids too
+
+
 # -- stats ---------------------------------------------------------------------------------------
 
 

@@ -273,7 +273,9 @@ def tree(session_id: str, store_url: str | None, as_json: bool) -> None:
     parent = root.parent_spawn_ref
     if parent is not None:
         console.print(
-            render.plain(f"(spawned by session {parent.parent_session_id} via {parent.tool_name})", "dim")
+            render.plain(
+                f"(spawned by session {render.ident(parent.parent_session_id)} via {parent.tool_name})", "dim"
+            )
         )
     console.print(render.spawn_tree(graph))
 
@@ -1120,7 +1122,7 @@ def rm(session_ids: tuple[str, ...], store_url: str | None, as_json: bool) -> No
         echo_json({"removed": removed, "missing": missing})
     else:
         for session_id in removed:
-            stdout().print(render.plain(f"removed {session_id}"), soft_wrap=True)
+            stdout().print(render.plain(f"removed {render.ident(session_id)}"), soft_wrap=True)
     if missing:
         raise click.exceptions.Exit(EXIT_FAILURE)
 

@@ -59,11 +59,20 @@ _CONTROL = {
     **{c: f"\\u{c:04x}" for c in BIDI_CONTROLS},
 }
 _ONE_LINE = {**_CONTROL, 10: "\u23ce", 9: " "}
+# Ids are what users copy and tell rows apart by: a newline in one drawn raw makes a
+# second row, one shown as ⏎ or a tab as a space makes another id; they are escaped
+# like every other control character instead.
+_ID = {**_CONTROL, 10: "\\x0a", 9: "\\x09"}
 
 
 def safe(text: str, *, one_line: bool = False) -> str:
     """`text` with terminal control characters escaped (and newlines shown as ⏎ if `one_line`)."""
     return text.translate(_ONE_LINE if one_line else _CONTROL)
+
+
+def ident(value: str) -> str:
+    """A session, loop or agent id as the CLI shows it: every control character escaped."""
+    return value.translate(_ID)
 
 
 def plain(text: str, style: str = "", *, one_line: bool = False, limit: int | None = None) -> Text:
@@ -240,9 +249,11 @@ def _summary_columns(level: int) -> list[tuple[str, bool, bool, Any]]:
     """The ``list`` columns of a detail `level` (`_FEWEST` to 3: more columns, from the
     agent up; below 0 the time, the tokens, then the loop counts go): (header,
     right-justified, shrinks, the cell of a row and its cost) each."""
-    columns: list[tuple[str, bool, bool, Any]] = [("ID", False, False, lambda row, _: plain(row.session_id))]
+    columns: list[tuple[str, bool, bool, Any]] = [
+        ("ID", False, False, lambda row, _: Text(ident(row.session_id)))
+    ]
     if level >= 1:
-        columns.append(("AGENT", False, False, lambda row, _: plain(row.agent_id, limit=9)))
+        columns.append(("AGENT", False, False, lambda row, _: plain(ident(row.agent_id), limit=9)))
     if level >= 3:
         columns.append(("CREATED", False, False, lambda row, _: Text(short_time(row.created_at))))
     if level >= 0:
@@ -392,7 +403,9 @@ def search_hits_table(hits: Sequence[SearchHit], width: int) -> Table:
             end = stop
         snippet.append_text(plain(hit.snippet[end:], one_line=True))
         turn = "-" if hit.turn_index is None else str(hit.turn_index)
-        lines.append([plain(hit.session_id), plain(hit.loop_id), Text(turn), Text(hit.kind), snippet])
+        lines.append(
+            [Text(ident(hit.session_id)), Text(ident(hit.loop_id)), Text(turn), Text(hit.kind), snippet]
+        )
     headers = ("SESSION", "LOOP", "TURN", "KIND", "SNIPPET")
     widths = [
         max(len(header), *(line[index].cell_len for line in lines)) for index, header in enumerate(headers)
@@ -432,9 +445,9 @@ def summary_record(summary: SessionSummary) -> dict[str, Any]:
 
 
 def summary_text(summary: SessionSummary) -> Text:
-    text = plain(summary.session_id, "bold")
+    text = Text(ident(summary.session_id), style="bold")
     text.append("  agent ")
-    text.append(safe(summary.agent_id, one_line=True))
+    text.append(ident(summary.agent_id))
     text.append("  loops: ")
     text.append_text(status_counts(summary.loops_by_status) or Text("none"))
     text.append(f"  turns: {number(summary.turn_count)}  tokens: {number(summary.total_tokens)}")
@@ -451,7 +464,11 @@ def _formation_text(session: Session) -> str:
     text = f"{formation.kind} at {formation.timestamp}"
     if formation.kind == "InactivityTimeout":
         text += f" (threshold {formation.threshold_secs:,}s"
-        text += f", after session {formation.previous_session_id})" if formation.previous_session_id else ")"
+        text += (
+            f", after session {ident(formation.previous_session_id)})"
+            if formation.previous_session_id
+            else ")"
+        )
     return text
 
 
@@ -462,15 +479,15 @@ def session_header(session: Session, summary: SessionSummary, cost: Cost) -> Tab
     spawn = session.parent_spawn_ref
     parent = (
         plain(
-            f"session {spawn.parent_session_id}, loop {spawn.parent_loop_id}, "
+            f"session {ident(spawn.parent_session_id)}, loop {ident(spawn.parent_loop_id)}, "
             f"tool {spawn.tool_name} (call {spawn.tool_call_id})"
         )
         if spawn is not None
         else Text("none", style="dim")
     )
     rows: list[tuple[str, RenderableType]] = [
-        ("Session", plain(session.session_id)),
-        ("Agent", plain(session.agent_id)),
+        ("Session", Text(ident(session.session_id))),
+        ("Agent", Text(ident(session.agent_id))),
         ("Formation", plain(_formation_text(session))),
         ("Scope", session.scope),
         ("Created", str(session.created_at)),
@@ -533,7 +550,7 @@ def loop_label(record: LoopRecord, position: int, session: Session, *, details: 
     label = Text(f"#{position} ", style="bold")
     label.append(f"\u25cf {record.status}", style=STATUS_STYLES.get(record.status, "") + " bold")
     label.append(safe(f"  {_kind_text(record)}  ", one_line=True), style="blue")
-    label.append(safe(loop_id, one_line=True))
+    label.append(ident(loop_id))
     group = record.parallel_group
     if group is not None:
         label.append(
@@ -588,7 +605,7 @@ def _add_loop(
         branch.add(Text(f"started {record.started_at} · {ended}", style="dim"))
         branch.add(plain(_config_text(record), "dim"))
         if record.parent_loop_id is not None and record.parent_loop_id not in loops:
-            branch.add(plain(f"continues loop {record.parent_loop_id} (not in this session)", "dim"))
+            branch.add(plain(f"continues loop {ident(record.parent_loop_id)} (not in this session)", "dim"))
         branch.add(Text(f"usage: {usage_line(record.billed_usage())}", style="dim"))
         unfinished = record.unfinished_usage()
         if unfinished.total_tokens or unfinished.input or unfinished.output:
@@ -606,7 +623,7 @@ def _add_loop(
     if details and group is not None:
         branch.add(
             plain(
-                f"parallel group of {len(group.all_loop_ids)}: winner {group.selected_loop_id} "
+                f"parallel group of {len(group.all_loop_ids)}: winner {ident(group.selected_loop_id)} "
                 f"(config #{group.selected_config_index}), "
                 f"evaluation {number(group.evaluation_usage.total_tokens)} tokens",
                 "yellow",
@@ -614,10 +631,10 @@ def _add_loop(
         )
     for ref in record.child_loop_refs:
         text = (
-            f"\u2192 sub-agent session {ref.child_session_id} (loop {ref.child_loop_id}) "
+            f"\u2192 sub-agent session {ident(ref.child_session_id)} (loop {ident(ref.child_loop_id)}) "
             f"via {ref.tool_name} call {ref.tool_call_id}"
             if details
-            else f"\u2192 sub-agent session {ref.child_session_id} via {ref.tool_name}"
+            else f"\u2192 sub-agent session {ident(ref.child_session_id)} via {ref.tool_name}"
         )
         branch.add(_cut(plain(text, "cyan", one_line=True)))
     if details:
@@ -643,7 +660,7 @@ def loop_tree(session: Session, forest: Sequence[LoopNode], *, details: bool = T
         root = Text(f"loops ({len(session.loops):,})", style="bold")
     else:
         spawn = session.parent_spawn_ref
-        root = plain(f"session {session.session_id}", "bold", one_line=True)
+        root = plain(f"session {ident(session.session_id)}", "bold", one_line=True)
         root.append(
             safe(f"  spawned via {spawn.tool_name}", one_line=True)
             if spawn is not None
@@ -792,14 +809,14 @@ def _graph_label(node: SpawnNode) -> Text:
         label.append(
             safe(f"{node.via['tool_name']} ({node.via['tool_call_id']}) \u2192 ", one_line=True), style="cyan"
         )
-    label.append(safe(node.session_id, one_line=True), style="bold")
+    label.append(ident(node.session_id), style="bold")
     if node.repeated:
         label.append("  (shown above)", style="dim")
     elif node.summary is None:
         label.append("  not in this store", style="red")
     else:
         label.append("  agent ")
-        label.append(safe(node.summary.agent_id, one_line=True))
+        label.append(ident(node.summary.agent_id))
         label.append("  ")
         label.append_text(status_counts(node.summary.loops_by_status))
         label.append(f"  {number(node.summary.total_tokens)} tokens", style="dim")

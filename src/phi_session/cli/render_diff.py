@@ -21,7 +21,7 @@ from rich.text import Text
 
 from ..diff import FieldChange, FirstDifference, LoopDiff, LoopSide, SessionDiff, TurnDiff, UsageDelta
 from ..messages import Usage
-from .render import STATUS_STYLES, count, duration, number, plain
+from .render import STATUS_STYLES, count, duration, ident, number, plain
 
 __all__ = ["loop_diff_view", "session_diff_view"]
 
@@ -113,8 +113,8 @@ def _sides_table(a: LoopSide, b: LoopSide, diff: LoopDiff) -> _Sides:
             )
         )
 
-    row("session", a.session_id, b.session_id)
-    row("loop", f"#{a.position + 1} {a.loop_id}", f"#{b.position + 1} {b.loop_id}")
+    row("session", ident(a.session_id), ident(b.session_id))
+    row("loop", f"#{a.position + 1} {ident(a.loop_id)}", f"#{b.position + 1} {ident(b.loop_id)}")
     row("kind", a.continuation, b.continuation, "blue")
     rows.append(
         (
@@ -254,7 +254,7 @@ def session_diff_view(diff: SessionDiff) -> Group:
         for side in sides:
             parts.append(
                 plain(
-                    f"only in {label}: loop #{side.position + 1} {side.loop_id} ({side.continuation}, "
+                    f"only in {label}: loop #{side.position + 1} {ident(side.loop_id)} ({side.continuation}, "
                     f"{count(side.turn_count, 'turn')})",
                     "green" if label == "B" else "red",
                     one_line=True,
