@@ -519,6 +519,25 @@ def test_record_errors(tmp_path: Path) -> None:
     assert_one_line_error(run("record"), EXIT_USAGE, "FILE")
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["record", str(EXAMPLE_STREAM), "--dir", ""], "--dir: empty directory path"),
+        (["demo", "--dir", ""], "--dir: empty directory path"),
+        (["import", ""], "PATH: empty path"),
+    ],
+)
+def test_an_empty_directory_or_path_is_a_usage_error_not_the_working_directory(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    """``--dir "$OUT"`` with OUT unset made the working directory a JSON store (record
+    wrote 5 session files and locks into it, demo 16); ``import ''`` read every *.json there."""
+    (tmp_path / "stray.json").write_bytes((EXAMPLES / "session-basic.json").read_bytes())
+    before = sorted(path.name for path in tmp_path.iterdir())
+    assert_one_line_error(run(*args), EXIT_USAGE, fragment)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
 def test_default_store_and_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert run("record", EXAMPLE_STREAM).exit_code == EXIT_OK
     assert (tmp_path / ".phi-session" / "sessions.db").is_file()

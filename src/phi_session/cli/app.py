@@ -154,6 +154,8 @@ def open_cli_store(
 
     if directory is not None and url is not None:
         raise CliError("--dir and --store both name a store: give one", EXIT_USAGE)
+    if directory == "":  # as from --dir "$UNSET": it would make the working directory a store
+        raise CliError("--dir: empty directory path; give the directory of a JSON-file store", EXIT_USAGE)
     try:
         if must_exist:
             path = store_path(url) if directory is None else None

@@ -960,6 +960,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     stored (the others are imported); importing nothing leaves no new store behind. An event stream
     (export --format jsonl) is recorded with record, not imported.
     """
+    if "" in paths:  # as from "$UNSET": it would import every *.json of the working directory
+        raise CliError("PATH: empty path; give a session file or a directory of them", EXIT_USAGE)
     imported: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     with open_new_cli_store(store_url) as (store, discard_store), saver_errors_reported_by_the_command():
