@@ -1320,6 +1320,32 @@ def test_export_never_writes_over_a_hard_link_of_its_store(
     assert len(json_out(run("list", "--store", store, "--json"))) == 5  # type: ignore[arg-type]
 
 
+def test_a_dash_output_is_stdout_for_export_and_fork(store_dir: Path, tmp_path: Path) -> None:
+    """``export -o -`` (10,277 bytes) and ``fork --out -`` wrote a file named '-' and nothing
+    to stdout, though ``record -`` reads stdin: ``export -o - | record -`` recorded nothing."""
+    for fmt in ("json", "jsonl"):
+        piped = run("export", PARENT_ID, "--format", fmt, "-o", "-", "--store", store_dir)
+        assert piped.exit_code == EXIT_OK, piped.stderr
+        assert (
+            piped.stdout_bytes == run("export", PARENT_ID, "--format", fmt, "--store", store_dir).stdout_bytes
+        )
+    fork = ("fork", BASIC_ID, "#1", "--turn", "0", "--store", store_dir)
+    piped = run(*fork, "--out", "-")
+    assert piped.exit_code == EXIT_OK, piped.stderr
+    assert json.loads(piped.stdout) == json.loads(run(*fork, "--json").stdout)
+    assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize(
+    "args", [["--rejected", "-"], ["--orphans", "-"], ["--rejected", "-", "--to", "nats://127.0.0.1:1"]]
+)
+def test_record_refuses_a_dash_output_as_its_stdout_is_the_summary(tmp_path: Path, args: list[str]) -> None:
+    """``record --rejected -`` wrote a file named '-'; stdout, where '-' would write, carries the summary."""
+    result = run("record", EXAMPLE_STREAM, *args)
+    assert_one_line_error(result, EXIT_USAGE, f"{args[0]} -: ")
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
 def test_export_write_error_names_where(store_dir: Path) -> None:
     assert_one_line_error(
         run("export", BASIC_ID, "--store", store_dir, "-o", "/dev/full"),

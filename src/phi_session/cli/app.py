@@ -31,6 +31,7 @@ __all__ = [
     "EXIT_USAGE",
     "PROG",
     "CliError",
+    "OutputFile",
     "PhiSessionGroup",
     "echo_json",
     "load_cli_session",
@@ -122,6 +123,24 @@ def path_error(path: str | os.PathLike[str], error: OSError) -> CliError:
     """A file the user named that cannot be read or written, worded as every command
     words it: the path, then the system's reason (exit status 1: not found, or failed)."""
     return CliError(f"{os.fspath(path)}: {error.strerror or error}", EXIT_FAILURE)
+
+
+class OutputFile(click.Path):
+    """The FILE of an option a command writes to. With `dash`, ``-`` is standard output
+    (``export -o - | record -``), as it is stdin to ``record -``; without, stdout carries
+    the command's own report, and ``-`` is a usage error rather than a file named so
+    (``./-`` names one)."""
+
+    def __init__(self, *, dash: bool) -> None:
+        super().__init__(dir_okay=False, allow_dash=dash)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "-" and not self.allow_dash:
+            option = "/".join(param.opts) if param is not None else "FILE"
+            raise CliError(
+                f"{option} -: stdout is this command's report; name a file (./- for one named so)", EXIT_USAGE
+            )
+        return super().convert(value, param, ctx)
 
 
 def echo_json(value: Any) -> None:

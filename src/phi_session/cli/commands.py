@@ -48,6 +48,7 @@ from .app import (
     PROG,
     CliError,
     F,
+    OutputFile,
     cli_pricer,
     echo_json,
     load_cli_session,
@@ -689,9 +690,9 @@ def _output_file_option(name: str, dest: str, what: str, form: str) -> Callable[
         name,
         dest,
         metavar="FILE",
-        type=click.Path(dir_okay=False),
+        type=OutputFile(dash=False),
         help=f"Write {what} to FILE ({form}; created, empty if there are none, before any input "
-        "is read; never the input or a store file).",
+        "is read; never the input, a store file or stdout, which has the summary).",
     )
 
 
@@ -1037,8 +1038,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     "-o",
     "--output",
     metavar="FILE",
-    type=click.Path(dir_okay=False),
-    help="Write to FILE instead of stdout (never a file of the store it reads).",
+    type=OutputFile(dash=True),
+    help="Write to FILE instead of stdout (- is stdout; never a file of the store it reads).",
 )
 @store_options
 def export(
@@ -1057,6 +1058,8 @@ def export(
     --json is accepted for uniformity; both formats are JSON already.
     """
     del as_json  # both formats are machine-readable already
+    if output == "-":
+        output = None
     with open_cli_store(store_url, read_only=True) as store:
         if output is not None:
             refuse_store_file("-o", output, store_url)

@@ -13,6 +13,7 @@ from ..diff import find_loop
 from ..replay.script import RecordedTurn, ReplayScript
 from . import render
 from .app import (
+    OutputFile,
     echo_json,
     load_cli_session,
     main,
@@ -45,14 +46,18 @@ def fork_point_json(session_id: str, turn: RecordedTurn) -> dict[str, object]:
     "--turn", "turn_index", type=click.IntRange(min=0), required=True, help="The turn to fork at (0-based)."
 )
 @click.option(
-    "--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON to FILE."
+    "--out",
+    "out_file",
+    metavar="FILE",
+    type=OutputFile(dash=True),
+    help="Write the JSON to FILE (- is stdout).",
 )
 @store_options
 def fork_command(
     session_id: str,
     loop_id: str,
     turn_index: int,
-    out_file: Path | None,
+    out_file: str | None,
     store_url: str | None,
     as_json: bool,
 ) -> None:
@@ -63,10 +68,12 @@ def fork_command(
     The system prompt and tools when the turn's request was captured, and the
     messages: the earlier loops' context, then this loop's up to the turn's own
     inputs. --json prints it as JSON (phi-core messages), --out FILE writes that
-    JSON to FILE, for a program to resume from (phi_session.replay: fork,
-    fork_lineage); phi_session.codec.decode_messages(FILE's bytes) reads its
-    messages back.
+    JSON to FILE (--out - to stdout, as --json), for a program to resume from
+    (phi_session.replay: fork, fork_lineage); phi_session.codec.decode_messages(FILE's
+    bytes) reads its messages back.
     """
+    if out_file == "-":
+        out_file, as_json = None, True
     with open_cli_store(store_url, read_only=True) as store:
         if out_file is not None:
             refuse_store_file("--out", out_file, store_url)
@@ -77,7 +84,7 @@ def fork_command(
         data = fork_point_json(session.session_id, turn)
         if out_file is not None:
             try:
-                out_file.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
+                Path(out_file).write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
             except OSError as error:  # a write error (full disk) does not name its file
                 raise path_error(out_file, error) from None
             note = f"wrote the context of turn {turn_index} to {out_file}"
