@@ -1346,6 +1346,22 @@ def test_record_refuses_a_dash_output_as_its_stdout_is_the_summary(tmp_path: Pat
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["export", BASIC_ID, "-o", ""], "-o/--output"),
+        (["fork", BASIC_ID, "#1", "--turn", "0", "--out", ""], "--out"),
+        (["record", str(EXAMPLE_STREAM), "--rejected", ""], "--rejected"),
+        (["record", str(EXAMPLE_STREAM), "--orphans", ""], "--orphans"),
+    ],
+)
+def test_an_empty_output_file_name_is_a_usage_error(store_dir: Path, args: list[str], option: str) -> None:
+    """``export -o ''`` (as from ``-o "$OUT"`` with OUT unset) failed blaming "stdout: No such
+    file or directory"; ``record --rejected ''`` kept no rejected lines, saying nothing."""
+    result = run(*args, "--store", store_dir)
+    assert_one_line_error(result, EXIT_USAGE, f"{option}: empty file name")
+
+
 def test_export_write_error_names_where(store_dir: Path) -> None:
     assert_one_line_error(
         run("export", BASIC_ID, "--store", store_dir, "-o", "/dev/full"),

@@ -129,14 +129,17 @@ class OutputFile(click.Path):
     """The FILE of an option a command writes to. With `dash`, ``-`` is standard output
     (``export -o - | record -``), as it is stdin to ``record -``; without, stdout carries
     the command's own report, and ``-`` is a usage error rather than a file named so
-    (``./-`` names one)."""
+    (``./-`` names one). An empty name (``-o "$OUT"`` with OUT unset) is a usage error
+    too, not a file no one can open, nor a file not written."""
 
     def __init__(self, *, dash: bool) -> None:
         super().__init__(dir_okay=False, allow_dash=dash)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        option = "/".join(param.opts) if param is not None else "FILE"
+        if value == "":
+            raise CliError(f"{option}: empty file name", EXIT_USAGE)
         if value == "-" and not self.allow_dash:
-            option = "/".join(param.opts) if param is not None else "FILE"
             raise CliError(
                 f"{option} -: stdout is this command's report; name a file (./- for one named so)", EXIT_USAGE
             )
