@@ -1026,6 +1026,17 @@ def test_context(store_dir: Path) -> None:
     )
 
 
+def test_context_takes_a_loop_as_show_numbers_it_as_fork_and_diff_do(store_dir: Path) -> None:
+    """``context ID '#2'`` failed with "no loop '#2'" though show prints '#2' and fork takes it."""
+    by_id = run("context", BASIC_ID, BASIC_LOOPS[1], "--store", store_dir, "--json")
+    by_number = run("context", BASIC_ID, "#2", "--store", store_dir, "--json")
+    assert by_number.exit_code == EXIT_OK, by_number.stderr
+    assert json_out(by_number) == json_out(by_id)
+    text = run("context", BASIC_ID, "#2", "--store", store_dir)
+    assert text.stdout == run("context", BASIC_ID, BASIC_LOOPS[1], "--store", store_dir).stdout
+    assert_one_line_error(run("context", BASIC_ID, "#3", "--store", store_dir), EXIT_FAILURE, "no loop '#3'")
+
+
 def test_untrusted_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
     hostile = "\x1b[2J\x1b]0;owned\x07 [bold red]markup[/] \u009b31m \u202edesrever"
     lines = [

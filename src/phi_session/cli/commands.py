@@ -22,6 +22,7 @@ from rich.text import Text
 
 from ..codec import decode_event, decode_json, decode_session, encode_event, encode_message, encode_session
 from ..cost import Cost, Pricer
+from ..diff import find_loop
 from ..errors import (
     DecodeError,
     InvalidQuery,
@@ -288,6 +289,8 @@ def tree(session_id: str, store_url: str | None, as_json: bool) -> None:
 def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool) -> None:
     """The messages needed to resume from LOOP_ID.
 
+    LOOP_ID is a loop id, or #N for the N-th loop as 'show' numbers them.
+
     The messages of every loop from the root down to LOOP_ID, following each
     loop's parent, in order; a loop with a compaction block contributes the
     block instead of its messages. A compaction pass recorded from events stores
@@ -295,6 +298,7 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
     """
     with open_cli_store(store_url, read_only=True) as store:
         session = load_cli_session(store, session_id)
+    loop_id = find_loop(session, loop_id).loop_id
     index = session.loop_index()
     messages = session.context_at(loop_id, index=index)
     if as_json:
