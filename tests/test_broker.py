@@ -36,7 +36,9 @@ import phi_session as ps
 from phi_session import AgentSession, LoopConfigSnapshot, Tracer
 from phi_session.codec import decode_event, encode_event, encode_session
 from phi_session.errors import BrokerError, UsedAfterFork
-from phi_session.journal import Journal, read_records
+from phi_session.journal import MAGIC, Journal, read_records, recover
+from phi_session.journal.format import DirectoryLock
+from phi_session.persist import AutoPersistingRecorder
 from phi_session.recorder import SessionRecorder
 
 from .conftest import full_disk_after, in_forked_child, needs_fork, read_only
@@ -1280,6 +1282,59 @@ def test_a_sink_counts_and_waits_for_the_spilled_events_of_dead_processes_it_sen
     assert not any(names.spill.iterdir())
 
 
+def _contents(directory: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob("*") if path.is_file()
+    }
+
+
+def test_a_spill_journal_is_refused_by_recover_and_the_recorders_journal_and_sent_later(
+    names: Names, tmp_path: Path
+) -> None:
+    """`recover` on a spill journal (``record --to`` with the broker down) took its
+    [msg_id, session, key, event] records for undecodable events: it wrote them all to
+    orphans.jsonl and deleted the segments, and the next sink sent 0 of 60."""
+    events = list(workload.events(1, seed=6))
+    _spilled_offline(names, events)
+    before = _contents(names.spill)
+    store = ps.JsonDirStore(tmp_path / "store")
+    for episode in names.spill.iterdir():
+        with pytest.raises(ps.NotAJournal, match=r"is a broker spill journal.*nothing was touched"):
+            recover(episode, store)
+        with pytest.raises(ps.NotAJournal, match=r"is a broker spill journal"):
+            AutoPersistingRecorder(store, journal=episode)
+        with pytest.raises(ps.NotAJournal):
+            Journal(episode)
+    assert _contents(names.spill) == before
+    assert not (tmp_path / "store").exists()
+    with names.sink() as resender:
+        assert resender.flush(30)
+        assert resender.stats().published == len(events)
+
+
+def test_a_spill_journal_an_earlier_version_wrote_is_kept_by_recover_and_sent_later(
+    names: Names, tmp_path: Path
+) -> None:
+    """Spill journals written before they had a header of their own begin as a recorder's
+    journal: `recover` now finds none of their records an event, and keeps them."""
+    events = list(workload.events(1, seed=6))
+    _spilled_offline(names, events)
+    for segment in names.spill.glob("*/*.wal"):
+        data = segment.read_bytes()
+        segment.write_bytes(MAGIC + data[len(MAGIC) :])  # the header an earlier version wrote
+    before = _contents(names.spill)
+    for episode in names.spill.iterdir():
+        with pytest.raises(ps.RecoveryError, match=r"none of its \d+ records is an event.*kept"):
+            recover(episode, ps.JsonDirStore(tmp_path / "store"))
+        with pytest.raises(ps.RecoveryError, match=r"none of its \d+ records is an event"):
+            AutoPersistingRecorder(ps.JsonDirStore(tmp_path / "store"), journal=episode)
+    assert _contents(names.spill) == before
+    with names.sink() as resender:
+        assert resender.flush(30)
+        assert resender.stats().published == len(events)
+    assert not any(names.spill.iterdir())
+
+
 def test_large_events_are_spilled_once_buffer_bytes_wait(names: Names) -> None:
     """The buffer counted events only: with the broker down, 500 events of 0.9 MB each
     took 430 MB of the agent's memory (10,000 of them would take 9 GB)."""
@@ -1301,12 +1356,12 @@ def test_a_dead_producers_spill_is_sent_in_order_by_one_sink(names: Names) -> No
     _spilled_offline(names, events)
     spilled = sorted(names.spill.iterdir())
     assert len(spilled) >= 2
-    first = Journal(spilled[0], close_at_exit=False)  # another sink is sending it
+    first = DirectoryLock(spilled[0])  # another sink is sending it
     try:
         with names.sink():
             pass  # closing waits for the spill journals it took to be sent
     finally:
-        first.close()
+        first.release()
     assert sorted(names.spill.iterdir()) == spilled  # all left to the sink holding the first
     with names.sink():
         pass

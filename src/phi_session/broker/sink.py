@@ -39,7 +39,7 @@ from ..errors import BrokerError, InvalidArgument, NotAJournal, PhiSessionError,
 from ..events import AgentEnd, AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
-from ..journal.format import SegmentDamage
+from ..journal.format import SPILL, SegmentDamage
 from .settings import (
     EVENT_ID_HEADER,
     Publication,
@@ -79,6 +79,17 @@ _REJECTED = "rejected"  # the directory in `spill_dir` of events NATS cannot tak
 _EPISODE_NAME = re.compile(r"(?:([0-9]{20})-)?([0-9a-f]{16})-([0-9]{12,})")
 
 
+class _SpillJournal(Journal):
+    """A journal of [event id, session id, key, event] records: headed so that a recorder's
+    journal (`recover`) refuses it, and taking an earlier version's, headed as a recorder's."""
+
+    _kind = SPILL
+
+    def append_message(self, message: _Message) -> None:
+        msg_id, session, key, payload = message
+        self.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
+
+
 class _Episode:
     """Events spilled to a local journal, in order; sent as one entry of the queue."""
 
@@ -86,7 +97,7 @@ class _Episode:
         self.directory = directory
         # Written through: survives a kill. The sink closes it, from its exit hook too:
         # an event the sink takes at exit, before that hook runs, still goes in.
-        self.journal = Journal(directory, durability="os", close_at_exit=False)
+        self.journal = _SpillJournal(directory, durability="os", close_at_exit=False)
         self.sealed = False  # no more appends: the sender owns it
         self.inherited = False  # an earlier process's (`JetStreamSink.leftover_episodes`)
         self.count = 0
@@ -96,8 +107,7 @@ class _Episode:
         self.damage, self.readable, self.last_seq = SegmentDamage(), 0, -1
 
     def append(self, message: _Message) -> None:
-        msg_id, session, key, payload = message
-        self.journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
+        self.journal.append_message(message)
         self.count += 1
 
     def chunks(self, size: int) -> Iterator[list[_Message]]:
@@ -540,9 +550,10 @@ class JetStreamSink:
         shutil.rmtree(directory, ignore_errors=True)
         written = 0  # each written through: kept even if a later one fails
         try:
-            with Journal(directory, durability="os") as journal:
-                for msg_id, session, key, payload in entry:
-                    journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
+            journal = _SpillJournal(directory, durability="os")
+            with journal:
+                for message in entry:
+                    journal.append_message(message)
                     written += 1
         except (OSError, PhiSessionError) as error:
             if not written:  # nothing for the next sink to send

@@ -9,7 +9,8 @@ Layout of a journal directory::
                                            records recovery could not decode, as journaled
     journal.lock                           held (flock) by the one live writer
 
-A segment starts with the 8 bytes ``PHIJRNL2`` and holds frames; a frame carries
+A segment starts with the 8 bytes of its journal's kind (`Kind`: ``PHIJRNL2`` a
+recorder's, ``PHISPIL2`` a broker sink's spill journal) and holds frames; a frame carries
 one or more consecutive records (group commit: whatever was appended since the
 previous write). A segment whose header is damaged is read from its first valid frame
 on (the header counts as damage)::
@@ -55,6 +56,7 @@ if sys.platform != "win32":
 logger = logging.getLogger(__name__)
 
 MAGIC = b"PHIJRNL2"
+SPILL_MAGIC = b"PHISPIL2"
 SEGMENT_SUFFIX = ".wal"
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_TMP = CHECKPOINT_FILE + ".tmp"  # written, then renamed over the checkpoint
@@ -70,6 +72,32 @@ FRAME_OVERHEAD = _HEADER.size
 _IOV_MAX = 1024  # the smallest IOV_MAX POSIX systems have
 
 
+@dataclass(frozen=True)
+class Kind:
+    """What a journal's records are, told by its segments' header: a journal refuses
+    (`check_ours`) segments of another kind, whose records it would take for damage."""
+
+    magic: bytes
+    """The header of the segments it writes."""
+    what: str
+    also: tuple[bytes, ...] = ()
+    """Headers of segments it takes as its own too."""
+
+    @property
+    def heads(self) -> tuple[bytes, ...]:
+        return (self.magic, *self.also)
+
+
+RECORDER = Kind(MAGIC, "a recorder's journal")
+# Its records are [event id, session id, key, event] (`broker.sink`). Earlier spill journals
+# were headed as a recorder's: recovery keeps a journal none of whose records it decodes.
+SPILL = Kind(
+    SPILL_MAGIC, "a broker spill journal (`phi-session record --to`; the next one sends it)", (MAGIC,)
+)
+_KINDS = (RECORDER, SPILL)
+_HEADERS = tuple(kind.magic for kind in _KINDS)  # one length: `SegmentReader` reads both
+
+
 def frame_header(data: bytes, first: int, count: int) -> bytes:
     """The header of a frame holding `count` records numbered from `first` (`data`)."""
     crc = zlib.crc32(data, zlib.crc32(_TAIL.pack(first, count)))
@@ -80,10 +108,11 @@ def segment_path(directory: Path, number: int) -> Path:
     return directory / f"{number:010d}{SEGMENT_SUFFIX}"
 
 
-def check_ours(directory: Path, segments: Sequence[Path]) -> None:
+def check_ours(directory: Path, segments: Sequence[Path], kind: Kind = RECORDER) -> None:
     """Raise `NotAJournal` unless the files of `directory` a journal would write, remove
     or replace are this journal's: `segments`, those named like segments (`holds_journal`,
-    and of this format version), the checkpoint and its temporary file, each a regular file.
+    of this format version and of `kind`), the checkpoint and its temporary file, each a
+    regular file.
 
     Call it before making the lock file there: an earlier journal's lock file is what
     marks the files whose writing a crash cut short as ours.
@@ -102,7 +131,12 @@ def check_ours(directory: Path, segments: Sequence[Path]) -> None:
             f"{other[1].decode()}, this version reads {MAGIC.decode()}): recover it "
             "with the phi-session that wrote it; nothing was touched"
         )
-    if segments and not holds_journal(segments, beside_lock=beside_lock):
+    if (other_kind := _other_kind(segments, kind)) is not None:
+        raise NotAJournal(
+            f"{directory} is {other_kind.what}, not {kind.what}: its segments begin with "
+            f"{other_kind.magic.decode()}; nothing was touched"
+        )
+    if segments and not holds_journal(segments, beside_lock=beside_lock, heads=kind.heads):
         names = ", ".join(path.name for path in segments[:3]) + (", ..." if len(segments) > 3 else "")
         raise NotAJournal(
             f"{directory} is not a phi-session journal: no file named like a segment ({names}) "
@@ -128,23 +162,41 @@ def _not_a_file(path: Path) -> bool:
         return False
 
 
-def holds_journal(paths: Sequence[Path], *, beside_lock: bool) -> bool:
-    """Whether the files `paths`, named like segments, are a journal's.
+def holds_journal(paths: Sequence[Path], *, beside_lock: bool, heads: Sequence[bytes] = (MAGIC,)) -> bool:
+    """Whether the files `paths`, named like segments, are a journal's whose segments
+    begin with one of `heads`.
 
-    One at least begins with `MAGIC` (a header-less file beside it is damage); or,
+    One at least begins with one of them (a header-less file beside it is damage); or,
     `beside_lock` (the lock file an earlier journal made before any segment), every one
-    holds a beginning of `MAGIC` (segments whose creation a crash cut short), or one
+    holds a beginning of one (segments whose creation a crash cut short), or one
     holds a valid frame (a segment whose header was damaged). Anything else (another
     program's ``0001.wal``) is not ours.
     """
-    heads = [_head(path) for path in paths]
-    if MAGIC in heads:
+    found = [_head(path) for path in paths]
+    if any(head in heads for head in found):
         return True
     if not beside_lock:
         return False
-    return all(head is not None and MAGIC.startswith(head) for head in heads) or any(
-        _holds_frame(path) for path, head in zip(paths, heads, strict=True) if head
+    return all(head is not None and _begins_header(head) for head in found) or any(
+        _holds_frame(path) for path, head in zip(paths, found, strict=True) if head
     )
+
+
+def _begins_header(data: bytes) -> bool:
+    """Whether `data` is a beginning of a segment header (of any kind): what a crash
+    while creating a segment leaves."""
+    return any(header.startswith(data) for header in _HEADERS)
+
+
+def _other_kind(paths: Sequence[Path], kind: Kind) -> Kind | None:
+    """The kind of journal the first of `paths` that begins as another kind's segment
+    belongs to; None if none does."""
+    for path in paths:
+        head = _head(path)
+        for other in _KINDS:
+            if head == other.magic and head not in kind.heads:
+                return other
+    return None
 
 
 def _holds_frame(path: Path) -> bool:
@@ -514,8 +566,8 @@ class SegmentReader:
         """The records of one segment, as (seq, payload)."""
         data = memoryview(path.read_bytes())
         pos = len(MAGIC)
-        if bytes(data[:pos]) != MAGIC:
-            if MAGIC.startswith(bytes(data)):  # created, crashed before its header was written
+        if bytes(data[:pos]) not in _HEADERS:  # of which kind, `check_ours` saw to
+            if _begins_header(bytes(data)):  # created, crashed before its header was written
                 if len(data):
                     self._tail_at(path, 0, len(data))
                 return

@@ -39,6 +39,7 @@ from .format import (
     FRAME_OVERHEAD,
     MAGIC,
     MAX_FRAME,
+    RECORDER,
     Checkpoint,
     DirectoryLock,
     append_orphans,
@@ -100,6 +101,8 @@ class Journal:
     lock at once (the parent keeps it); its `close` does nothing.
     """
 
+    _kind = RECORDER  # what its records are (a subclass journals others: `format.Kind`)
+
     def __init__(
         self,
         directory: StrPath,
@@ -122,7 +125,7 @@ class Journal:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             # Before the lock file is made: check_ours takes one for an earlier journal's.
-            check_ours(self.directory, [path for _, path in segment_paths(self.directory)])
+            check_ours(self.directory, [path for _, path in segment_paths(self.directory)], self._kind)
             self._dir_lock = DirectoryLock(self.directory)
         except OSError as error:
             raise StoreError(f"cannot open journal {self.directory}: {error}") from error
@@ -528,7 +531,7 @@ class Journal:
         fd = None
         try:
             fd = _create(path)
-            write_all(fd, [MAGIC])
+            write_all(fd, [self._kind.magic])
             if self.durability != "os":
                 os.fsync(fd)
                 fsync_directory(self.directory)
