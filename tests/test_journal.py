@@ -49,6 +49,7 @@ from phi_session.journal import (
     JournalLocked,
     NotAJournal,
     RecoveryError,
+    RecoveryReport,
     read_records,
     recover,
 )
@@ -1600,6 +1601,25 @@ def test_a_segment_a_crash_left_empty_beside_the_lock_file_is_recovered_on_start
         assert persisting.recovery_report is not None
         assert persisting.recovery_report.segments_removed == 1
     assert not (tmp_path / "0000000000.wal").exists()
+
+
+@pytest.mark.parametrize("given", ["segment", "other", "empty"])
+def test_recovery_given_a_file_says_so_and_touches_nothing(tmp_path: Path, given: str) -> None:
+    """Given the segment itself (or any file) instead of its directory, `recover` returned
+    an empty report: 0 segments read, 0 sessions saved, no error."""
+    write_journal(tmp_path / "j", events(3), durability="os")
+    path = {
+        "segment": segment_files(tmp_path / "j")[0],
+        "other": tmp_path / "session.json",
+        "empty": tmp_path / "empty",
+    }[given]
+    if given != "segment":
+        path.write_bytes(b"" if given == "empty" else b'{"session_id": "s"}')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(NotAJournal, match=rf"^{path} is a file, not a journal directory: give the directory"):
+        recover(path, JsonDirStore(tmp_path / "store"))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert recover(tmp_path / "missing", JsonDirStore(tmp_path / "store")) == RecoveryReport()
 
 
 def test_recovery_leaves_nothing_of_the_journal_behind(tmp_path: Path) -> None:

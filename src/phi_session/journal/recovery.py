@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -12,6 +13,7 @@ from .. import codec
 from ..errors import (
     DecodeError,
     InvalidArgument,
+    NotAJournal,
     PhiSessionError,
     RecoveryError,
     StoreError,
@@ -101,6 +103,8 @@ def recover(
 
     `journal` is a directory no live writer holds (`JournalLocked` otherwise), or an
     open `Journal`, whose `leftover_segments` (those of an earlier run) are recovered.
+    A path that does not exist has nothing to recover (an empty report); one that is
+    no directory (the segment itself, given for its directory) is refused (`NotAJournal`).
     A directory whose ``NNNN.wal`` files or checkpoint are not this journal's
     (`format.check_ours`), segments or none, is refused (`NotAJournal`) before anything
     in it is touched.
@@ -176,7 +180,12 @@ def _recover(
     else:
         directory = Path(journal)
         if not directory.is_dir():
-            return RecoveryReport(), None
+            if not os.path.lexists(directory):  # no journal was ever made there: nothing to recover
+                return RecoveryReport(), None
+            raise NotAJournal(
+                f"{directory} is a file, not a journal directory: give the directory "
+                f"that holds its segments ({directory.parent}?); nothing was touched"
+            )
         found = [path for _, path in segment_paths(directory)]
         # Before the lock file is made there; with no segment too: a checkpoint that is
         # not ours is refused as `Journal` refuses it.
