@@ -1622,6 +1622,23 @@ def test_recovery_given_a_file_says_so_and_touches_nothing(tmp_path: Path, given
     assert recover(tmp_path / "missing", JsonDirStore(tmp_path / "store")) == RecoveryReport()
 
 
+@pytest.mark.parametrize("segment", [b"PHI", b""])
+def test_a_lock_file_that_is_not_ours_is_refused_and_left_alone(tmp_path: Path, segment: bytes) -> None:
+    """A journal.lock another program wrote (ours is always empty) was taken for ours:
+    beside it a 0000000001.wal holding b"PHI" passed for a segment a crash cut short, and
+    `recover` deleted both."""
+    (tmp_path / "journal.lock").write_text("pid=4242 owner=otherapp\n")
+    (tmp_path / "0000000001.wal").write_bytes(segment)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    refused = r"journal\.lock is not a phi-session lock file.*nothing was touched"
+    with pytest.raises(NotAJournal, match=refused):
+        recover(tmp_path, JsonDirStore(tmp_path.parent / "store"))
+    with pytest.raises(NotAJournal, match=refused):
+        Journal(tmp_path, durability="os")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert not (tmp_path.parent / "store").exists()
+
+
 def test_recovery_leaves_nothing_of_the_journal_behind(tmp_path: Path) -> None:
     write_journal(tmp_path / "j", events(1), durability="os")
     assert recover(tmp_path / "j", JsonDirStore(tmp_path / "store")).sessions_saved == 1

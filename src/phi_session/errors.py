@@ -118,8 +118,9 @@ class NotAJournal(PhiSessionError, ValueError):
     """A directory given as a journal holds files named like segments, none of which is
     a journal segment, segments of another version of the journal format (a newer
     phi-session's) or of another kind of journal (a broker spill journal), or a
-    ``checkpoint.json`` (or ``checkpoint.json.tmp``) that a journal did not write, or one
-    of these that is no regular file (a directory, a FIFO); nothing in it was touched."""
+    ``checkpoint.json`` (or ``checkpoint.json.tmp``, or a ``journal.lock`` that is not
+    empty) that a journal did not write, or one of these that is no regular file (a
+    directory, a FIFO); nothing in it was touched."""
 
 
 class MissingExtra(PhiSessionError, ImportError):

@@ -115,9 +115,10 @@ def check_ours(directory: Path, segments: Sequence[Path], kind: Kind = RECORDER)
     regular file.
 
     Call it before making the lock file there: an earlier journal's lock file is what
-    marks the files whose writing a crash cut short as ours.
+    marks the files whose writing a crash cut short as ours (and one that is not empty,
+    or no regular file, is another program's: refused).
     """
-    beside_lock = (directory / LOCK_FILE).is_file()
+    beside_lock = _lock_file_ours(directory)
     tmp = directory / CHECKPOINT_TMP
     for path in (*segments, directory / CHECKPOINT_FILE, tmp):
         if _not_a_file(path):
@@ -151,6 +152,21 @@ def check_ours(directory: Path, segments: Sequence[Path], kind: Kind = RECORDER)
                 f"{directory} is not a phi-session journal: {CHECKPOINT_TMP} is not a journal "
                 "checkpoint cut short; nothing was touched"
             )
+
+
+def _lock_file_ours(directory: Path) -> bool:
+    """Whether `directory` holds our lock file (`DirectoryLock` makes it empty, and never
+    writes to it); `NotAJournal` for another program's file of that name."""
+    try:
+        info = os.lstat(directory / LOCK_FILE)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        return True
+    raise NotAJournal(
+        f"{directory} is not a phi-session journal: {LOCK_FILE} is not a phi-session lock file "
+        "(ours is an empty regular file); nothing was touched"
+    )
 
 
 def _not_a_file(path: Path) -> bool:
