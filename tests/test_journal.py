@@ -39,7 +39,7 @@ from phi_session import (
     Usage,
 )
 from phi_session.codec import decode_session, encode_event, encode_session
-from phi_session.errors import DecodeError, InvalidArgument, StoreError, UsedAfterFork
+from phi_session.errors import DecodeError, EventNotDurable, InvalidArgument, StoreError, UsedAfterFork
 from phi_session.journal import (
     CHECKPOINT_FILE,
     MAGIC,
@@ -554,9 +554,8 @@ def closed_again_keeps_everything(journal: Journal, tmp_path: Path, evs: list[Ag
 def test_an_event_interrupted_while_its_record_is_written_is_journaled_as_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, where: str, call: int
 ) -> None:
-    """The same Ctrl-C in `on_event`. Under ``"always"``, in the commit's write: the event is
-    recorded, so its record must be written by the next sync, not acknowledged unwritten.
-    Under ``"os"``, in the append's write: the event is not recorded, and its number was
+    """The same Ctrl-C in `on_event`. In the append's write (under ``"always"`` too, which
+    writes there and fsyncs in the commit): the event is not recorded, and its number was
     left unused, a gap recovery counted as a record lost. Under ``"always"``, once the
     commit's sync took the records, before writing them: they were dropped, the event lost.
     As the record was numbered, before it was written (``"os"``) or queued: its number
@@ -579,7 +578,7 @@ def test_an_event_interrupted_while_its_record_is_written_is_journaled_as_record
     recover(tmp_path / "j", store)
     sink.recorder.flush()
     assert stored(store) == {s.session_id: encode_session(s) for s in sink.recorder.drain_completed()}
-    if durability == "always" and where != "numbered":  # numbered: refused before it was recorded
+    if where == "taken":  # in the commit's sync, once the event was applied: recorded
         assert stored(store) == recorded(evs)
 
 
@@ -1197,6 +1196,59 @@ def test_a_full_disk_is_a_store_error_and_recovery_runs_at_once(
     report = recover(tmp_path / "j", store)  # in the same process: no JournalLocked
     assert report.records_lost == report.corrupt_regions == 0
     assert_all_acknowledged_events_stored(store, acknowledged)
+
+
+def held(sink: JournaledRecorder) -> dict[str, bytes]:
+    """What `sink`'s recorder holds, as `recorded` gives it."""
+    sink.recorder.flush()
+    return {s.session_id: encode_session(s) for s in sink.recorder.drain_completed()}
+
+
+@pytest.mark.parametrize("durability", ["always", "os"])
+@pytest.mark.parametrize("feed", ["on_event", "on_json"])
+def test_an_event_a_full_disk_kept_out_of_the_journal_is_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, feed: str
+) -> None:
+    """Under "always" an event whose journal write failed (ENOSPC) raised `StoreError`
+    and was recorded all the same (and saved later); under "os" it was not: one error,
+    two meanings. Now a plain `StoreError` means not recorded under every policy."""
+    evs = events(1, deltas=0)  # every one journaled
+    sink = JournaledRecorder(Journal(tmp_path / "j", durability=durability))  # type: ignore[arg-type]
+    for event in evs[:3]:
+        sink.on_event(event)
+    for name in ("write", "writev"):
+        monkeypatch.setattr(os, name, full_disk(getattr(os, name)))
+    with pytest.raises(StoreError, match="No space left") as raised:
+        if feed == "on_event":
+            sink.on_event(evs[3])
+        else:
+            sink.on_json(encode_event(evs[3]))
+    assert not isinstance(raised.value, EventNotDurable)
+    monkeypatch.undo()
+    assert held(sink) == recorded(evs[:3])
+    with pytest.raises(StoreError):
+        sink.close()
+
+
+def test_an_event_recorded_whose_fsync_failed_says_it_is_recorded_not_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsync comes after the event is applied (threads share it): what fails there is
+    recorded, in memory, and the error says so."""
+    evs = events(1, deltas=0)  # every one journaled
+    sink = JournaledRecorder(Journal(tmp_path / "j", durability="always"))
+    for event in evs[:3]:
+        sink.on_event(event)
+    monkeypatch.setattr(os, "fsync", full_disk(os.fsync))
+    with pytest.raises(EventNotDurable, match=r"recorded.*not durable.*No space left"):
+        sink.on_event(evs[3])
+    monkeypatch.undo()
+    assert held(sink) == recorded(evs[:4])
+    with pytest.raises(StoreError, match="failed earlier"):
+        sink.on_event(evs[4])  # the journal refuses what follows: not recorded
+    assert held(sink) == {}  # drained above; nothing new
+    with pytest.raises(StoreError):
+        sink.close()
 
 
 def test_a_file_system_that_cannot_sync_directories_still_journals(

@@ -39,6 +39,7 @@ from phi_session import (
 from phi_session import persist as persist_module
 from phi_session.codec import encode_event, encode_session
 from phi_session.errors import (
+    EventNotDurable,
     InvalidArgument,
     JournalLocked,
     PhiSessionError,
@@ -1944,3 +1945,32 @@ def test_a_writer_dying_as_it_releases_the_journal_leaves_flush_returning(
     assert done.is_set()
     assert stored(store) == recorded(evs)
     persisting.close()
+
+
+@pytest.mark.parametrize("failing", [("write", "writev"), ("fsync",)])
+def test_an_event_a_full_disk_refused_under_always_is_not_recorded_unless_the_error_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: tuple[str, ...]
+) -> None:
+    """Under "always" an event whose journal write failed raised `StoreError` yet was
+    recorded and saved, as under no other policy. Now a failed write refuses it (not
+    recorded, not saved); an fsync failing once it was applied raises `EventNotDurable`."""
+    evs = list(stream(sessions=1, loops=1, turns=2, deltas=0))
+    persisting = AutoPersistingRecorder(
+        JsonDirStore(tmp_path / "store"), journal=Journal(tmp_path / "j", durability="always")
+    )
+    persisting.record_all(evs[:3])
+
+    def full_disk(fd: int, *args: object) -> NoReturn:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for name in failing:
+        monkeypatch.setattr(os, name, full_disk)
+    expected = EventNotDurable if failing == ("fsync",) else StoreError
+    with pytest.raises(expected, match="No space left") as raised:
+        persisting.on_event(evs[3])
+    monkeypatch.undo()
+    recorded = failing == ("fsync",)
+    assert isinstance(raised.value, EventNotDurable) == recorded
+    assert persisting.stats()["events"] == 3 + recorded
+    with pytest.raises(StoreError):
+        persisting.close()  # the journal failed; what the recorder holds is saved all the same

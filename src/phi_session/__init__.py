@@ -18,6 +18,7 @@ from .codec import decode_event, decode_loop, decode_session, encode, encode_eve
 from .consume import ConsumeStats, consume
 from .errors import (
     DecodeError,
+    EventNotDurable,
     InstrumentationError,
     InvalidArgument,
     InvalidQuery,
@@ -164,6 +165,7 @@ __all__ = [
     "Content",
     "ContinuationKind",
     "DecodeError",
+    "EventNotDurable",
     "ExtensionMessage",
     "FakeClock",
     "FanOut",

@@ -64,6 +64,12 @@ class StoreClosed(StoreError):
     it (a `PostgresStore` left its ``with`` block before the recorder saving into it)."""
 
 
+class EventNotDurable(StoreError):
+    """The event was recorded (the recorder holds it and saves it as any other) but the
+    journal failed before making it durable (an fsync on a full disk): a crash now loses
+    it. The journal refuses every later event (a plain `StoreError`: not recorded)."""
+
+
 class RecoveryError(StoreError):
     """Some recovered sessions could not be saved; the journal was kept. See `report`."""
 

@@ -558,8 +558,8 @@ class AutoPersistingRecorder:
             self._pins[session_id] = min(seq, self._pins.get(session_id, seq))
 
     def _after_event(self, seq: int, due: bool) -> None:
-        if self.journal is not None:
-            self.journal.commit(seq)  # "always": fsynced before returning (outside the lock)
+        if self._sink is not None:
+            self._sink.commit(seq)  # "always": fsynced before returning (outside the lock)
         if due:
             self.checkpoint()
 

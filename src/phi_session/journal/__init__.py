@@ -28,8 +28,10 @@ Durability policies (what an *acknowledged* event survives):
   within ~30 s).
 
 A failed write or fsync (a full disk) raises `StoreError` and the journal then refuses
-appends; `close` still closes and unlocks (and raises `StoreError`), so `recover` can
-run at once and brings back every acknowledged event.
+appends (``"os"`` and ``"always"`` write each record in `append`, so `JournaledRecorder`
+refuses an event whose write failed; an fsync that fails after, `EventNotDurable`);
+`close` still closes and unlocks (and raises `StoreError`), so `recover` can run at
+once and brings back every acknowledged event.
 
 When a segment is deleted (never before every event in it is safe elsewhere):
 
@@ -45,7 +47,7 @@ When a segment is deleted (never before every event in it is safe elsewhere):
 * `Journal.close`: the segments `release` covered, and an active one holding nothing.
 """
 
-from ..errors import JournalLocked, NotAJournal, RecoveryError
+from ..errors import EventNotDurable, JournalLocked, NotAJournal, RecoveryError
 from .adapter import JournaledRecorder
 from .format import CHECKPOINT_FILE as CHECKPOINT_FILE
 from .format import MAGIC as MAGIC
@@ -55,6 +57,7 @@ from .writer import Durability, Journal
 
 __all__ = [
     "Durability",
+    "EventNotDurable",
     "Journal",
     "JournalLocked",
     "JournalRecord",

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from .._checks import check_type
-from ..errors import StoreError
+from ..errors import EventNotDurable, StoreError
 from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from .writer import Journal
@@ -26,6 +26,12 @@ class JournaledRecorder:
     order is the recorder's whoever feeds it. Streaming deltas the recorder drops are
     not journaled (replaying would drop them again), nor lines that are not events
     (they raise `DecodeError` and record nothing).
+
+    A `StoreError` from ``on_event``/``on_json`` means the event was not recorded (the
+    journal refused it before the recorder applied it: a full disk, a closed journal),
+    under every policy; except `EventNotDurable`, raised when a journal write made after
+    the event was applied failed (under ``"always"``, the fsync, which threads share
+    outside the recorder's lock): the event is recorded, in memory, not durable.
 
     A journal feeds one recorder: a second `JournaledRecorder` (or `AutoPersistingRecorder`)
     given the same `Journal` is refused (`JournalLocked`); and a recorder is fed by one
@@ -94,8 +100,18 @@ class JournaledRecorder:
         # acknowledges ours too, since sequence numbers follow the recorder's order.
         seq = self._last_seq
         if commit:
-            self._commit(seq)
+            self.commit(seq)
         return seq
+
+    def commit(self, seq: int) -> None:
+        """Make record `seq`, and every earlier one, durable per the policy (`Journal.commit`);
+        `EventNotDurable` if that fails, as their events are recorded already."""
+        try:
+            self._commit(seq)
+        except StoreError as error:
+            raise EventNotDurable(
+                f"event recorded in memory (saved as any other) but not durable in the journal: {error}"
+            ) from error
 
     def on_event(self, event: AgentEvent, *, commit: bool = True) -> int:
         """Journal `event` (unless the recorder drops it), then record it."""
@@ -112,5 +128,5 @@ class JournaledRecorder:
         for event in events:
             self.on_event(event, commit=False)
         seq = self._last_seq
-        self._commit(seq)
+        self.commit(seq)
         return seq

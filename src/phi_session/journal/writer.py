@@ -6,7 +6,8 @@ one takes only locks further down this list):
 1. ``_close_lock``: `close`, one call at a time.
 2. ``_release_lock``: `release` and `close` (the checkpoint, removing segments).
 3. ``_sync_lock``: the active segment's descriptor: writing frames, rotating to a new
-   segment, fsync, closing descriptors. Under ``"os"`` an append writes through under it.
+   segment, fsync, closing descriptors. Under ``"os"`` and ``"always"`` an append writes
+   through under it.
 4. ``_lock``: numbering and queueing records, the list of segments and leftovers, the
    closed and failed state. Held only for bookkeeping, never across I/O.
 5. ``_acked_cond``: the waiters for the acknowledged sequence number (which only
@@ -138,7 +139,11 @@ class Journal:
         self._on_close: Callable[[], object] | None = None  # its `claim`, called once by `close`
         self._closed = False
         self._writable = True  # neither closed nor failed
-        self._write_through = durability == "os"
+        # Written by `append` itself: a failed write refuses the record before a recorder
+        # applies the event (`JournaledRecorder`). Under "always", `commit` then fsyncs,
+        # outside the recorder's lock, so that threads share an fsync.
+        self._write_through = durability != "interval"
+        self._acked_on_write = durability == "os"
         self._pending: list[bytes] = []  # records appended, not yet written
         self._singles: list[int] = []  # positions in _pending of records holding a newline
         self._pending_bytes = 0
@@ -282,7 +287,8 @@ class Journal:
 
         This is the hot path, a list append: frames are built, checksummed and written
         once per flush by whoever syncs (flusher, `commit`, `close`), outside `_lock`.
-        Under ``"os"`` the record is written through before returning.
+        Under ``"os"`` and ``"always"`` the record is written through before returning
+        (a failure raises `StoreError`, the record not journaled); ``"always"`` fsyncs in `commit`.
         """
         payload = data if type(data) is bytes else as_bytes(data)
         if self._write_through:
@@ -297,7 +303,8 @@ class Journal:
                         with self._lock:
                             self._next_seq = first
                     raise
-                self._set_acked(seq)
+                if self._acked_on_write:
+                    self._set_acked(seq)
         else:
             with self._lock:
                 seq = self._queue(payload)
