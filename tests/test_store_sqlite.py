@@ -1419,6 +1419,30 @@ def test_a_held_write_lock_raises_session_locked(db: Path) -> None:
         assert len(store.load("x").loops) == 2
 
 
+def test_a_timeout_sqlite_cannot_wait_is_refused(db: Path) -> None:
+    # SQLite takes its busy wait as a C int of milliseconds: beyond 2**31-1 ms (inf, 1e9)
+    # it got none at all, and a save raised SessionLocked "for more than inf s" at once.
+    for seconds in (float("inf"), float("nan"), 1e300, 2_147_484.0, -1.0):
+        refused = r"^timeout must be a number of seconds >= 0 and <= 2147483.647, got"
+        with pytest.raises(InvalidArgument, match=refused):
+            SqliteStore(db, timeout=seconds)
+    with pytest.raises(TypeError, match="timeout"):
+        SqliteStore(db, timeout="5")  # type: ignore[arg-type]
+    with SqliteStore(db, timeout=2_147_483.647) as store:  # the longest wait: it waits
+        store.save(make_session("x"))
+        blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.5, blocker.commit)
+        release.start()
+        try:
+            started = time.monotonic()
+            store.save(make_session("x", loops=[make_loop("x", 2)]))
+            assert time.monotonic() - started >= 0.3
+        finally:
+            release.join()
+            blocker.close()
+
+
 def test_opening_and_reading_never_wait_for_another_writer(db: Path) -> None:
     """Another process's long write (a big save) holds the write lock: opening the store
     and reading from a thread with no connection yet neither wait for it nor fail."""

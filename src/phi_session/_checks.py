@@ -22,6 +22,7 @@ from .errors import InvalidArgument
 from .messages import ZERO_USAGE, Usage
 
 __all__ = [
+    "MOST_WAIT_SECONDS",
     "check_callable",
     "check_choice",
     "check_counts",
@@ -40,6 +41,10 @@ __all__ = [
 
 _U64_MAX = 2**64 - 1
 _COUNTER_TYPES = (int,) * len(Usage.__struct_fields__)
+
+MOST_WAIT_SECONDS = 2_147_483.647
+"""The longest wait a C int of milliseconds holds (2**31-1 ms, about 24.8 days): SQLite's
+busy timeout, PostgreSQL's lock_timeout and libpq's connect_timeout take no longer one."""
 
 _T = TypeVar("_T")
 _Word = TypeVar("_Word", bound=str)

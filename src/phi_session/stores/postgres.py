@@ -95,7 +95,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
-from .._checks import check_seconds, check_type
+from .._checks import MOST_WAIT_SECONDS, check_seconds, check_type
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import (
@@ -178,8 +178,6 @@ SCHEMA_VERSION = 13
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # Advisory-lock class id ("ph") of schema migrations; the object id is hashtext(schema).
 MIGRATION_LOCK_CLASS = 0x7068
-# The longest timeout PostgreSQL and libpq take: 2**31-1 milliseconds.
-_MOST_SECONDS = 2_147_483.647
 # libpq's error for a parameter it does not know, in a URL or a key=value string.
 _UNKNOWN_PARAMETER = re.compile(r'invalid (?:URI query parameter:|connection option) "([^"\n]+)"')
 # Migrations may rewrite tables, so other processes wait for them longer than for a session.
@@ -993,8 +991,8 @@ class PostgresStore(AsyncTwins):
             raise InvalidArgument(f"pool_size must be at least 1, got {pool_size}")
         # PostgreSQL reads a lock_timeout of 0 as "wait forever", and holds at most
         # 2**31-1 ms; libpq a connect_timeout of 0 as "wait forever".
-        check_seconds("lock_timeout", lock_timeout, positive=True, maximum=_MOST_SECONDS)
-        check_seconds("connect_timeout", connect_timeout, positive=True, maximum=_MOST_SECONDS)
+        check_seconds("lock_timeout", lock_timeout, positive=True, maximum=MOST_WAIT_SECONDS)
+        check_seconds("connect_timeout", connect_timeout, positive=True, maximum=MOST_WAIT_SECONDS)
         given = dsn_parameters(dsn)
         self._dsn = dsn
         self.read_only = read_only

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast, get_args
 import msgspec
 from msgspec.structs import replace
 
-from .._checks import check_type
+from .._checks import MOST_WAIT_SECONDS, check_seconds, check_type
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_session
 from ..errors import (
@@ -119,7 +119,7 @@ from .search import DEFAULT_LIMIT, SearchHit, loop_text, query_words, search_wor
 if TYPE_CHECKING:
     from ..cost import Pricer
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "check_timeout"]
 
 logger = logging.getLogger(__name__)
 
@@ -1162,11 +1162,20 @@ class _Owner:
         self.connection = connection
 
 
+def check_timeout(value: object) -> None:
+    """`InvalidArgument` unless `value` is a lock wait SQLite keeps: 0 (none) up to
+    `MOST_WAIT_SECONDS`. Beyond it (inf too), Python hands SQLite a C int that overflows
+    and SQLite waits not at all; `TypeError` for a value that is no number."""
+    check_seconds("timeout", value, maximum=MOST_WAIT_SECONDS)
+
+
 class SqliteStore(AsyncTwins):
     """Sessions in one SQLite file; see the module docstring for layout and guarantees.
 
     `path` is created (with its parent directories) if missing. `timeout` bounds,
-    in seconds, how long a write waits for another writer before `SessionLocked`.
+    in seconds, how long a write waits for another writer before `SessionLocked`:
+    0 (not at all) up to 2147483.647 (2**31-1 ms, the longest SQLite waits); another
+    value, inf too, raises `InvalidArgument` (`check_timeout`).
     Raises `StoreError` if the file is not a phi-session database or was written
     by a newer phi-session (schema version above `SCHEMA_VERSION`). A file removed
     while the store is open is made again at `path` by its next use: saves go to
@@ -1199,6 +1208,7 @@ class SqliteStore(AsyncTwins):
             )
         if synchronous not in get_args(Synchronous):
             raise InvalidArgument(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+        check_timeout(timeout)
         self.path = Path(text).absolute()
         self.timeout = timeout
         self.synchronous = synchronous

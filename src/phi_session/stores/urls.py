@@ -3,8 +3,8 @@
 Accepted forms (`open_store`):
 
 * ``sqlite:///abs/path.db`` or ``sqlite:relative/path.db`` -> `SqliteStore`; optional
-  query parameters ``timeout`` (seconds) and ``synchronous`` (``NORMAL`` or ``FULL``),
-  e.g. ``sqlite:///var/lib/agents.db?synchronous=FULL``;
+  query parameters ``timeout`` (seconds, 0 to 2147483.647, as `SqliteStore` takes) and
+  ``synchronous`` (``NORMAL`` or ``FULL``), e.g. ``sqlite:///var/lib/agents.db?synchronous=FULL``;
 * ``postgresql://…`` or ``postgres://…`` (a libpq URL; ``?schema=name`` picks the schema) -> `PostgresStore`;
 * a plain path ending in ``.db``, ``.sqlite`` or ``.sqlite3`` (and not an existing
   directory) -> `SqliteStore`;
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-from ..errors import InvalidStoreUrl
+from ..errors import InvalidArgument, InvalidStoreUrl
 from .base import SessionStore
-from .sqlite import SqliteStore
+from .sqlite import SqliteStore, check_timeout
 
 __all__ = [
     "ENV_VAR",
@@ -234,10 +234,11 @@ def _sqlite(rest: str) -> tuple[Path, dict[str, Any]]:
         if name == "timeout":
             try:
                 options["timeout"] = float(value)
+                check_timeout(options["timeout"])
+            except InvalidArgument as error:
+                raise _BadUrl(f"sqlite URL option timeout={value!r}: {error}") from None
             except ValueError:
                 raise _BadUrl(f"sqlite URL option timeout={value!r} is not a number of seconds") from None
-            if not options["timeout"] >= 0:
-                raise _BadUrl(f"sqlite URL option timeout={value!r} must be >= 0")
         else:
             if value.upper() not in ("NORMAL", "FULL"):
                 raise _BadUrl(f"sqlite URL option synchronous={value!r} must be NORMAL or FULL")
