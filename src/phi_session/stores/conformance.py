@@ -77,7 +77,7 @@ from ..recorder import SessionRecorder
 from ..saver import SessionSaver
 from .base import LoopStarts, SessionStore, SessionSummary, UsageTotal, merge_sessions, summarize
 from .outline import PROMPT_CHARS, session_outline
-from .query import LOOP_STATUSES, GroupBy, PageCursor, PruneCriteria, SessionQuery
+from .query import LOOP_STATUSES, GroupBy, Order, PageCursor, PruneCriteria, SessionQuery
 from .search import SearchHit
 
 __all__ = [
@@ -1222,6 +1222,29 @@ class StoreConformance:
         following = first.next_page(rows)
         assert following is not None
         assert _ids(store.query(following)) == ["s3", "s1"]
+
+    def test_query_pages_list_a_session_saved_again_at_its_new_place(self, store: SessionStore) -> None:
+        # No snapshot: a session saved again between pages moves, the others stay once each.
+        for n, session_id in enumerate("abcd"):
+            store.save(make_session(session_id, last_active_at=at(n)))
+
+        def walk(order: Order, resaved: str, seconds: int) -> list[str]:
+            query: SessionQuery | None = SessionQuery(order=order, limit=2)
+            assert query is not None
+            rows = store.query(query)
+            listed = _ids(rows)
+            loop = make_loop(resaved, seconds, started_at=at(seconds), tokens=seconds)
+            store.save(make_session(resaved, loops=[loop], last_active_at=at(seconds)))
+            query = query.next_page(rows)
+            while query is not None:
+                rows = store.query(query)
+                listed += _ids(rows)
+                query = query.next_page(rows)
+            return listed
+
+        assert walk("newest", "a", 20) == ["d", "c", "b"]  # 'a' moved before the cursor: not listed
+        assert walk("oldest", "b", 30) == ["b", "c", "d", "a", "b"]  # 'b' moved after it: twice
+        assert walk("tokens", "d", 40) == ["b", "a", "c"]  # 'd' gained the most tokens: not listed
 
     def test_query_by_agent(self, store: SessionStore) -> None:
         _populate(store)

@@ -162,10 +162,14 @@ class PageCursor:
 
     It holds the last row's sort value (``last_active_at`` in nanoseconds for the
     ``newest`` and ``oldest`` orders, total tokens for ``tokens``) and its session id;
-    the next page holds the rows that sort after that pair, so sessions saved in
-    between never shift a page or repeat a row. Build one with `after` from the last
-    summary of a page; `str()` gives the text form that `parse` reads back (the web
-    API's and CLI's ``after`` parameter).
+    the next page holds the rows that sort after that pair, as stored when it is read.
+    So a session saved or deleted between pages never shifts the others: each session
+    left alone is listed once, in order. No snapshot is kept, though: a session saved
+    again meanwhile (its last activity, its tokens changed) is listed where its new value
+    puts it, so twice if that is after the cursor (``oldest``: it was listed already)
+    and not at all if before (``newest``, ``tokens``: one not yet listed). Build one
+    with `after` from the last summary of a page; `str()` gives the text form that
+    `parse` reads back (the web API's and CLI's ``after`` parameter).
     """
 
     order: Order
