@@ -17,9 +17,9 @@ from phi_session.stores.search import SNIPPET_CHARS, document_hits, documents, q
 
 def rule_words(text: str) -> tuple[str, ...]:
     """The match rule as the module docstring states it: each run of word characters of
-    the composed text (NFC), lower-cased on its own, once, in order of first occurrence."""
+    the composed text (NFC), case-folded on its own, once, in order of first occurrence."""
     composed = unicodedata.normalize("NFC", text)
-    return tuple(dict.fromkeys(word.lower() for word in re.findall(r"\w+", composed)))
+    return tuple(dict.fromkeys(word.casefold() for word in re.findall(r"\w+", composed)))
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def rule_words(text: str) -> tuple[str, ...]:
         "".join(map(chr, range(128))),  # every ASCII character, each a boundary or a word character
         "Brew COFFEE, brew_coffee2 (coffee)\nbrew\tcoffee",
         '{"path": "src/Main.py", "max_results": 10}',
-        "İstanbul İSTANBUL istanbul",  # lowered whole, "İ" would end a word at its combining dot
+        "İstanbul İSTANBUL istanbul",  # folded whole, "İ" would end a word at its combining dot
         "Straße STRASSE ǅemal ǆemal café CAFÉ 東京 ١٢٣",
         "re\u0301sume\u0301 Zoe\u0308 cafe\u0301",  # decomposed accents: one word each, as composed
         "",

@@ -967,6 +967,22 @@ def test_the_v13_migration_lists_the_prompts_of_loops_that_never_ended(
         assert [row.first_prompt for row in migrated.query() if row.session_id == "bad"] == [None]
 
 
+def test_the_v14_migration_indexes_the_casefolded_words(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as before:  # words lower-cased, not case-folded, as before version 14
+        before.setattr(search_module, "_folded", str.lower)
+        store.save(make_session("old", loops=[talking_loop("old", 1, "the Stra\u00dfe \ufb01le")]))
+        assert store.search("strasse") == []
+    meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("UPDATE {} SET value = '13' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert {hit.session_id for hit in migrated.search("STRASSE FILE")} == {"old"}
+    words = sql.SQL("SELECT words::text FROM {}").format(_table(store.schema, "loops"))
+    [(indexed,)] = admin.execute(words).fetchall()
+    assert "'strasse'" in indexed and "stra\u00dfe" not in indexed
+
+
 def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(store: postgres.PostgresStore) -> None:
     from phi_session.persist import AutoPersistingRecorder
 

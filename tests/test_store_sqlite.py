@@ -1953,6 +1953,27 @@ def test_the_v12_migration_indexes_the_composed_words(db: Path, monkeypatch: pyt
         assert store.search("sume") == []
 
 
+def test_the_v15_migration_indexes_the_casefolded_words(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as before:  # words lower-cased, not case-folded, as before version 15
+        before.setattr(search_module, "_folded", str.lower)
+        with SqliteStore(db) as store:
+            store.save(make_session("old", loops=[talking_loop("old", 1, "the Stra\u00dfe \ufb01le")]))
+            store.save(make_session("plain", loops=[talking_loop("plain", 1, "brew coffee")]))
+            assert store.search("strasse") == []
+        raw_execute(db, "PRAGMA user_version = 14")
+    with closing(sqlite3.connect(db)) as conn:
+        before_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert {hit.session_id for hit in store.search("STRASSE FILE")} == {"old"}
+        assert {hit.session_id for hit in store.search("stra\u00dfe \ufb01le")} == {"old"}
+    with closing(sqlite3.connect(db)) as conn:
+        after_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
+    assert after_texts["plain"] == before_texts["plain"]
+    assert "strasse" in after_texts["old"].split() and "stra\u00dfe" not in after_texts["old"].split()
+    assert _indexed_loops(db) == (2, 2)
+
+
 @pytest.mark.parametrize("written_at", [6, 13])
 def test_the_v14_migration_lists_the_prompts_of_loops_that_never_ended(
     db: Path, monkeypatch: pytest.MonkeyPatch, written_at: int

@@ -1816,6 +1816,30 @@ class StoreConformance:
         ):
             assert sorted({hit.session_id for hit in store.search(text)}) == found, text
 
+    def test_search_folds_case_as_unicode_does(self, store: SessionStore) -> None:
+        # Case folding, not lower case: "ß" is "ss", a ligature its letters, every sigma one.
+        store.save(
+            make_session(
+                "cf",
+                loops=[
+                    talking_loop("cf", 1, "Stra\u00dfe \u03a3\u03af\u03c3\u03c5\u03c6\u03bf\u03c2 \ufb01le")
+                ],
+            )
+        )
+        for text in (
+            "STRASSE",
+            "strasse",
+            "stra\u00dfe",
+            "\u03c3\u03af\u03c3\u03c5\u03c6\u03bf\u03c3",
+            "FILE",
+            "\ufb01le",
+        ):
+            hits = store.search(text)
+            assert [hit.kind for hit in hits] == ["text", "thinking", "text", "tool_call", "tool_result"], (
+                text
+            )
+            assert all(hit.highlights for hit in hits), text
+
     def test_search_reads_a_tool_calls_arguments_as_their_text(self, store: SessionStore) -> None:
         # A file a tool writes: each line's first word follows an escaped newline in the
         # arguments' JSON, and is found as itself, never glued to the escape's letter.

@@ -29,7 +29,7 @@ Layout (all tables live in one schema, ``phi_session`` by default):
 
 Full-text search (schema v2). ``words`` is a ``tsvector`` (GIN-indexed) of the
 distinct words of the loop's searchable text (`search.loop_text`), split and
-lower-cased by `search.query_words` itself rather than by a PostgreSQL text
+case-folded by `search.query_words` itself rather than by a PostgreSQL text
 parser (which would split ``example.com`` or ``1.5`` differently from the query
 rule), each cut to `_LEXEME_CHARS`. It is written with the loop row, so saves,
 merges, deletes and prunes keep it current; a loop whose words outgrow a
@@ -172,7 +172,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -548,6 +548,11 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         _sum_loops_by_serving_model,
     ),
     (_list_prompts_of_loops_that_never_ended,),
+    (
+        # The rule's words are case-folded, no longer lower-cased (`search.query_words`:
+        # "straße" is "strasse"): every loop's words again.
+        partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 

@@ -9,10 +9,11 @@ agree (the conformance suite checks it):
   (``thinking``), a tool call's name and JSON arguments (``tool_call``) or a tool
   result's text (``tool_result``);
 * the **match rule**: the query's words (runs of letters, digits and ``_`` of the
-  text in Unicode's composed form, NFC, compared case-insensitively) all occur as
-  words of the document. A query without a word matches nothing. Composed first, a
-  word reads the same whether its accents came precomposed or as combining marks
-  (decomposed, NFD: macOS file names, some model outputs).
+  text in Unicode's composed form, NFC, compared case-folded: ``Straße`` is ``STRASSE``,
+  ``ﬁle`` is ``FILE``) all occur as words of the document. A query without a word
+  matches nothing. Composed first, a word reads the same whether its accents came
+  precomposed or as combining marks (decomposed, NFD: macOS file names, some model
+  outputs).
 
 `SearchHit` carries the session, loop, turn (`LoopRecord.conversation_turns`) and a
 snippet of the document around the first match with the offsets of every matched
@@ -58,10 +59,13 @@ SNIPPET_CHARS = 160
 _CLUSTER_CHARS = 32
 """How far a snippet's cut moves to keep a character a reader sees as one whole (`_joined`)."""
 _WORD = re.compile(r"\w+")
-# ASCII text's bytes mapped to its words, lower-cased and space-separated: a word
-# character (``\w`` in ASCII is ``[A-Za-z0-9_]``) to its lower case, any other to a space.
+# A word as the match rule compares it, what queries and indexes hold: Unicode's case
+# folding, as ``str.lower`` is not ("ß" is "ss", "ﬁ" is "fi", a final sigma a sigma).
+_folded = str.casefold
+# ASCII text's bytes mapped to its words, folded and space-separated: a word character
+# (``\w`` in ASCII is ``[A-Za-z0-9_]``) to its folded (lower) case, any other to a space.
 _ASCII_WORD_BYTES = bytes(
-    ord(char.lower()) if char.isascii() and _WORD.fullmatch(char) else 0x20 for char in map(chr, range(256))
+    ord(_folded(char)) if char.isascii() and _WORD.fullmatch(char) else 0x20 for char in map(chr, range(256))
 )
 # A control character's escape in a tool call's JSON arguments (the newlines of a file a
 # tool writes) would glue its letter to the next word ("\nimport" read as "nimport"): it
@@ -113,17 +117,17 @@ def _composed(text: str) -> str:
 
 
 def query_words(text: str) -> tuple[str, ...]:
-    """The distinct words of a text (a query, or a loop's text for an index), lower-cased,
-    in order (`TypeError` for a non-string)."""
+    """The distinct words of a text (a query, or a loop's text for an index), case-folded
+    (`_folded`), in order (`TypeError` for a non-string)."""
     if not isinstance(text, str):
         raise TypeError(f"search text must be str, not {type(text).__name__}")
     if text.isascii():
-        # One C pass for the common case: lowering ASCII moves no word boundary.
+        # One C pass for the common case: folding ASCII moves no word boundary.
         return tuple(dict.fromkeys(text.encode().translate(_ASCII_WORD_BYTES).decode().split()))
-    # Elsewhere lowering may (``"İ".lower()`` ends in a combining mark, not a word
-    # character): each distinct word is lowered on its own.
+    # Elsewhere folding may (``"İ".casefold()`` ends in a combining mark, not a word
+    # character): each distinct word is folded on its own.
     words = _WORD.findall(_composed(text))
-    return tuple(dict.fromkeys(word.lower() for word in dict.fromkeys(words)))
+    return tuple(dict.fromkeys(map(_folded, dict.fromkeys(words))))
 
 
 def _message_texts(message: AgentMessage) -> Iterator[tuple[DocumentKind, str]]:
@@ -195,8 +199,8 @@ def _snippet(text: str, words: tuple[str, ...]) -> tuple[str, tuple[tuple[int, i
     """The snippet of `text` (composed: `_composed`) around its first matched word, or None
     unless every word occurs."""
     text = _composed(text)
-    spans = [match.span() for match in _WORD.finditer(text) if match.group().lower() in words]
-    found = {text[start:end].lower() for start, end in spans}
+    spans = [match.span() for match in _WORD.finditer(text) if _folded(match.group()) in words]
+    found = {_folded(text[start:end]) for start, end in spans}
     if not spans or found != set(words):
         return None
     first = spans[0][0]

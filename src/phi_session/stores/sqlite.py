@@ -421,7 +421,8 @@ def _indexed_text(text: str) -> str:
     space apart. The index's ``ascii`` tokenizer (``_`` a word character, every non-ASCII
     character too) then keeps each word whole, so it splits and folds nothing its own way:
     unicode61 split no word at a private-use character or a combining accent, had no token
-    for ``_`` and folded some letters otherwise than ``str.lower``, and missed such hits."""
+    for ``_`` and folded some letters otherwise than the rule (`search.query_words`), and
+    missed such hits."""
     return " ".join(query_words(text))
 
 
@@ -451,11 +452,12 @@ def _index_what_cut_loops_said(conn: sqlite3.Connection) -> None:
     _index_changed_words(conn)
 
 
-def _index_changed_words(conn: sqlite3.Connection) -> None:
-    """Index again the loops whose words (`search.loop_text`) differ from those stored. A
-    loop whose record does not decode keeps its words."""
+def _index_changed_words(conn: sqlite3.Connection, sessions: Iterable[str] | None = None) -> None:
+    """Index again the loops (of every session, or of `sessions`) whose words
+    (`search.loop_text`) differ from those stored. A loop whose record does not decode
+    keeps its words."""
     changed: list[tuple[str, int, str]] = []
-    for session_id, position, record in _each_stored_loop(conn):
+    for session_id, position, record in _each_stored_loop(conn, sessions):
         text = _indexed_text(loop_text(record))
         stored = conn.execute(
             "SELECT text FROM loop_text WHERE session_id = ? AND position = ?", (session_id, position)
@@ -550,6 +552,18 @@ def _prompt_loops_that_never_ended(conn: sqlite3.Connection) -> None:
     )
 
 
+def _index_case_folded_words(conn: sqlite3.Connection) -> None:
+    """v15: the rule's words are case-folded, no longer lower-cased (`search.query_words`:
+    "straße" is "strasse"): the loops whose words that changes are indexed again. Only
+    sessions with a word not ASCII are read: no character lower-cased to ASCII folds otherwise."""
+    sessions = {
+        session_id
+        for session_id, text in conn.execute("SELECT session_id, text FROM loop_text")
+        if not text.isascii()
+    }
+    _index_changed_words(conn, sorted(sessions))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -565,6 +579,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _index_composed_words,
     _sum_loops_by_serving_model,
     _prompt_loops_that_never_ended,
+    _index_case_folded_words,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
