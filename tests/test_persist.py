@@ -1631,7 +1631,9 @@ def test_a_session_holding_what_json_cannot_write_is_kept_unsaved_and_the_others
     """Sizing a drained session raised for a value JSON cannot write (a Path in tool
     arguments) or a message text that is no str (hand-built events, which no `Tracer`
     check saw): the hand-over failed after the drain, and every session drained with it
-    was lost, while `stats()` said nothing was unsaved."""
+    was lost, while `stats()` said nothing was unsaved. `on_event` now checks such events
+    (`test_on_event_refuses_a_record_phi_core_cannot_hold`): they come in unchecked here,
+    as a producer that claims to have checked them (`on_checked_event`) gives them."""
     from msgspec.structs import replace
 
     from phi_session import AgentEnd, TextContent, ToolExecutionStart, UserMessage
@@ -1650,7 +1652,8 @@ def test_a_session_holding_what_json_cannot_write_is_kept_unsaved_and_the_others
     events = [oddity(e) if getattr(e, "loop_id", "").startswith(odd) else e for e in events]
     store = JsonDirStore(tmp_path / "store")
     persisting = AutoPersistingRecorder(store, checkpoint_every=1, checkpoint_interval=None, retry_for=0)
-    persisting.record_all(events)
+    for event in events:
+        persisting.on_checked_event(event)
     with pytest.raises(StoreError, match="could not be saved"):
         persisting.close()
     assert [s.session_id for s in persisting.failed_sessions()] == [odd]

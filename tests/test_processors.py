@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import logging
+import pathlib
 import re
 import threading
 import tracemalloc
@@ -482,6 +483,41 @@ def test_processors_enrich_mask_and_drop_before_the_redactor() -> None:
     assert session.loops[0].turns[0].input_messages[0].content == (  # type: ignore[union-attr]
         ps.TextContent(text="[masked]"),
     )
+
+
+def test_a_processor_returning_an_event_a_recorder_cannot_hold_fails_closed() -> None:
+    """A `Tracer`'s recorders take its events as checked (`on_checked_event`): an event a
+    processor made in their place is checked where the chain passes it on, its record
+    of the wrong type refused (content withheld) and its free-form values copied as JSON."""
+
+    def odd(event: ps.AgentEvent) -> ps.AgentEvent:
+        if isinstance(event, ps.TurnStart):
+            return msgspec.structs.replace(event, turn_index=-1)
+        if isinstance(event, ps.MessageEnd) and isinstance(event.message, ps.AssistantMessage):
+            return msgspec.structs.replace(
+                event, message=msgspec.structs.replace(event.message, content=(ps.TextContent(text=7),))
+            )
+        if isinstance(event, ps.ToolExecutionStart):
+            return msgspec.structs.replace(event, args={"path": pathlib.Path("/tmp/x"), 1: "one"})
+        return event
+
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[recorder], processors=[odd], config=SNAP)
+    with tracer.loop() as loop, loop.turn() as turn:
+        with turn.assistant() as reply:
+            reply.finish("hello", tool_calls=[ps.ToolCall(id="c", name="read", arguments={})])
+        with turn.tool(reply.message.content[1]) as tool:  # type: ignore[union-attr,arg-type]
+            tool.result("ok")
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    ps.decode_session(ps.encode(session))  # it saves, and loads
+    assert [t.turn_id.turn_index for t in session.loops[0].turns] == [0]
+    events = [e.event for e in session.loops[0].events]
+    (ended,) = [e for e in events if type(e) is ps.MessageEnd and type(e.message) is ps.AssistantMessage]
+    assert ended.message.content[0].text.endswith(".odd raised TypeError]")  # type: ignore[union-attr]
+    (started,) = [e for e in events if isinstance(e, ps.ToolExecutionStart)]
+    assert started.args == {"path": "/tmp/x", "1": "one"}
+    assert tracer.processors.failures == {repr(odd): 2}
 
 
 def failing(event: ps.AgentEvent) -> ps.AgentEvent:

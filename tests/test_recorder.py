@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import gc
 import logging
+import pathlib
+import re
 import threading
 import tracemalloc
 import types
@@ -15,6 +17,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 import phi_session as ps
 from phi_session import recorder as recorder_module
@@ -2686,3 +2689,160 @@ def test_a_recorder_holding_both_ends_leaves_no_link_to_the_store_in_edge_cases(
         [p_start, K_SPAWNED, p_end, p_start, K_SPAWNED, p_end],
     ):
         assert [gap.noted_by for gap in _gaps_noted(events, every_event=True)] == ["p"]
+
+
+# -- what on_event is given by hand -----------------------------------------------------
+
+
+def _odd_records() -> list[tuple[str, ps.AgentEvent, type, str]]:
+    """Events built by hand carrying a record phi-core cannot hold, the error and field."""
+    loop = "s1-l1"
+    good = assistant("ok")
+    text_int = replace(good, content=(ps.TextContent(text=5),))  # type: ignore[arg-type]
+    return [
+        (
+            "text",
+            ps.MessageEnd(loop_id=loop, message=text_int),
+            TypeError,
+            "event.message.content[0].text must be str, not int",
+        ),
+        (
+            "usage negative",
+            ps.TurnEnd(
+                loop_id=loop,
+                message=replace(good, usage=ps.Usage(input=-1, output=1, total_tokens=0)),
+                usage=usage(1),
+                timestamp=ts(1),
+            ),
+            ps.InvalidArgument,
+            "event.message.usage.input: expected `int` >= 0; got -1",
+        ),
+        (
+            "usage float",
+            ps.MessageStart(
+                loop_id=loop,
+                message=replace(good, usage=ps.Usage(input=1.5, output=1, total_tokens=0)),  # type: ignore[arg-type]
+            ),
+            TypeError,
+            "event.message.usage.input must be int, not float",
+        ),
+        (
+            "agent end",
+            ps.AgentEnd(loop_id=loop, messages=(text_int,), usage=usage(1), timestamp=ts(2)),
+            TypeError,
+            "event.messages[0].content[0].text must be str, not int",
+        ),
+        (
+            "tool result",
+            ps.ToolExecutionEnd(
+                loop_id=loop,
+                tool_call_id="c",
+                tool_name="read",
+                result=ps.ToolResult(content=(ps.TextContent(text=None),)),  # type: ignore[arg-type]
+                is_error=False,
+            ),
+            TypeError,
+            "event.result.content[0].text must be str, not None",
+        ),
+        (
+            "config snapshot",
+            replace(
+                start(loop, "s1"),
+                config_snapshot=ps.LoopConfigSnapshot(model="m", provider="p", max_tokens=-5),
+            ),
+            ps.InvalidArgument,
+            "event.config_snapshot.max_tokens",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "event", "error", "field"), _odd_records(), ids=[c[0] for c in _odd_records()]
+)
+def test_on_event_refuses_a_record_phi_core_cannot_hold(
+    name: str, event: ps.AgentEvent, error: type, field: str
+) -> None:
+    """Only the event's own plain fields were checked: a message, tool result or config
+    snapshot it carries holding a wrong type or a count out of range was recorded, and
+    the session then failed to encode (or wrote what phi-core cannot read) at save."""
+    recorder = SessionRecorder()
+    opening = [start("s1-l1", "s1")] if type(event) is not ps.AgentStart else []
+    recorder.record_all([*opening, *turn("s1-l1")[:1]])
+    with pytest.raises(error, match=re.escape(field)):
+        recorder.on_event(event)
+    recorder.flush()
+    (session,) = recorder.drain_completed() or [None]
+    if session is not None:  # nothing of the refused event is recorded; what was, loads
+        assert event not in [e.event for e in session.loops[0].events]
+        assert ps.decode_session(ps.encode(session)) == session
+
+
+class _Token:
+    def __str__(self) -> str:
+        return "token"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{1: "x"}, {"path": pathlib.Path("/tmp/x")}, {"tags": {"a"}}, {"token": _Token()}],
+    ids=["int key", "path", "set", "object"],
+)
+def test_on_event_records_free_form_values_as_a_tracer_records_them(args: dict[Any, Any]) -> None:
+    """Tool arguments holding a dict key that is no text, a Path or an object were recorded
+    as given: encoding the session (a store saving it) then failed, the session lost."""
+    call = ps.ToolCall(id="c", name="read", arguments=args)
+    message = replace(assistant("ok"), content=(call,), stop_reason="toolUse")
+    events = [
+        start("s1-l1", "s1"),
+        *turn("s1-l1")[:1],
+        ps.MessageEnd(loop_id="s1-l1", message=message),
+        ps.ToolExecutionStart(loop_id="s1-l1", tool_call_id="c", tool_name="read", args=args),
+        ps.ToolExecutionEnd(
+            loop_id="s1-l1",
+            tool_call_id="c",
+            tool_name="read",
+            result=ps.ToolResult(content=(), details=args),
+            is_error=False,
+        ),
+    ]
+    _, (direct,) = record(events)
+    traced = SessionRecorder()
+    tracer = ps.Tracer(ps.AgentSession("agent"), sinks=[traced], redact=False)
+    for event in events:
+        tracer.emit(event)
+    traced.flush()
+    (via_tracer,) = traced.drain_completed()
+    assert ps.decode_session(ps.encode(direct)) == ps.decode_session(ps.encode(via_tracer))
+    recorded = [e.event for e in direct.loops[0].events]
+    assert recorded[2].message.content[0].arguments == recorded[3].args == recorded[4].result.details  # type: ignore[union-attr]
+
+
+def test_a_tracers_events_skip_the_checks_a_hand_built_event_takes_but_a_spy_sees_them() -> None:
+    """A `Tracer` checked and copied its events as it made them: its recorder takes them
+    without checking their records again (`on_checked_event`), unless `on_event` is
+    replaced on the recorder (a spy), or overridden by a subclass alone."""
+    seen: list[ps.AgentEvent] = []
+
+    class Watching(SessionRecorder):
+        def on_event(self, event: ps.AgentEvent) -> None:
+            seen.append(event)
+            super().on_event(event)
+
+    spied = SessionRecorder()
+    spy_on = spied.on_event
+
+    def spy(event: ps.AgentEvent) -> None:
+        seen.append(event)
+        spy_on(event)
+
+    spied.on_event = spy  # type: ignore[method-assign]
+    for recorder in (spied, Watching()):
+        tracer = ps.Tracer(ps.AgentSession("agent"), sinks=[recorder])
+        with tracer.loop(ps.LoopConfigSnapshot(model="m", provider="p")) as loop, loop.turn() as scope:
+            with scope.assistant() as reply:
+                reply.finish("hi")
+        assert len(seen) == 6
+        seen.clear()
+    recorder = SessionRecorder()
+    assert ps.FanOut([recorder]).lone[1] == recorder.on_checked_event  # type: ignore[index]
+    assert ps.FanOut([recorder.on_event]).lone[1] == recorder.on_checked_event  # type: ignore[index]

@@ -250,6 +250,21 @@ class _Encoder:
         except (UnicodeEncodeError, RecursionError) as error:
             self._encoder.encode_into(_writable(document, error), buffer)
 
+    def writes(self, value: Any) -> bool:
+        """Whether `value` is written without an `_UNWRITABLE` error."""
+        try:
+            self._encoder.encode(value)
+        except _UNWRITABLE:
+            return False
+        except (UnicodeEncodeError, RecursionError):  # written escaped or clipped (`_writable`)
+            pass
+        return True
+
+
+# What msgspec raises for a value it cannot write: a dict key that is no text (sorting
+# keys) or none it writes as text, a value `json_form` has no JSON for.
+_UNWRITABLE = (TypeError, NotImplementedError)
+
 
 _refusing = contextvars.ContextVar("phi_session_refusing_unwritable", default=False)
 
@@ -385,13 +400,22 @@ def check_recordable(name: str, value: msgspec.Struct, index: int | None = None)
             ) from None
 
 
+def written_as_given(value: Any) -> bool:
+    """Whether every store writes `value` as it is: not if a free-form value it holds (tool
+    arguments, details, metadata) holds what JSON cannot (a `pathlib.Path`, an object of the
+    caller's) or a dict key that is no text, which a copy as JSON turns into text
+    (`_owning._own_copy`)."""
+    return _plain.writes(value)
+
+
 def check_event_fields(event: Any) -> None:
-    """`check_recordable` of an event handed to a recorder (`SessionRecorder.on_event`),
-    at a cost small beside recording it: only its own fields of plain types (text,
-    counts, flags, timestamps, usage, known words) are looked at, by type, and an event
-    failing that is read back whole to name the field. The records it holds (messages, a
-    config snapshot, a request, tool results) are not: reading them costs more than
-    recording the event, and what a `Tracer` emits or a decoder reads was checked there."""
+    """`check_recordable` of an event handed to a recorder as checked where it was made
+    (`SessionRecorder.on_checked_event`), at a cost small beside recording it: only its
+    own fields of plain types (text, counts, flags, timestamps, usage, known words) are
+    looked at, by type, and an event failing that is read back whole to name the field.
+    The records it holds (messages, a config snapshot, a request, tool results) are not:
+    reading them costs more than recording the event, and what a `Tracer` emits or a
+    decoder reads was checked there (`on_event` checks them: `_owning.recordable_event`)."""
     kind = type(event)
     test = _OWN_FIELDS_TESTS.get(kind)
     if test is None or test(event):

@@ -473,14 +473,19 @@ class AutoPersistingRecorder:
     # -- feeding ------------------------------------------------------------------------------
 
     def on_event(self, event: AgentEvent) -> None:
-        """Record one event (journaled first if there is a journal)."""
+        """Record one event (journaled first if there is a journal), checked as
+        `SessionRecorder.on_event` checks it."""
+        self.on_checked_event(self.recorder.recordable(event))
+
+    def on_checked_event(self, event: AgentEvent) -> None:
+        """`on_event` for a `Tracer`'s event (`SessionRecorder.on_checked_event`)."""
         start = self._enter()
         try:
             if self._sink is None:
-                self.recorder.on_event(event)
+                self.recorder.on_checked_event(event)
                 seq = -1
             else:
-                seq = self._sink.on_event(event, commit=False)
+                seq = self._sink.on_checked_event(event, commit=False)
         except BaseException:
             self._leave(start)
             raise

@@ -26,7 +26,9 @@ from msgspec.structs import replace
 
 from ._checks import check_callable, check_instance
 from ._failures import FailureTally
+from ._owning import copy_failures, recordable_event
 from .codec import EVENT_CLASSES
+from .errors import InvalidArgument
 from .events import (
     AgentEnd,
     AgentEvent,
@@ -196,6 +198,8 @@ class ProcessorChain:
         self._failures = FailureTally(
             logger, "processor", "its events are recorded with content withheld", traceback=False
         )
+        self._copy_failures = copy_failures(logger)
+        """Free-form values of a processor's own events recorded as their JSON copy."""
         self._lock = threading.Lock()
         self.dropped = 0
         """Events a processor dropped on purpose (returned None)."""
@@ -245,13 +249,22 @@ class ProcessorChain:
 
     def passed_on(self, processor: Processor, event: AgentEvent, result: Any) -> AgentEvent | None:
         """What a processor's `result` for `event` passes on: None if it dropped it, the
-        event withheld if it returned something that is not an event."""
+        event withheld if it returned something that is not an event, or an event of its
+        own holding what phi-core cannot (`recordable_event`: a `Tracer`'s recorders take
+        its events as checked, `SessionRecorder.on_checked_event`), which passes on with
+        its free-form values copied as JSON where stores could not write them."""
         if result is None:
             with self._lock:
                 self.dropped += 1
             return None
-        if result is not event and type(result) not in EVENT_CLASSES:
-            return self.withheld(processor, event, TypeError(f"returned {type(result).__name__}"))
+        if result is not event:
+            if type(result) not in EVENT_CLASSES:
+                return self.withheld(processor, event, TypeError(f"returned {type(result).__name__}"))
+            if type(processor) is not Redactor:  # which only puts text for text in what it was given
+                try:
+                    return recordable_event(result, self._copy_failures)
+                except (TypeError, InvalidArgument) as error:
+                    return self.withheld(processor, event, error)
         return result  # type: ignore[no-any-return]
 
     def withheld(self, processor: Processor, event: AgentEvent, error: Exception) -> AgentEvent | None:

@@ -50,6 +50,7 @@ from msgspec.structs import replace
 from . import codec
 from ._checks import check_callable, check_each, check_seconds, check_type
 from ._collector import release_leaves, release_records, release_tuple
+from ._owning import copy_failures, recordable_event
 from ._time import Timestamp
 from .errors import InvalidArgument
 from .events import (
@@ -439,6 +440,19 @@ class _Deferral:
         self._run_callbacks()
 
 
+def checked_entry(recorder: object) -> Callable[..., Any] | None:
+    """`recorder.on_checked_event`, where a `Tracer`'s events (checked and copied as it makes
+    them) skip the checks `on_event` makes of a hand-built one, if the class's `on_event`
+    goes with it; None if `on_event` was set on the object (a spy), or a subclass
+    overrides it alone: whatever it does to every event must see the tracer's too."""
+    if "on_event" in getattr(recorder, "__dict__", ()):
+        return None
+    for kind in type(recorder).__mro__:
+        if "on_event" in vars(kind):
+            return getattr(recorder, "on_checked_event", None) if "on_checked_event" in vars(kind) else None
+    return None
+
+
 class SessionRecorder:
     """Records an AgentEvent stream into Sessions.
 
@@ -519,6 +533,8 @@ class SessionRecorder:
         self._callback_runner = threading.Lock()  # held by the one thread running them
         self._deferring = threading.local()  # `deferred_callbacks` blocks open in this thread
         self._deferral = _Deferral(self._deferring, self._run_callbacks)
+        self._copy_failures = copy_failures(logger)
+        """Free-form values `on_event` recorded as their JSON copy (`recordable_event`)."""
 
     # -- feeding ------------------------------------------------------------------
 
@@ -544,8 +560,36 @@ class SessionRecorder:
             self._run_callbacks()
 
     def on_event(self, event: AgentEvent) -> None:
-        """Record one event. Raises `TypeError` or `InvalidArgument` for one whose own
-        fields phi-core cannot hold (`codec.check_event_fields`), recording nothing."""
+        """Record one event, built by hand, as `Tracer.emit` would record it.
+
+        Raises `TypeError` (a field of the wrong type) or `InvalidArgument` (a value
+        phi-core cannot hold: a negative count, an unknown stop reason) for an event
+        holding such a field, in the records it carries too (its messages, tool results,
+        config snapshot, request: `codec.check_recordable`), recording nothing of it; the
+        error names the field. Free-form values (tool arguments, loop metadata, tool result
+        details, extension message data, a request's tool parameters and schema) are
+        converted, not refused, as a `Tracer` converts them: held as given when every
+        store writes them so, else copied as their JSON (`_owning._own_copy`: a
+        `pathlib.Path` or an object as its ``str``, a dict key that is no text as text),
+        the copy counted and logged once. A streaming delta dropped unkept is not looked at.
+        """
+        self.on_checked_event(self.recordable(event))
+
+    def recordable(self, event: AgentEvent) -> AgentEvent:
+        """`event` as `on_event` records it (itself, or a copy of its free-form values as
+        JSON), or its error; a wrapper checking what it is given, then feeding
+        `on_checked_event`, checks so."""
+        # A delta of an open loop, deltas not kept: dropped unread (were the loop to end
+        # meanwhile, it is kept as an orphan, as it came).
+        if type(event) is MessageUpdate and not self._keep_deltas and event.loop_id in self._loops:
+            return event
+        return recordable_event(event, self._copy_failures)
+
+    def on_checked_event(self, event: AgentEvent) -> None:
+        """`on_event` for an event whose records were checked and whose free-form values
+        are copied as JSON where it was made (a `Tracer`'s, which its `FanOut` delivers
+        here): only its own fields are checked (`codec.check_event_fields`), at a cost
+        small beside recording it."""
         if type(event) is MessageUpdate:  # most events of a stream: handled inline
             with self._lock:
                 loop = self._loops.get(event.loop_id)

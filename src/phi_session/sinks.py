@@ -37,6 +37,7 @@ from ._jsonl import ends_mid_line
 from .codec import encode_event
 from .errors import InstrumentationError, InvalidArgument
 from .events import AgentEvent
+from .recorder import checked_entry
 
 __all__ = ["CallableSink", "FanOut", "JsonlSink", "QueueSink", "RecorderSink", "Sink", "SinkLike", "as_sink"]
 
@@ -505,11 +506,17 @@ def as_sink(target: SinkLike) -> Sink:
 
 
 def _receiver(sink: Sink) -> Callable[[AgentEvent], Any]:
-    """What to call to deliver to `sink`: a wrapped callable directly, one call level less per event."""
+    """What to call to deliver to `sink`: a wrapped callable directly, one call level less
+    per event; a recorder's entry for the events a `Tracer` checked (`checked_entry`: a
+    `FanOut` delivers a tracer's), for a recorder or its ``on_event`` given."""
     if isinstance(sink, RecorderSink):
-        return sink.recorder.on_event
+        return checked_entry(sink.recorder) or sink.recorder.on_event
     if isinstance(sink, CallableSink):
-        return sink.target
+        target = sink.target
+        owner = getattr(target, "__self__", None)
+        if owner is not None and getattr(target, "__func__", None) is getattr(type(owner), "on_event", None):
+            return checked_entry(owner) or target
+        return target
     return sink
 
 

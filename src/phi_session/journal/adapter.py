@@ -9,7 +9,7 @@ from typing import TypeVar
 from .._checks import check_type
 from ..errors import EventNotDurable, StoreError
 from ..events import AgentEvent
-from ..recorder import SessionRecorder, SessionRecorderConfig
+from ..recorder import SessionRecorder, SessionRecorderConfig, checked_entry
 from .writer import Journal
 
 _Item = TypeVar("_Item", AgentEvent, bytes | str)
@@ -58,6 +58,7 @@ class JournaledRecorder:
         # Called for every kept event of a stream: bind what it uses once.
         self._append, self._commit = journal.append_json, journal.commit
         self._apply_event, self._apply_json = self.recorder.on_event, self.recorder.on_json
+        self._apply_checked = checked_entry(self.recorder) or self._apply_event
         self._deferred_callbacks = self.recorder.deferred_callbacks()  # reusable, per thread
         # Held while an event goes in and while the journal's hook is released: an event
         # either meets the hook (which a closed journal refuses) or is refused here.
@@ -116,6 +117,11 @@ class JournaledRecorder:
     def on_event(self, event: AgentEvent, *, commit: bool = True) -> int:
         """Journal `event` (unless the recorder drops it), then record it."""
         self._record(self._apply_event, event)
+        return self._committed(commit)
+
+    def on_checked_event(self, event: AgentEvent, *, commit: bool = True) -> int:
+        """`on_event` for a `Tracer`'s event (`SessionRecorder.on_checked_event`)."""
+        self._record(self._apply_checked, event)
         return self._committed(commit)
 
     def on_json(self, data: bytes | str, *, commit: bool = True) -> int:
