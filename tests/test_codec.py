@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import pathlib
 import pickle
+import re
 from typing import Any
 
 import msgspec
@@ -962,3 +964,35 @@ def test_strict_decoding_still_refuses_a_repeated_key_in_an_own_value_it_keeps()
     start = json.dumps(events[0])[:-1] + ', "type": "ParallelLoopStart"}'
     with pytest.raises(ps.DecodeError, match=r"duplicate field `type` - at `\$\.session_events\[0\]`"):
         ps.decode_session(_holding(json.dumps(session_file), (), "session_events", f"[{start}]"))
+
+
+@pytest.mark.parametrize(
+    ("args", "where"),
+    [
+        ({1: "x"}, "args: a dict key of type int (1)"),
+        ({"p": pathlib.Path("/x")}, "args['p']: a value of type PosixPath"),
+        ({"deep": [{"k": object()}]}, "args['deep'][0]['k']: a value of type object"),
+    ],
+)
+def test_a_free_form_value_json_cannot_hold_is_a_type_error_naming_it(
+    tmp_path: pathlib.Path, args: dict[Any, Any], where: str
+) -> None:
+    """A session built by hand (not through `on_event`, which copies such values as JSON)
+    holding tool arguments with a dict key that is no text, a Path or an object failed to
+    encode with msgspec's bare error ("Only dicts with str keys are supported when `order`
+    is not `None`", "cannot encode PosixPath"), naming nothing."""
+    from phi_session.stores.json_dir import JsonDirStore
+
+    start = ps.AgentStart(agent_id="a", session_id="s1", loop_id="s1-l1", timestamp=ps.Timestamp.from_ns(1))
+    tool = ps.ToolExecutionStart(loop_id="s1-l1", tool_call_id="c", tool_name="read", args=args)
+    recorder = ps.SessionRecorder()
+    for event in (start, tool):
+        recorder.on_checked_event(event)
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    message = re.escape(f"Session.loops[0].events[1].event.{where} cannot be written as JSON")
+    for encode in (lambda: ps.encode(session), lambda: ps.encode(session, pretty=False)):
+        with pytest.raises(TypeError, match=message):
+            encode()
+    with pytest.raises(TypeError, match=message):
+        JsonDirStore(tmp_path / "store").save(session)

@@ -15,7 +15,7 @@ import copy
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from operator import is_
 from types import UnionType
@@ -243,12 +243,16 @@ class _Encoder:
             return self._encoder.encode(document)
         except (UnicodeEncodeError, RecursionError) as error:
             return self._encoder.encode(_writable(document, error))
+        except _UNWRITABLE as error:
+            raise self._unwritable(document, error) from None
 
     def encode_into(self, document: Any, buffer: bytearray) -> None:
         try:
             self._encoder.encode_into(document, buffer)
         except (UnicodeEncodeError, RecursionError) as error:
             self._encoder.encode_into(_writable(document, error), buffer)
+        except _UNWRITABLE as error:
+            raise self._unwritable(document, error) from None
 
     def writes(self, value: Any) -> bool:
         """Whether `value` is written without an `_UNWRITABLE` error."""
@@ -259,6 +263,29 @@ class _Encoder:
         except (UnicodeEncodeError, RecursionError):  # written escaped or clipped (`_writable`)
             pass
         return True
+
+    def _unwritable(self, document: Any, error: Exception) -> TypeError:
+        """msgspec's `error` writing `document` (built by hand: what a `Tracer` or a decoder
+        made is JSON) as a `TypeError` naming the value JSON cannot hold, a free-form one's
+        (tool arguments, details...) or a dict key that is no text."""
+        where, value = self._first_unwritable(type(document).__name__, document)
+        return TypeError(f"{where}: {value} cannot be written as JSON ({error})")
+
+    def _first_unwritable(self, where: str, node: Any) -> tuple[str, str]:
+        items: Iterable[tuple[str, Any]] = ()
+        if isinstance(node, msgspec.Struct):
+            items = ((f"{where}.{name}", getattr(node, name)) for name in node.__struct_fields__)
+        elif isinstance(node, dict):
+            for key in node:
+                if not self.writes({key: None}):
+                    return where, f"a dict key of type {type(key).__name__} ({key!r})"
+            items = ((f"{where}[{key!r}]", item) for key, item in node.items())
+        elif isinstance(node, (list, tuple)):
+            items = ((f"{where}[{index}]", item) for index, item in enumerate(node))
+        for place, item in items:
+            if not self.writes(item):
+                return self._first_unwritable(place, item)
+        return where, f"a value of type {type(node).__name__}"
 
 
 # What msgspec raises for a value it cannot write: a dict key that is no text (sorting
