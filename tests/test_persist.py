@@ -736,6 +736,39 @@ def test_concurrent_producers(tmp_path: Path) -> None:
     assert stored(store) == recorded(evs)
 
 
+@pytest.mark.parametrize("journaled", [False, True])
+def test_close_waits_for_an_event_being_recorded(
+    tmp_path: Path, journaled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event inside the recorder as `close` begins is recorded and saved before close returns."""
+    evs = single_loop_sessions(2)
+    inside, go_on = threading.Event(), threading.Event()
+    on_checked_event = SessionRecorder.on_checked_event  # what both of its on_events call
+
+    def slow_on_checked_event(recorder: SessionRecorder, event: AgentEvent) -> None:
+        if event is evs[-1]:
+            inside.set()
+            go_on.wait(5)
+        on_checked_event(recorder, event)
+
+    monkeypatch.setattr(SessionRecorder, "on_checked_event", slow_on_checked_event)
+    store = SqliteStore(tmp_path / "s.db")
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j" if journaled else None)
+    persisting.record_all(evs[:-1])
+    feeder = threading.Thread(target=persisting.on_event, args=(evs[-1],))
+    feeder.start()
+    assert inside.wait(5)
+    closer = threading.Thread(target=persisting.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # waiting for the producer
+    go_on.set()
+    feeder.join()
+    closer.join(5)
+    assert not closer.is_alive()
+    assert stored(store) == recorded(evs)
+
+
 def test_closed_and_invalid_use(tmp_path: Path) -> None:
     persisting = AutoPersistingRecorder(JsonDirStore(tmp_path))
     persisting.close()

@@ -381,8 +381,9 @@ class AutoPersistingRecorder:
         # Lock order: _close_lock, then _lock, then _cond.
         # _close_lock: `close` runs one call at a time (a second waits, then finds it done).
         self._close_lock = threading.Lock()
-        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _drained, _drained_gaps,
-        # _gaps, _settled_through, _unwritten_orphans, _since_checkpoint, _events, _counters, _warned_pins.
+        # _lock (and waits on it): _closed, _sealed, _producers, _feeding, _pins, _late_pins, _drained,
+        # _drained_gaps, _gaps, _settled_through, _unwritten_orphans, _since_checkpoint, _events, _counters,
+        # _warned_pins.
         # Every event takes it twice (`_enter`, `_leave`): there its lock `_mutex` is
         # acquired and released by hand, sparing the Python-level `Condition.__enter__`
         # and the bound methods a `with` statement makes.
@@ -397,8 +398,9 @@ class AutoPersistingRecorder:
         self._close_done = False
         self._exiting = False  # the exit hook is closing (`_close_at_exit`)
         self._release_failing = False  # the journal's release failed and has not worked since
-        # Producers inside the recorder now, by the journal seq they started from: their
-        # events are numbered from there on, so the journal is kept from there on.
+        self._producers = 0  # producers inside the recorder now (`close` waits for them)
+        # With a journal, the same by the journal seq they started from: their events are
+        # numbered from there on, so the journal is kept from there on.
         self._feeding: dict[int, int] = {}
         self._pins: dict[str, int] = {}  # held session -> lowest seq of its journaled events
         self._late_pins: dict[str, int] = {}  # drained session that may be amended -> its pin
@@ -479,24 +481,26 @@ class AutoPersistingRecorder:
 
     def on_checked_event(self, event: AgentEvent) -> None:
         """`on_event` for a `Tracer`'s event (`SessionRecorder.on_checked_event`)."""
+        sink = self._sink
+        if sink is None:  # the common case, kept short: every event pays for this wrapper
+            self._enter()
+            try:
+                self.recorder.on_checked_event(event)
+            except BaseException:
+                self._leave(0)
+                raise
+            if self._leave(0, recorded=True):
+                self.checkpoint()
+            return
         start = self._enter()
         try:
-            if self._sink is None:
-                self.recorder.on_checked_event(event)
-                seq = -1
-            else:
-                seq = self._sink.on_checked_event(event, commit=False)
+            seq = sink.on_checked_event(event, commit=False)
         except BaseException:
             self._leave(start)
             raise
         # Only a journal is pinned by a session's events (`_leave`).
-        journaled = self.journal is not None
-        session_id = (
-            cast(_SessionEvent, event).session_id if journaled and _opens_session(type(event)) else None
-        )
-        due = self._leave(start, session_id, recorded=True)
-        if due or journaled:
-            self._after_event(seq, due)
+        session_id = cast(_SessionEvent, event).session_id if _opens_session(type(event)) else None
+        self._after_event(seq, self._leave(start, session_id, recorded=True))
 
     def on_json(self, data: bytes | str) -> None:
         """Record one phi-core JSON event line. Raises `DecodeError` (see `JournaledRecorder.on_json`)."""
@@ -525,7 +529,10 @@ class AutoPersistingRecorder:
         try:
             if self._closed:
                 self._check_open()
-            start = self.journal.last_seq + 1 if self.journal is not None else 0
+            self._producers += 1
+            if self.journal is None:
+                return 0
+            start = self.journal.last_seq + 1
             self._feeding[start] = self._feeding.get(start, 0) + 1
             return start
         finally:
@@ -535,15 +542,17 @@ class AutoPersistingRecorder:
         """The producer is done; pins `session_id` from `start`. Returns whether a checkpoint is due."""
         self._mutex.acquire()
         try:
-            feeding = self._feeding
-            if feeding[start] == 1:
-                del feeding[start]
-                if self._closed and not feeding:
-                    self._lock.notify_all()  # `close` waits for the last producer
-            else:
-                feeding[start] -= 1
-            if session_id is not None and self.journal is not None:
-                self._pin(session_id, start)
+            self._producers -= 1
+            if not self._producers and self._closed:
+                self._lock.notify_all()  # `close` waits for the last producer
+            if self.journal is not None:
+                feeding = self._feeding
+                if feeding[start] == 1:
+                    del feeding[start]
+                else:
+                    feeding[start] -= 1
+                if session_id is not None:
+                    self._pin(session_id, start)
             if not recorded:
                 return False
             self._events += 1
@@ -1020,7 +1029,7 @@ class AutoPersistingRecorder:
                 return
             with self._lock:
                 self._closed = True
-                while self._feeding:
+                while self._producers:
                     self._lock.wait()
             # Bounded even on a dead store whose every attempt waits for a timeout: past this,
             # what is left is kept (failed_sessions, the journal) without being tried; by this
