@@ -1641,6 +1641,70 @@ def test_a_tool_running_while_a_parallel_node_calls_a_model_keeps_its_result_in_
 
 
 @pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+@pytest.mark.parametrize("then", ["end", "model call"])
+def test_a_tool_starting_after_two_parallel_model_calls_keeps_its_result(handler: type, then: str) -> None:
+    # Two parallel nodes ask other models (a title, then a summary) and both calls come and
+    # go before the tool of the model's call starts: its result is still an input of the
+    # turn open as it returns, once, whether the run ends then or the agent's next call
+    # sends it.
+    title_done, summary_done = threading.Event(), threading.Event()
+
+    @tool
+    def search(q: str) -> str:
+        """Search."""
+        return f"results for {q}"
+
+    agent = chat(reply("", ("c1", "search", {"q": "cats"})), reply("done"))
+    bound = agent.bind_tools([search])
+    titler, summarizer = chat(reply("Cats", model="titler")), chat(reply("Summary", model="summ"))
+
+    def tools(state: State) -> dict[str, Any]:
+        wait(summary_done)
+        return ToolNode([search]).invoke(state)  # type: ignore[no-any-return]
+
+    def title(state: State) -> dict[str, Any]:
+        titler.invoke([HumanMessage("title for: cats")])
+        title_done.set()
+        return {}
+
+    def summary(state: State) -> dict[str, Any]:
+        wait(title_done)
+        summarizer.invoke([HumanMessage("summary for: cats")])
+        summary_done.set()
+        return {}
+
+    def model(state: State) -> dict[str, Any]:
+        return {"messages": [bound.invoke(state["messages"])]}
+
+    nodes = {"model": model, "tools": tools, "title": title, "summary": summary, "final": model}
+    edges: list[tuple[str, str | None]] = [
+        (START, "model"),
+        ("model", "tools"),
+        ("model", "title"),
+        ("model", "summary"),
+        ("tools", "final" if then == "model call" else END),
+        ("title", END),
+        ("summary", END),
+        ("final", END),
+    ]
+    recorder = SessionRecorder()
+    recording = handler([recorder])
+    out = run_graph(recording, nodes, edges, "two")
+    final = ["done"] if then == "model call" else []
+    assert [m.content for m in out["messages"][2:]] == ["results for cats", *final]
+    assert recording.core.fault_count == 0
+    (loop,) = recorded(recorder)["two"].loops
+    assert turn_results(loop) == [(["c1"], []), ([], []), ([], []), *([([], [])] if final else [])]
+    results = [m for m in loop.messages if isinstance(m, ToolResultMessage)]
+    assert [(r.tool_call_id, r.is_error, r.content[0].text) for r in results] == [  # type: ignore[union-attr]
+        ("c1", False, "results for cats")
+    ]
+    assert results[0] in loop.turns[2].input_messages  # after the summary's reply
+    if final:
+        assert loop.turns[3].output_message.content[0].text == "done"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
 def test_a_send_fan_out_of_agents_keeps_each_tool_result_once_after_its_call(handler: type) -> None:
     # Map-reduce: two create_agent workers of one run. b's tool runs when a's first model
     # call starts, a's while b's second call runs. Every result is recorded once, after its

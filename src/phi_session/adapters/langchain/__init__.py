@@ -486,9 +486,10 @@ class _Run:
         self.running = 0
         """The open turn's tools running: it does not end before they do."""
         self.late: dict[str, ToolCall] = {}
-        """The calls of the turn ended last whose tool had not started (a parallel node's
-        model call came and went first): a tool starting for one is no tool execution of
-        that turn, its result an input of the turn open as it returns."""
+        """The calls of ended turns whose tool had not started (parallel nodes' model calls
+        came and went first): a tool starting for one is no tool execution of that turn,
+        its result an input of the turn open as it returns. Kept until its tool starts or
+        a model call is sent its answer, so only calls still unanswered."""
         self.interrupts: dict[object, Any] = {}
         """The values of the interrupts that stopped the run, by interrupt id."""
         self.convert: Callable[[BaseMessage, int], Message | None] = (
@@ -597,11 +598,12 @@ class _Run:
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
-        self.late = {
-            call_id: call
+        # Added to, not replaced: a second parallel model call must not forget the first's.
+        self.late.update(
+            (call_id, call)
             for call_id, call in self.calls.items()
             if call_id not in self.started and call_id not in self.recorded
-        }
+        )
         self.calls = {}
         self.started = set()
         self.running = 0  # cut short with the turn (the run ended under them)
@@ -645,6 +647,7 @@ class _Run:
         recorded, seen = self.recorded, self.inputs
         for message in since_last_reply(messages, _is_ai):
             if isinstance(message, ToolMessage):
+                self.late.pop(message.tool_call_id, None)  # answered: no tool starts for it now
                 if message.tool_call_id in recorded:
                     continue
                 recorded.add(message.tool_call_id)
