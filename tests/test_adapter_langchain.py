@@ -1549,6 +1549,78 @@ def test_a_hand_written_tool_node_invoking_tools_by_their_args_answers_the_calls
     ]
 
 
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+@pytest.mark.parametrize("lookup", ["cats", "dogs", {"q": "dogs"}])
+def test_a_node_invoking_a_tool_before_the_tool_node_leaves_the_call_one_result(
+    handler: type, lookup: Any
+) -> None:
+    # A node looks something up itself (retrieve.invoke(...), no call id) before the tool
+    # node runs the model's call c1 (q 'dogs'): c1 has one result, the tool node's. A
+    # plain value matches a call only as its one argument ('cats' matches none: the
+    # lookup is not recorded); a lookup taken for c1 is replaced by the tool node's run,
+    # not recorded as a first attempt.
+    model = chat(reply("", ("c1", "retrieve", {"q": "dogs"})), reply("final"))
+    bound = model.bind_tools([retrieve])
+
+    def fetch(state: State) -> dict[str, Any]:
+        retrieve.invoke(lookup)
+        return {}
+
+    nodes = {
+        "model": lambda s: {"messages": [bound.invoke(s["messages"])]},
+        "fetch": fetch,
+        "tools": ToolNode([retrieve]),
+    }
+    graph = StateGraph(State)
+    for name, node in nodes.items():
+        graph.add_node(name, node)
+    graph.add_edge(START, "model")
+    graph.add_conditional_edges("model", tools_condition, {"tools": "fetch", END: END})
+    graph.add_edge("fetch", "tools")
+    graph.add_edge("tools", "model")
+    recorder = SessionRecorder()
+    recording = handler([recorder])
+    config: Any = {"callbacks": [recording], "configurable": {"thread_id": "direct"}}
+    start = {"messages": [HumanMessage("go")]}
+    app = graph.compile()
+    out = (
+        app.invoke(start, config)
+        if handler is PhiCallbackHandler
+        else asyncio.run(app.ainvoke(start, config))
+    )
+    assert out["messages"][-1].content == "final"
+    assert recording.core.fault_count == 0
+    (loop,) = recorded(recorder)["direct"].loops
+    assert turn_results(loop) == [(["c1"], [("c1", False, "docs about dogs")]), ([], [])]
+    assert [type(m).__name__ for m in loop.messages] == [
+        "UserMessage",
+        "AssistantMessage",
+        "ToolResultMessage",
+        "AssistantMessage",
+    ]
+
+
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+def test_a_hand_written_tool_node_invoking_a_tool_with_a_plain_value_answers_its_call(handler: type) -> None:
+    # retrieve.invoke(call["args"]["q"]): a plain value is the call's one argument.
+    model = chat(reply("", ("c1", "retrieve", {"q": "dogs"})), reply("final"))
+    bound = model.bind_tools([retrieve])
+
+    def tool_node(state: State) -> dict[str, Any]:
+        (call,) = state["messages"][-1].tool_calls
+        return {"messages": [ToolMessage(retrieve.invoke(call["args"]["q"]), tool_call_id=call["id"])]}
+
+    nodes = {"model": lambda s: {"messages": [bound.invoke(s["messages"])]}, "tools": tool_node}
+    edges: list[tuple[str, str | None]] = [(START, "model"), ("model", None), ("tools", "model")]
+    recorder = SessionRecorder()
+    recording = handler([recorder])
+    assert run_graph(recording, nodes, edges, "plain")["messages"][-1].content == "final"
+    assert recording.core.fault_count == 0
+    (loop,) = recorded(recorder)["plain"].loops
+    assert turn_results(loop) == [(["c1"], [("c1", False, "docs about dogs")]), ([], [])]
+    assert loop.turns[1].input_messages == ()
+
+
 class Hooked(ScriptedChat):
     """Runs `hooks[n]` (if any) as its n-th call (from 0) starts generating."""
 

@@ -381,6 +381,15 @@ _RunId = int
 Taken inside the callbacks' fault catch."""
 
 
+def _sole_argument(arguments: Any, value: Any) -> bool:
+    """Whether a call's `arguments` are one argument whose value is `value`, or reads as it
+    (LangChain passes a tool invoked with a plain value that value's ``str``)."""
+    if not isinstance(arguments, Mapping) or len(arguments) != 1:
+        return False
+    (argument,) = arguments.values()
+    return bool(argument == value or (isinstance(value, str) and str(argument) == value))
+
+
 class _Call:
     """A model call that started while another call of its run was in flight (parallel
     nodes of one step): it gets its turn once that call's reply ends."""
@@ -403,9 +412,16 @@ class _Call:
 class _Held:
     """A tool's end held back (`_Run.held`)."""
 
-    __slots__ = ("answered", "error", "timestamp", "tool")
+    __slots__ = ("answered", "error", "guess", "timestamp", "tool")
 
-    def __init__(self, tool: ToolScope, error: BaseException | None, timestamp: int, answered: bool) -> None:
+    def __init__(
+        self,
+        tool: ToolScope,
+        error: BaseException | None,
+        timestamp: int,
+        answered: bool,
+        guess: bool = False,
+    ) -> None:
         self.tool = tool
         self.error = error
         """The exception it ends with (None once the answer to its call is its result)."""
@@ -413,6 +429,9 @@ class _Held:
         """When it returned or raised (epoch milliseconds)."""
         self.answered = answered
         """Whether its result is known: a failure waits for the answer the model is sent."""
+        self.guess = guess
+        """Whether a run given no call id was taken for the call (`_Run.call_for`): a run
+        naming the call takes its place."""
 
     def end(self) -> None:
         self.tool.end(self.error, timestamp=self.timestamp)
@@ -431,6 +450,7 @@ class _Run:
         "children",
         "convert",
         "copies",
+        "guesses",
         "handoff",
         "held",
         "inputs",
@@ -483,6 +503,8 @@ class _Run:
         """The open turn's tool calls by id (as its message recorded them)."""
         self.started: set[str] = set()
         """The calls of the open turn whose tool started (the others are unanswered)."""
+        self.guesses: set[str] = set()
+        """The calls whose running tool was given no call id (`call_for` matched it)."""
         self.running = 0
         """The open turn's tools running: it does not end before they do."""
         self.late: dict[str, ToolCall] = {}
@@ -538,15 +560,32 @@ class _Run:
     def end_tool(self, tool: ToolScope, timestamp: int, error: BaseException | None = None) -> None:
         """End a tool that returned (or `error`: raised) at `timestamp`, now, or after the
         failures held before it (the ends keep their order). Under the run's lock."""
+        self.guesses.discard(tool.tool_call_id)
         if self.held:
             self.held.append(_Held(tool, error, timestamp, answered=True))
         else:
             tool.end(error, timestamp=timestamp)
 
-    def hold_failed(self, tool: ToolScope, error: BaseException, timestamp: int) -> None:
-        """Hold the end of a tool that raised at `timestamp` until what the model is
-        answered for its call is known (`settle_failed`). Under the run's lock."""
-        self.held.append(_Held(tool, error, timestamp, answered=False))
+    def hold(self, tool: ToolScope, error: BaseException | None, timestamp: int) -> None:
+        """Hold the end of a tool that raised (`error`) at `timestamp`, or one a run given no
+        call id was taken for, until what the model is answered for its call is known
+        (`settle_failed`) or a run naming the call takes its place (`take_guess`). Under
+        the run's lock."""
+        call_id = tool.tool_call_id
+        guess = call_id in self.guesses
+        self.guesses.discard(call_id)
+        self.held.append(_Held(tool, error, timestamp, answered=False, guess=guess))
+
+    def take_guess(self, call_id: str) -> ToolScope | None:
+        """The still open tool of call `call_id` that a run given no call id was taken for:
+        a run naming the call (a tool node after a node's own look-up) replaces it, its
+        outcome the call's. Under the run's lock."""
+        for held in self.held:
+            if held.guess and not held.answered and held.tool.tool_call_id == call_id:
+                self.held.remove(held)
+                self._end_held()
+                return held.tool
+        return None
 
     def retried(self, call_id: str) -> None:
         """The call `call_id` runs again (a retry): its held failure is that attempt's
@@ -583,9 +622,10 @@ class _Run:
                 held.answered = True
             elif rest:
                 held.answered = True
-                # Recorded as its exception: a ToolMessage the model is sent for it later (the
-                # resumed run's, after an interrupt cut the tool node short) is a new input.
-                self.recorded.discard(held.tool.tool_call_id)
+                if held.error is not None:
+                    # Recorded as its exception: a ToolMessage the model is sent for it later (the
+                    # resumed run's, after an interrupt cut the tool node short) is a new input.
+                    self.recorded.discard(held.tool.tool_call_id)
         self._end_held()
 
     def _end_held(self) -> None:
@@ -606,6 +646,7 @@ class _Run:
         )
         self.calls = {}
         self.started = set()
+        self.guesses = set()
         self.running = 0  # cut short with the turn (the run ended under them)
         if turn is not None and turn.running:
             turn.end()
@@ -628,15 +669,16 @@ class _Run:
     def call_for(self, name: str, inputs: Any) -> str | None:
         """The unanswered call of the open turn's reply that a tool run given no call id
         answers (a hand-written tool node invoking the tool with the call's arguments):
-        the first with its name and, when the tool was given arguments, those arguments.
-        Under the run's lock."""
+        the first with its name and those arguments, or, for a plain value (which
+        LangChain passes as its ``str``), that value as its one argument. Under the run's
+        lock."""
         args = jsonable(inputs) if isinstance(inputs, Mapping) else None
         for call_id, call in self.calls.items():
             if (
                 call_id not in self.started
                 and call_id not in self.recorded
                 and call.name == name
-                and (args is None or call.arguments == args)
+                and (call.arguments == args if args is not None else _sole_argument(call.arguments, inputs))
             ):
                 return call_id
         return None
@@ -1127,10 +1169,16 @@ class _Mapper:
                 if late is not None:
                     self._late[run_id] = late
                 return
-            run.retried(call.id)
-            run.started.add(call.id)
+            guessed = run.take_guess(call.id) if tool_call_id is not None else None
+            if guessed is not None:
+                tool = guessed  # open still: this run's outcome ends it
+            else:
+                run.retried(call.id)
+                run.started.add(call.id)
+                tool = turn.tool(id=call.id, name=name, args=call.arguments).start()
+                if tool_call_id is None:
+                    run.guesses.add(call.id)
             run.running += 1
-            tool = turn.tool(id=call.id, name=name, args=call.arguments).start()
         self._runs[run_id] = run
         self._tools[run_id] = (run, tool, enter_tool(tool))
         run.children.add(run_id)
@@ -1159,7 +1207,10 @@ class _Mapper:
             run.recorded.add(tool.tool_call_id)
             if handoff and run.handoff is None:
                 run.handoff = {"tool_call_id": tool.tool_call_id, "tool_name": tool.tool_name}
-            run.end_tool(tool, now)
+            if tool.tool_call_id in run.guesses and run.turn is not None and run.turn.running:
+                run.hold(tool, None, now)  # the model's answer, or a run naming the call, tells
+            else:
+                run.end_tool(tool, now)
             self._tool_ended(run)
 
     def tool_error(self, error: BaseException, run_id: _RunId) -> None:
@@ -1186,7 +1237,7 @@ class _Mapper:
             # error answers it), known at its node's end or the next model call: held until then.
             run.recorded.add(tool.tool_call_id)
             if run.turn is not None and run.turn.running:
-                run.hold_failed(tool, error, now)
+                run.hold(tool, error, now)
             else:
                 run.end_tool(tool, now, error)
             self._tool_ended(run)
