@@ -30,6 +30,7 @@ from google.adk.runners import InMemoryRunner
 from google.adk.tools.agent_tool import AgentTool
 from google.adk.tools.function_tool import FunctionTool
 from google.adk.tools.long_running_tool import LongRunningFunctionTool
+from google.adk.tools.tool_context import ToolContext
 from google.adk.utils.streaming_utils import StreamingResponseAggregator
 from google.genai import types
 from pydantic import Field
@@ -1356,10 +1357,27 @@ def test_an_invocation_whose_events_the_host_stops_reading_ends_aborted(how: str
         assert first.stop_reason == "toolUse" and not record.turns[0].tool_results
 
 
-@pytest.mark.parametrize("after", ["tool result", "first agent", "final answer", "transferred answer"])
+def answered_directly(q: str, tool_context: ToolContext) -> dict[str, str]:
+    """Looks up, its result the answer the user gets (no summary by the model)."""
+    tool_context.actions.skip_summarization = True
+    return {"answer": "42"}
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        "tool result",
+        "first agent",
+        "final answer",
+        "transferred answer",
+        "skipped summary",
+        "agent tool's answer",
+    ],
+)
 def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: str) -> None:
     # Nothing is cut off (the tool's result came, the first agent is done), yet more was
-    # to come; not after an LLM agent's final answer (`if event.is_final_response(): break`).
+    # to come; not after an LLM agent's final answer (`if event.is_final_response(): break`),
+    # a tool's result it skips summarizing included.
     h = Harness()
     helper = LlmAgent(name="helper", model=ScriptedLlm.of(["helped"]), description="helps")
     if after == "first agent":
@@ -1368,6 +1386,12 @@ def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: 
     elif after == "transferred answer":
         transfer = ScriptedLlm.of([("transfer_to_agent", {"agent_name": "helper"})])
         root = LlmAgent(name="root", model=transfer, sub_agents=[helper])
+    elif after == "skipped summary":
+        lookup = ScriptedLlm.of([("answered_directly", {"q": "x"})], ["never"])
+        root = LlmAgent(name="a", model=lookup, tools=[answered_directly])
+    elif after == "agent tool's answer":
+        ask = ScriptedLlm.of([("helper", {"request": "x"})], ["never"])
+        root = LlmAgent(name="a", model=ask, tools=[AgentTool(agent=helper, skip_summarization=True)])
     else:
         root = LlmAgent(name="calc", model=ScriptedLlm.of([("add", {"a": 1, "b": 2})], ["3"]), tools=[add])
     runner = h.runner(root)
@@ -1393,6 +1417,8 @@ def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: 
         "first agent": "a says",
         "final answer": "3",
         "transferred answer": "helped",
+        "skipped summary": 'result:{"answer":"42"}',
+        "agent tool's answer": "result:helped",
     }
     assert texts(record)[-1][1] == last[after]
     if after in ("tool result", "first agent"):

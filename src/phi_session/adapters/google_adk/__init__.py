@@ -595,11 +595,6 @@ class _Reply:
         called tools none of which has started."""
         return self.cut_off or (self.scope.running and self._calls)
 
-    @property
-    def last_word(self) -> bool:
-        """Whether the answer is whole and calls no tool: its agent's last word."""
-        return not self.cut_off and not self._calls
-
     def finish(self, error: BaseException | str | None = None) -> None:
         """Finish the message with what arrived. A stream may end without a final
         response: then with the streamed thinking and text, unless the turn failed (its
@@ -823,6 +818,7 @@ class _Invocation:
     def __init__(self, invocation_id: str, watch: weakref.finalize[Any, Any], llm: bool) -> None:
         self.id = invocation_id
         self.llm = llm  # whether it runs an LLM agent (not a workflow agent)
+        self.final = False  # whether its last event (not partial) was a final response
         self.lanes: dict[str | None, _Lane] = {}
         self.branched = False  # whether a parallel branch forked
         # Reports the invocation abandoned when ADK frees its context before it ended.
@@ -832,10 +828,11 @@ class _Invocation:
 
     @property
     def answered(self) -> bool:
-        """Whether the invocation of an LLM agent gave its final answer: its last reply
-        (the agent's, or one's it transferred to) calls no tool, or no turn is open."""
-        reply = self.lanes[None].reply
-        return self.llm and (reply is None or reply.last_word)
+        """Whether the invocation of an LLM agent gave its final answer: its last event (the
+        agent's, or one's it transferred to) was a final response, as ADK tells a host
+        (``Event.is_final_response``): a reply calling no tool, or a tool's result given
+        as the answer (``skip_summarization``)."""
+        return self.llm and self.final
 
     def parent_of(self, branch: str) -> _Lane:
         """The lane a new branch forks from: its nearest enclosing branch, else the root."""
@@ -1001,6 +998,9 @@ class PhiPlugin(BasePlugin):
         try:
             if event.partial:
                 return
+            invocation = self._invocations.get(invocation_context.invocation_id)
+            if invocation is not None:
+                invocation.final = event.is_final_response()
             lane = self._lanes.get((invocation_context.invocation_id, event.branch))
             if lane is not None and lane.answered:
                 responses = event.get_function_responses()
