@@ -1372,15 +1372,17 @@ def answered_directly(q: str, tool_context: ToolContext) -> dict[str, str]:
         "transferred answer",
         "skipped summary",
         "agent tool's answer",
+        "last agent",
     ],
 )
 def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: str) -> None:
     # Nothing is cut off (the tool's result came, the first agent is done), yet more was
     # to come; not after an LLM agent's final answer (`if event.is_final_response(): break`),
-    # a tool's result it skips summarizing included.
+    # a tool's result it skips summarizing included, or the last agent's of a
+    # SequentialAgent (nothing was to run after it).
     h = Harness()
     helper = LlmAgent(name="helper", model=ScriptedLlm.of(["helped"]), description="helps")
-    if after == "first agent":
+    if after in ("first agent", "last agent"):
         first, second = (LlmAgent(name=name, model=ScriptedLlm.of([f"{name} says"])) for name in "ab")
         root: Any = SequentialAgent(name="seq", sub_agents=[first, second])
     elif after == "transferred answer":
@@ -1402,7 +1404,9 @@ def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: 
         events = runner.run_async(user_id="u", session_id="s1", new_message=message)
         async for event in events:
             if (event.get_function_responses() and after == "tool result") or (
-                event.is_final_response() and after != "tool result"
+                event.is_final_response()
+                and after != "tool result"
+                and (after != "last agent" or event.author == "b")
             ):
                 await events.aclose()
                 break
@@ -1419,6 +1423,7 @@ def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: 
         "transferred answer": "helped",
         "skipped summary": 'result:{"answer":"42"}',
         "agent tool's answer": "result:helped",
+        "last agent": "b says",
     }
     assert texts(record)[-1][1] == last[after]
     if after in ("tool result", "first agent"):

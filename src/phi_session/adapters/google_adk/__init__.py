@@ -126,7 +126,7 @@ from .._core import (
 
 require_extra("google-adk", "google.adk.plugins.base_plugin")
 
-from google.adk.agents import BaseAgent, LlmAgent  # noqa: E402
+from google.adk.agents import BaseAgent, LlmAgent, SequentialAgent  # noqa: E402
 from google.adk.models.base_llm import BaseLlm  # noqa: E402
 from google.adk.plugins.base_plugin import BasePlugin  # noqa: E402
 from google.genai import types  # noqa: E402
@@ -815,10 +815,11 @@ ABANDONED = "the invocation stopped before it finished (its task cancelled or it
 class _Invocation:
     """The lanes of one ADK invocation, by branch."""
 
-    def __init__(self, invocation_id: str, watch: weakref.finalize[Any, Any], llm: bool) -> None:
+    def __init__(self, invocation_id: str, watch: weakref.finalize[Any, Any], agent: Any) -> None:
         self.id = invocation_id
-        self.llm = llm  # whether it runs an LLM agent (not a workflow agent)
-        self.final = False  # whether its last event (not partial) was a final response
+        self.agent = agent  # the agent it runs
+        self.final: str | None = None
+        """The author of its last event (not partial) if that was a final response."""
         self.lanes: dict[str | None, _Lane] = {}
         self.branched = False  # whether a parallel branch forked
         # Reports the invocation abandoned when ADK frees its context before it ended.
@@ -828,11 +829,15 @@ class _Invocation:
 
     @property
     def answered(self) -> bool:
-        """Whether the invocation of an LLM agent gave its final answer: its last event (the
-        agent's, or one's it transferred to) was a final response, as ADK tells a host
-        (``Event.is_final_response``): a reply calling no tool, or a tool's result given
-        as the answer (``skip_summarization``)."""
-        return self.llm and self.final
+        """Whether the invocation gave its final answer: its last event was a final response,
+        as ADK tells a host (``Event.is_final_response``: a reply calling no tool, or a
+        tool's result given as the answer, ``skip_summarization``), of an LLM agent's
+        invocation (the agent's, or one's it transferred to) or of the agent after which
+        nothing was to run (`_last_to_run`)."""
+        author = self.final
+        if author is None:
+            return False
+        return isinstance(self.agent, LlmAgent) or _last_to_run(self.agent, author)
 
     def parent_of(self, branch: str) -> _Lane:
         """The lane a new branch forks from: its nearest enclosing branch, else the root."""
@@ -843,6 +848,21 @@ class _Invocation:
             if lane is not None:
                 return lane
         return self.lanes[None]
+
+
+def _last_to_run(top: Any, author: str) -> bool:
+    """Whether nothing was to run after agent `author` in an invocation of agent `top`: up
+    to `top`, it is the last of each ``SequentialAgent`` holding it. (What any other
+    workflow agent runs next is not known: it was to run more.)"""
+    agent = top.find_agent(author) if isinstance(top, BaseAgent) else None
+    if agent is None:
+        return True  # no agent of the tree (a plugin answering for the runner): nothing runs after
+    while agent is not top:
+        parent = agent.parent_agent
+        if not isinstance(parent, SequentialAgent) or parent.sub_agents[-1] is not agent:
+            return False
+        agent = parent
+    return True
 
 
 class PhiPlugin(BasePlugin):
@@ -1000,7 +1020,7 @@ class PhiPlugin(BasePlugin):
                 return
             invocation = self._invocations.get(invocation_context.invocation_id)
             if invocation is not None:
-                invocation.final = event.is_final_response()
+                invocation.final = event.author if event.is_final_response() else None
             lane = self._lanes.get((invocation_context.invocation_id, event.branch))
             if lane is not None and lane.answered:
                 responses = event.get_function_responses()
@@ -1088,7 +1108,7 @@ class PhiPlugin(BasePlugin):
             self._end_abandoned()
         watch = weakref.finalize(ic, self._abandoned.append, ic.invocation_id)
         watch.atexit = False
-        invocation = _Invocation(ic.invocation_id, watch, isinstance(ic.agent, LlmAgent))
+        invocation = _Invocation(ic.invocation_id, watch, ic.agent)
         key = (ic.invocation_id, None)
         metadata = _metadata(ic.invocation_id, None)
         message = _new_message(ic)
