@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import runpy
 import subprocess
@@ -27,6 +28,7 @@ from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.adk.plugins.base_plugin import BasePlugin
 from google.adk.runners import InMemoryRunner
+from google.adk.tools import exit_loop
 from google.adk.tools.agent_tool import AgentTool
 from google.adk.tools.function_tool import FunctionTool
 from google.adk.tools.long_running_tool import LongRunningFunctionTool
@@ -1357,6 +1359,27 @@ def test_an_invocation_whose_events_the_host_stops_reading_ends_aborted(how: str
         assert first.stop_reason == "toolUse" and not record.turns[0].tool_results
 
 
+def read_until(h: Harness, root: Any, stop: Callable[[Any], bool]) -> LoopRecord:
+    """Run `root` on a message, the host breaking out of its events (closing them) at the
+    first that `stop` accepts; the session's last loop."""
+    runner = h.runner(root)
+
+    async def scenario() -> None:
+        await runner.session_service.create_session(app_name="app", user_id="u", session_id="s1")
+        message = types.Content(role="user", parts=[types.Part(text="go")])
+        events = runner.run_async(user_id="u", session_id="s1", new_message=message)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if stop(event):
+                    break
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ADK's advice on context caching
+        asyncio.run(scenario())
+    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count == 0
+    return h.session().loops[-1]
+
+
 def answered_directly(q: str, tool_context: ToolContext) -> dict[str, str]:
     """Looks up, its result the answer the user gets (no summary by the model)."""
     tool_context.actions.skip_summarization = True
@@ -1396,26 +1419,18 @@ def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: 
         root = LlmAgent(name="a", model=ask, tools=[AgentTool(agent=helper, skip_summarization=True)])
     else:
         root = LlmAgent(name="calc", model=ScriptedLlm.of([("add", {"a": 1, "b": 2})], ["3"]), tools=[add])
-    runner = h.runner(root)
-
-    async def scenario() -> None:
-        await runner.session_service.create_session(app_name="app", user_id="u", session_id="s1")
-        message = types.Content(role="user", parts=[types.Part(text="go")])
-        events = runner.run_async(user_id="u", session_id="s1", new_message=message)
-        async for event in events:
-            if (event.get_function_responses() and after == "tool result") or (
+    record = read_until(
+        h,
+        root,
+        lambda event: (
+            (event.get_function_responses() and after == "tool result")
+            or (
                 event.is_final_response()
                 and after != "tool result"
                 and (after != "last agent" or event.author == "b")
-            ):
-                await events.aclose()
-                break
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ADK's advice on context caching
-        asyncio.run(scenario())
-    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count == 0
-    record = h.session().loops[-1]
+            )
+        ),
+    )
     last = {
         "tool result": "result:3",
         "first agent": "a says",
@@ -1430,6 +1445,44 @@ def test_an_invocation_the_host_stops_reading_between_steps_ends_aborted(after: 
         assert (record.status, record.error) == ("Aborted", google_adk.ABANDONED)
     else:
         assert record.status == "Completed"
+
+
+@pytest.mark.parametrize(
+    ("case", "nth", "status"),
+    [
+        ("pipeline transferred to", 1, "Aborted"),
+        ("pipeline transferred to", 2, "Completed"),
+        ("loop", 1, "Aborted"),
+        ("loop", 2, "Completed"),
+        ("loop exited", 1, "Completed"),
+    ],
+)
+def test_a_break_at_a_final_answer_completes_only_if_nothing_more_was_to_run(
+    case: str, nth: int, status: str
+) -> None:
+    # `if event.is_final_response(): break` at the nth final answer: the agent that gave it
+    # decides, not the invocation's root. The first agent of a SequentialAgent an LLM agent
+    # transferred to, or a round of a LoopAgent before its last (max_iterations) that did
+    # not exit it (escalate), had more to run.
+    h = Harness()
+    if case == "pipeline transferred to":
+        first, second = (LlmAgent(name=name, model=ScriptedLlm.of([f"{name} says"])) for name in "ab")
+        pipeline = SequentialAgent(name="seq", description="pipeline", sub_agents=[first, second])
+        transfer = ScriptedLlm.of([("transfer_to_agent", {"agent_name": "seq"})])
+        root: Any = LlmAgent(name="root", model=transfer, sub_agents=[pipeline])
+    elif case == "loop":
+        looped = LlmAgent(name="a", model=ScriptedLlm.of(["round 1"], ["round 2"]))
+        root = LoopAgent(name="again", max_iterations=2, sub_agents=[looped])
+    else:
+        root = LoopAgent(
+            name="again",
+            sub_agents=[LlmAgent(name="a", model=ScriptedLlm.of([("exit_loop", {})]), tools=[exit_loop])],
+        )
+    finals = itertools.count(1)
+    record = read_until(h, root, lambda event: event.is_final_response() and next(finals) == nth)
+    assert record.status == status
+    if status == "Aborted":
+        assert record.error == google_adk.ABANDONED
 
 
 def test_a_run_the_host_makes_as_its_own_generator_closes_ends_completed() -> None:

@@ -126,7 +126,7 @@ from .._core import (
 
 require_extra("google-adk", "google.adk.plugins.base_plugin")
 
-from google.adk.agents import BaseAgent, LlmAgent, SequentialAgent  # noqa: E402
+from google.adk.agents import BaseAgent, LlmAgent, LoopAgent, SequentialAgent  # noqa: E402
 from google.adk.models.base_llm import BaseLlm  # noqa: E402
 from google.adk.plugins.base_plugin import BasePlugin  # noqa: E402
 from google.genai import types  # noqa: E402
@@ -820,6 +820,9 @@ class _Invocation:
         self.agent = agent  # the agent it runs
         self.final: str | None = None
         """The author of its last event (not partial) if that was a final response."""
+        self.escalated = False  # whether that event escalated (a LoopAgent's exit)
+        self.rounds: dict[str, int] = {}
+        """The rounds each LoopAgent of the invocation began in its latest run, by name."""
         self.lanes: dict[str | None, _Lane] = {}
         self.branched = False  # whether a parallel branch forked
         # Reports the invocation abandoned when ADK frees its context before it ended.
@@ -831,13 +834,46 @@ class _Invocation:
     def answered(self) -> bool:
         """Whether the invocation gave its final answer: its last event was a final response,
         as ADK tells a host (``Event.is_final_response``: a reply calling no tool, or a
-        tool's result given as the answer, ``skip_summarization``), of an LLM agent's
-        invocation (the agent's, or one's it transferred to) or of the agent after which
-        nothing was to run (`_last_to_run`)."""
+        tool's result given as the answer, ``skip_summarization``), by an agent after
+        which nothing was to run (`last_to_run`)."""
         author = self.final
-        if author is None:
-            return False
-        return isinstance(self.agent, LlmAgent) or _last_to_run(self.agent, author)
+        return author is not None and self.last_to_run(author)
+
+    def agent_started(self, agent: BaseAgent) -> None:
+        """Count the rounds of the LoopAgents: a round begins as its first agent starts."""
+        if isinstance(agent, LoopAgent):
+            self.rounds[agent.name] = 0
+        parent = agent.parent_agent
+        if isinstance(parent, LoopAgent) and parent.sub_agents[0] is agent:
+            self.rounds[parent.name] = self.rounds.get(parent.name, 0) + 1
+
+    def last_to_run(self, author: str) -> bool:
+        """Whether nothing was to run after agent `author` in the invocation: up to the
+        invocation's agent, it is the last of each ``SequentialAgent`` holding it, and of
+        each ``LoopAgent`` in its last round (``max_iterations``) unless its answer exits
+        the loop (``escalate``). An LLM agent holding it transferred to it: its answer
+        ends that agent's too. What another workflow agent (``ParallelAgent``, one of
+        your own) runs next is not known: taken as more to run."""
+        top = self.agent
+        agent = top.root_agent.find_agent(author) if isinstance(top, BaseAgent) else None
+        if agent is None:
+            return True  # no agent of the tree (a plugin answering for the runner): nothing runs after
+        # Up to the invocation's agent, or the tree's root for one it transferred to above it.
+        while agent is not top and agent.parent_agent is not None:
+            parent = agent.parent_agent
+            last = parent.sub_agents[-1] is agent
+            if isinstance(parent, SequentialAgent):
+                if not last:
+                    return False
+            elif isinstance(parent, LoopAgent):
+                limit = parent.max_iterations
+                final_round = last and limit is not None and self.rounds.get(parent.name, 0) >= limit
+                if not (self.escalated or final_round):
+                    return False
+            elif not isinstance(parent, LlmAgent):
+                return False
+            agent = parent
+        return True
 
     def parent_of(self, branch: str) -> _Lane:
         """The lane a new branch forks from: its nearest enclosing branch, else the root."""
@@ -848,21 +884,6 @@ class _Invocation:
             if lane is not None:
                 return lane
         return self.lanes[None]
-
-
-def _last_to_run(top: Any, author: str) -> bool:
-    """Whether nothing was to run after agent `author` in an invocation of agent `top`: up
-    to `top`, it is the last of each ``SequentialAgent`` holding it. (What any other
-    workflow agent runs next is not known: it was to run more.)"""
-    agent = top.find_agent(author) if isinstance(top, BaseAgent) else None
-    if agent is None:
-        return True  # no agent of the tree (a plugin answering for the runner): nothing runs after
-    while agent is not top:
-        parent = agent.parent_agent
-        if not isinstance(parent, SequentialAgent) or parent.sub_agents[-1] is not agent:
-            return False
-        agent = parent
-    return True
 
 
 class PhiPlugin(BasePlugin):
@@ -952,6 +973,9 @@ class PhiPlugin(BasePlugin):
 
     async def before_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
         try:
+            invocation = self._invocations.get(callback_context.invocation_id)
+            if invocation is not None:
+                invocation.agent_started(agent)
             branch = callback_context.branch
             if _runs_branch(agent, branch):
                 # A later run of the ParallelAgent (in a LoopAgent): the branch forks anew.
@@ -1021,6 +1045,7 @@ class PhiPlugin(BasePlugin):
             invocation = self._invocations.get(invocation_context.invocation_id)
             if invocation is not None:
                 invocation.final = event.author if event.is_final_response() else None
+                invocation.escalated = bool(event.actions.escalate)
             lane = self._lanes.get((invocation_context.invocation_id, event.branch))
             if lane is not None and lane.answered:
                 responses = event.get_function_responses()
