@@ -63,12 +63,22 @@ def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest
         ("PARTITIONS", " 40", "expected an integer, got ' 40'"),
         ("PARTITIONS", "\u0664", "expected an integer, got '\u0664'"),
         ("DUPLICATE_WINDOW", "1e7", "expected a number from 1 to 604800"),
+        # float() reads these as 3600, 60, 60 and 60: the same typos in a number
+        ("MAX_AGE", "3_600", "expected a number, got '3_600'"),
+        ("MAX_AGE", " 60", "expected a number, got ' 60'"),
+        ("MAX_AGE", "60\n", "expected a number, got '60\\n'"),
+        ("DUPLICATE_WINDOW", "\u0666\u0660", "expected a number, got '\u0666\u0660'"),
+        ("MAX_AGE", "inf", "expected a number, got 'inf'"),
     ):
         with monkeypatch.context() as env:
             env.setenv(f"PHI_SESSION_NATS_{name}", raw)
             with pytest.raises(InvalidArgument) as raised:
                 StreamSettings.from_env()
             assert str(raised.value).startswith(f"PHI_SESSION_NATS_{name}: {reason}")
+    for raw, seconds in (("3600", 3600.0), ("90.5", 90.5), ("3.6e3", 3600.0), ("1E3", 1000.0)):
+        with monkeypatch.context() as env:  # plain decimal notation, fraction and exponent
+            env.setenv("PHI_SESSION_NATS_MAX_AGE", raw)
+            assert StreamSettings.from_env().max_age == seconds
     with pytest.raises(ValueError, match=r"^partitions: "):  # given, not from the environment
         StreamSettings.from_env(partitions=0)
 

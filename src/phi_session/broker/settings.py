@@ -72,6 +72,10 @@ Publication = tuple[bytes, dict[str, str]]
 """A message as published: payload and headers."""
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# What a setting from the environment may say: plain ASCII decimal notation ([0-9], not \d,
+# which matches other scripts' digits; fullmatch, as $ lets a final newline through).
+_ENV_INTEGER = re.compile(r"[0-9]+")
+_ENV_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_PARTITIONS = 1024
 # JetStream holds sizes and durations (in nanoseconds) as signed 64-bit integers.
@@ -176,14 +180,11 @@ def _parse_env(name: str, raw: str, kind: object) -> Any:
     if kind in ("str", str):
         return raw
     integer = kind in ("int", int)
-    try:
-        if integer and not (raw.isascii() and raw.isdigit()):
-            # int() also reads '4_0', ' 40' and other scripts' digits: a typo taken for a number
-            raise ValueError(raw)
-        return int(raw) if integer else float(raw)
-    except ValueError:
+    # int() and float() also read '4_0', ' 40', 'inf' and other scripts' digits: a typo taken for a number
+    if not (_ENV_INTEGER if integer else _ENV_NUMBER).fullmatch(raw):
         expected = "an integer" if integer else "a number"
-        raise InvalidArgument(f"{ENV_PREFIX}{name.upper()}: expected {expected}, got {raw!r}") from None
+        raise InvalidArgument(f"{ENV_PREFIX}{name.upper()}: expected {expected}, got {raw!r}")
+    return int(raw) if integer else float(raw)
 
 
 def event_session_id(event: AgentEvent, loop_sessions: Routes | None = None) -> str:
