@@ -393,6 +393,28 @@ def test_a_transient_export_failure_is_retried_off_the_agents_path(tmp_path: Pat
     assert _exported_ids(exporter) == {span.context.span_id for span in _export(sessions)}
 
 
+def test_flush_keeps_to_its_timeout_behind_a_lagging_exporter(demo_sessions: list[Session]) -> None:
+    """flush(0.1) returned after 5.98 s: it handed the finished sessions over first, waiting
+    with no time limit for room behind an exporter that lagged."""
+    exporter = _Unanswered(patience=3)
+    sink = OtelExportSink(exporter, max_pending_bytes=1)
+    _feed(sink, demo_sessions[0])  # being exported, the collector not answering
+    producer = threading.Thread(target=_feed, args=(sink, demo_sessions[1]))
+    producer.start()  # blocked by the backpressure: no room behind the first
+    for _ in range(100):
+        if sink._worker.stats()["sessions_waiting"]:
+            break
+        time.sleep(0.02)
+    started = time.monotonic()
+    assert sink.flush(0.1) is False
+    assert time.monotonic() - started < 1
+    exporter.answer.set()
+    producer.join()
+    assert sink.flush(10)
+    sink.close()
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:2])}
+
+
 def test_export_errors_reach_flush_and_close_never_the_agent(demo_sessions: list[Session]) -> None:
     with pytest.raises(ExportError, match="collector down"):
         export_session(demo_sessions[0], _DownAtFirst(1, ConnectionRefusedError("collector down")))

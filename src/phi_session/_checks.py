@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import time
 from collections.abc import Collection, Iterable
 from datetime import timedelta
 from typing import Literal, TypeVar, cast, overload
@@ -35,8 +36,10 @@ __all__ = [
     "check_unsigned",
     "check_usage",
     "counts_in_range",
+    "deadline_of",
     "plain_text",
     "saturated",
+    "seconds_left",
 ]
 
 _U64_MAX = 2**64 - 1
@@ -173,6 +176,21 @@ def check_seconds(
             bound += f" and <= {maximum}"
         number = "a finite number" if finite else "a number"
         raise InvalidArgument(f"{name} must be {number} of seconds {bound}, got {value!r}")
+
+
+def deadline_of(name: str, timeout: object) -> float | None:
+    """The `time.monotonic()` instant an optional `timeout` (`check_seconds`) ends at, or
+    None for no limit: None or infinity."""
+    check_seconds(name, timeout, optional=True)
+    if timeout is None:
+        return None
+    seconds = float(cast(numbers.Real, timeout))
+    return None if math.isinf(seconds) else time.monotonic() + seconds
+
+
+def seconds_left(deadline: float | None) -> float | None:
+    """What is left until `deadline` (`deadline_of`), at least 0; None for no limit."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def check_counts(name: str, values: Iterable[int]) -> tuple[int, ...]:

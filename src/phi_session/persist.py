@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 import numbers
 import os
 import threading
@@ -55,7 +54,7 @@ from typing import TypeVar, cast
 
 import msgspec
 
-from ._checks import check_callable, check_instance, check_seconds, check_type
+from ._checks import check_callable, check_instance, check_seconds, check_type, deadline_of, seconds_left
 from ._daemon import DaemonThread
 from ._exit import ExitHook
 from ._fork import in_forked_child
@@ -593,20 +592,23 @@ class AutoPersistingRecorder:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def checkpoint(self, *, loop_id: str | None = None) -> int:
+    def checkpoint(self, *, loop_id: str | None = None, timeout: float | None = None) -> int:
         """Hand every finished session to the writer now; returns how many.
 
         Blocks until they are all in the writer's queue, which holds at most
-        `max_pending_bytes` (plus one session): backpressure when the store lags.
-        With `loop_id`, of the open sessions only that loop's is looked at
+        `max_pending_bytes` (plus one session): backpressure when the store lags; for
+        `timeout` seconds at most if given (None or infinite: no limit), those still
+        waiting for room then going into the queue as it empties (`wait_saved` waits for
+        them). With `loop_id`, of the open sessions only that loop's is looked at
         (`SessionRecorder.checkpoint`).
         """
         check_type("loop_id", loop_id, str, optional=True)
+        deadline = deadline_of("timeout", timeout)
         with self._lock:
             if self._closed:  # `close` hands everything over itself
                 return 0
         handed = self._hand_over(functools.partial(self.recorder.checkpoint, loop_id=loop_id))
-        self._wait_for_room()
+        self._wait_for_room(deadline)
         return handed
 
     def _hand_over(self, complete: Callable[[], object], *, last: bool = False) -> int:
@@ -786,20 +788,20 @@ class AutoPersistingRecorder:
         knows it (`Journal.release`); False on timeout, or if the writer thread died (logged)
         leaving some: the next checkpoint starts it again, `close` saves them. An infinite
         `timeout` is none."""
-        check_seconds("timeout", timeout, optional=True)
-        deadline = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
+        deadline = deadline_of("timeout", timeout)
         with self._cond:
             while (
                 self._queue or self._waiting or self._linking or self._releasing or self._settle_due
             ) and not self._writer_ended:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                remaining = seconds_left(deadline)
+                if remaining == 0:
                     return False
                 self._cond.wait(remaining)
             return not (self._queue or self._waiting)
 
-    def _wait_for_room(self) -> None:
-        """Backpressure: wait until every drained session is in the writer's queue."""
+    def _wait_for_room(self, deadline: float | None = None) -> None:
+        """Backpressure: wait until every drained session is in the writer's queue (or
+        `deadline`, a `time.monotonic()` instant, passes)."""
         with self._cond:
             if not self._waiting:
                 return
@@ -822,7 +824,11 @@ class AutoPersistingRecorder:
                     self._backpressure_waits,
                 )
             while self._waiting and not self._stopping and not self._writer_ended:
-                if not self._cond.wait(self.warn_after) and self._waiting:
+                left = seconds_left(deadline)
+                if left == 0:
+                    break
+                pause = self.warn_after if left is None else min(left, self.warn_after)
+                if not self._cond.wait(pause) and self._waiting and pause == self.warn_after:
                     self._last_warning = time.monotonic()
                     logger.warning(
                         "producer still blocked after %.0f s: %d sessions waiting for %r",

@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from .._checks import check_type, check_unsigned
+from .._checks import check_type, check_unsigned, deadline_of, seconds_left
 from .._float32 import Float32
 from ..codec import encode_event, encode_record, escape_surrogates, json_text, without_lone_surrogates
 from ..errors import ExportError, StoreError
@@ -938,10 +938,12 @@ class OtelExportSink:
 
         Raises `ExportError` if the exporter did not take some of them.
         """
+        deadline = deadline_of("timeout", timeout)
         # Only an AgentEnd hands its session over at once: a parallel group's end (its
         # selection) completes one too, exported by the worker's next checkpoint otherwise.
-        self._worker.checkpoint()
-        if not self._worker.wait_saved(timeout):
+        # Within the timeout: behind a lagging exporter, the wait for room has no end.
+        self._worker.checkpoint(timeout=seconds_left(deadline))
+        if not self._worker.wait_saved(seconds_left(deadline)):
             return False
         self._export_failed()
         return True
