@@ -452,7 +452,7 @@ def test_sessions_a_failed_close_kept_are_exported_by_a_later_close_or_flush(
 
 def test_flush_checks_its_timeout_and_waits_forever_for_an_infinite_one(demo_sessions: list[Session]) -> None:
     """flush(inf) raised OverflowError, flush("5") a bare TypeError of an addition, and
-    flush(True) waited a second."""
+    flush(True) waited a second; flush(1e10) and flush(10**400) raised OverflowError."""
     exporter = _Unanswered(patience=0.2)
     sink = OtelExportSink(exporter)
     _feed(sink, demo_sessions[0])
@@ -461,6 +461,9 @@ def test_flush_checks_its_timeout_and_waits_forever_for_an_infinite_one(demo_ses
         with pytest.raises(error, match="timeout"):
             sink.flush(wrong)  # type: ignore[arg-type]
     assert sink.flush(math.inf) is True
+    # past what a thread can wait (threading.TIMEOUT_MAX), or float() holds: OverflowError
+    for endless in (1e10, sys.float_info.max, 10**400):
+        assert sink.flush(endless) is True
     assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
     sink.close()
 

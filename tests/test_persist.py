@@ -6,6 +6,7 @@ import errno
 import gc
 import itertools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -164,6 +165,31 @@ def test_a_slow_store_blocks_the_producer_and_loses_nothing(
             assert persisting.stats()["backpressure_waits"] > 0
     assert "blocking the producer" in caplog.text
     assert stored(store) == recorded(evs)
+
+
+def test_a_timeout_longer_than_a_thread_can_wait_is_no_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """wait_saved(1e10) raised OverflowError from its wait (past threading.TIMEOUT_MAX, as
+    sys.float_info.max), wait_saved(10**400) one from float() in its check, and
+    checkpoint_interval=1e10 (or inf) killed the writer thread at its first idle wait."""
+    evs = single_loop_sessions(3)
+    for interval in (1e10, math.inf):
+        store = JsonDirStore(tmp_path / str(interval))
+        with caplog.at_level(logging.ERROR, "phi_session.persist"):
+            with AutoPersistingRecorder(store, checkpoint_interval=interval, warn_after=1e10) as persisting:
+                persisting.record_all(evs)
+                for timeout in (1e10, sys.float_info.max, 10**400, threading.TIMEOUT_MAX * 2):
+                    persisting.checkpoint(timeout=timeout)
+                    assert persisting.wait_saved(timeout) is True
+                time.sleep(0.1)  # the writer's idle wait
+        assert "died" not in caplog.text
+        assert stored(store) == recorded(evs)
+    for wrong in (-(10**400), math.nan):  # a clean refusal, not an OverflowError
+        with pytest.raises(InvalidArgument, match="timeout"):
+            persisting.wait_saved(wrong)
+    with pytest.raises(InvalidArgument, match="group_end_timeout must be a finite number"):
+        SessionRecorderConfig(group_end_timeout=10**400)
 
 
 class FlakyStore(JsonDirStore):

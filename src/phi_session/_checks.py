@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import threading
 import time
 from collections.abc import Collection, Iterable
 from datetime import timedelta
@@ -40,6 +41,7 @@ __all__ = [
     "plain_text",
     "saturated",
     "seconds_left",
+    "wait_limit",
 ]
 
 _U64_MAX = 2**64 - 1
@@ -165,7 +167,7 @@ def check_seconds(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         described = "a number of seconds" + (" or a timedelta" if duration else "")
         raise _wrong_type(name, described + (" or None" if optional else ""), value)
-    seconds = float(value)
+    seconds = _seconds(value)
     if (
         not (seconds > 0 if positive else seconds >= 0)
         or (maximum is not None and not seconds <= maximum)
@@ -178,14 +180,27 @@ def check_seconds(
         raise InvalidArgument(f"{name} must be {number} of seconds {bound}, got {value!r}")
 
 
+def _seconds(value: numbers.Real) -> float:
+    """`value` as a float; an int too large for one (10**400) as the infinity it stands for."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if cast(int, value) > 0 else -math.inf  # only an int is too large
+
+
+def wait_limit(seconds: float | None) -> float | None:
+    """`seconds` (checked) as a `threading` wait takes them: None, no limit, past
+    `threading.TIMEOUT_MAX` (about 292 years; infinity too), which such a wait refuses
+    (`OverflowError`)."""
+    return None if seconds is None or seconds > threading.TIMEOUT_MAX else seconds
+
+
 def deadline_of(name: str, timeout: object) -> float | None:
     """The `time.monotonic()` instant an optional `timeout` (`check_seconds`) ends at, or
-    None for no limit: None or infinity."""
+    None for no limit (`wait_limit`)."""
     check_seconds(name, timeout, optional=True)
-    if timeout is None:
-        return None
-    seconds = float(cast(numbers.Real, timeout))
-    return None if math.isinf(seconds) else time.monotonic() + seconds
+    limit = None if timeout is None else wait_limit(_seconds(cast(numbers.Real, timeout)))
+    return None if limit is None else time.monotonic() + limit
 
 
 def seconds_left(deadline: float | None) -> float | None:

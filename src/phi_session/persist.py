@@ -54,7 +54,15 @@ from typing import TypeVar, cast
 
 import msgspec
 
-from ._checks import check_callable, check_instance, check_seconds, check_type, deadline_of, seconds_left
+from ._checks import (
+    check_callable,
+    check_instance,
+    check_seconds,
+    check_type,
+    deadline_of,
+    seconds_left,
+    wait_limit,
+)
 from ._daemon import DaemonThread
 from ._exit import ExitHook
 from ._fork import in_forked_child
@@ -827,7 +835,7 @@ class AutoPersistingRecorder:
                 left = seconds_left(deadline)
                 if left == 0:
                     break
-                pause = self.warn_after if left is None else min(left, self.warn_after)
+                pause = wait_limit(self.warn_after if left is None else min(left, self.warn_after))
                 if not self._cond.wait(pause) and self._waiting and pause == self.warn_after:
                     self._last_warning = time.monotonic()
                     logger.warning(
@@ -868,7 +876,7 @@ class AutoPersistingRecorder:
         while True:
             with self._cond:
                 while not self._queue and not self._stopping and not self._settle_due:
-                    if not self._cond.wait(self.checkpoint_interval):
+                    if not self._cond.wait(wait_limit(self.checkpoint_interval)):
                         break  # idle for a whole interval: checkpoint below
                 if not self._queue and self._stopping:
                     return
