@@ -421,7 +421,7 @@ def test_export_errors_reach_flush_and_close_never_the_agent(demo_sessions: list
     exporter = _DownAtFirst(10**6, ConnectionRefusedError("collector down"))
     sink = OtelExportSink(exporter, retry_for=0)
     _feed(sink, demo_sessions[0])  # raised ExportError into the agent's event path
-    with pytest.raises(ExportError, match="failed to export"):
+    with pytest.raises(ExportError, match="did not take 1 sessions"):
         sink.flush(timeout=10)
     assert {s.session_id for s in sink.failed_sessions()} == {demo_sessions[0].session_id}
     with pytest.raises(ExportError):
@@ -437,7 +437,7 @@ def test_sessions_a_failed_close_kept_are_exported_by_a_later_close_or_flush(
 ) -> None:
     """Past the deadline the first close() set (retry_for plus a second), the collector back,
     a later close() or flush() tried none of the kept sessions: they were never exported."""
-    monkeypatch.setattr(persist_module, "_CLOSE_GRACE", 0.0)  # the deadline passes at once
+    monkeypatch.setattr(persist_module, "CLOSE_GRACE", 0.0)  # the deadline passes at once
     for again in ("close", "flush"):
         exporter = _DownAtFirst(10**6)
         sink = OtelExportSink(exporter, retry_for=0)
@@ -448,6 +448,57 @@ def test_sessions_a_failed_close_kept_are_exported_by_a_later_close_or_flush(
         assert getattr(sink, again)() in (None, True)
         assert sink.failed_sessions() == []
         assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+
+
+class _Dead(InMemorySpanExporter):
+    """A collector that never takes a batch, each attempt waiting out `patience` seconds."""
+
+    def __init__(self, patience: float) -> None:
+        super().__init__()
+        self.patience = patience
+        self.attempts = 0
+        self.down = True
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not self.down:
+            return super().export(spans)
+        self.attempts += 1
+        time.sleep(self.patience)
+        return SpanExportResult.FAILURE
+
+
+def test_flush_and_a_later_close_keep_to_their_time_on_a_dead_exporter() -> None:
+    """With the exporter dead, flush(0.1) gave every kept session a full attempt (12 sessions:
+    6 s), and so did a second close (12 attempts, 6 s): neither had a time bound."""
+    from phi_session import AgentSession, LoopConfigSnapshot, Tracer
+
+    exporter = _Dead(patience=0.2)
+    sink = OtelExportSink(exporter, retry_for=0)
+    config = LoopConfigSnapshot(model="m", provider="p")
+    for _ in range(12):
+        with Tracer(AgentSession(), sinks=[sink], config=config).loop() as loop:
+            loop.user("x")
+    for _ in range(200):
+        if len(sink.failed_sessions()) == 12:
+            break
+        time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(ExportError, match="12 sessions"):  # kept, not dropped, and said so
+        sink.flush(0.1)
+    assert time.monotonic() - started < 0.8  # the attempt under way finishes
+    assert len(sink.failed_sessions()) == 12
+    with pytest.raises(ExportError):
+        sink.close()  # bounded by retry_for and a second, as it was
+    attempts, started = exporter.attempts, time.monotonic()
+    with pytest.raises(ExportError, match="12 sessions"):
+        sink.close()
+    assert time.monotonic() - started < 1.8  # retry_for and a second, and the attempt under way
+    assert exporter.attempts - attempts < 12
+    assert len(sink.failed_sessions()) == 12
+    exporter.down = False  # back: the next close exports them all
+    sink.close()
+    assert sink.failed_sessions() == []
+    assert len({span.context.trace_id for span in exporter.get_finished_spans()}) == 12
 
 
 def test_flush_checks_its_timeout_and_waits_forever_for_an_infinite_one(demo_sessions: list[Session]) -> None:

@@ -237,7 +237,7 @@ def test_sessions_kept_by_a_close_past_its_deadline_are_tried_again_after_it(
 ) -> None:
     """close() set a deadline for saving that outlived it: once past, the store down at close,
     retry_failed() ("after close too") kept every session without trying it, ever."""
-    monkeypatch.setattr(persist_module, "_CLOSE_GRACE", 0.0)  # the deadline passes at once
+    monkeypatch.setattr(persist_module, "CLOSE_GRACE", 0.0)  # the deadline passes at once
     evs = single_loop_sessions(3)
     store = FlakyStore(tmp_path / "store", failures=10**6)
     persisting = AutoPersistingRecorder(store, retry_for=0, checkpoint_interval=None)

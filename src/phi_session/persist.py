@@ -93,13 +93,16 @@ from .saver import (
     not_saved,
 )
 
-__all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
+__all__ = ["CLOSE_GRACE", "DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
 logger = logging.getLogger("phi_session.persist")
 
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
 """Finished sessions (estimated bytes of memory they hold, `held_bytes`) that
 may wait for the writer."""
+
+CLOSE_GRACE = 1.0
+"""Seconds `AutoPersistingRecorder.close` gives a down store beyond `retry_for`."""
 
 EVENT_BYTES = 600
 """What one recorded event is taken to hold in memory besides the text of its messages,
@@ -122,7 +125,6 @@ def _opens_session(kind: type) -> bool:
 _SESSION_KEY = b'"session_id"'
 _RELEASE_EVERY = 1.0  # seconds
 _SAVE_BATCH = 16  # sessions the writer saves at once: one commit, a short hold of the write lock
-_CLOSE_GRACE = 1.0  # seconds `close` gives a down store beyond `retry_for`
 
 
 def held_bytes(session: Session) -> int:
@@ -1021,9 +1023,19 @@ class AutoPersistingRecorder:
         """Sessions the store refused (kept in memory, retried by `close`)."""
         return self._saver.unsaved
 
-    def retry_failed(self) -> int:
-        """Try to save the `failed_sessions` again (after `close` too); returns how many still fail."""
-        return self._saver.retry_unsaved()
+    def retry_failed(self, within: float | None = None) -> int:
+        """Try to save the `failed_sessions` again (after `close` too); returns how many still fail.
+
+        `within`: seconds at most (None or infinite: no limit), for an owner that must end
+        in bounded time on a store whose every attempt waits for a timeout. Past them, with
+        the store down, the sessions left are kept without being tried (the attempt then
+        under way finishes); the next call tries them.
+        """
+        deadline = deadline_of("within", within)
+        if deadline is None:
+            return self._saver.retry_unsaved()
+        with self._saver.trying_for(deadline - time.monotonic()):
+            return self._saver.retry_unsaved()
 
     def close(self) -> None:
         """Flush the recorder, save everything, close the journal. Idempotent.
@@ -1048,7 +1060,7 @@ class AutoPersistingRecorder:
             # Bounded even on a dead store whose every attempt waits for a timeout: past this,
             # what is left is kept (failed_sessions, the journal) without being tried; by this
             # close only, `retry_failed` tries them again.
-            with self._saver.trying_for(self._saver.retry_for + _CLOSE_GRACE):
+            with self._saver.trying_for(self._saver.retry_for + CLOSE_GRACE):
                 orphans_error = None
                 try:
                     self._hand_over(self.recorder.flush, last=True)

@@ -77,7 +77,7 @@ from ..messages import (
     UserMessage,
 )
 from ..model import LoopRecord, RecordMark, Session, Turn, is_replayed
-from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
+from ..persist import CLOSE_GRACE, DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import merge_sessions
 from . import attributes as attr
@@ -883,7 +883,8 @@ class OtelExportSink:
     * Nothing is dropped: when more than `max_pending_bytes` of sessions wait for the
       exporter, the producer blocks (a logged warning) until it catches up; a failed
       export is retried for `retry_for` seconds, then kept (`failed_sessions`) and tried
-      again by `flush` and `close`.
+      again by `flush` (within its timeout) and `close` (within `retry_for` and a second,
+      `CLOSE_GRACE`: on an exporter that is down, those not tried by then stay kept).
     * `flush` waits until every completed session is exported; `close` exports what is
       left (open loops as Aborted) and stops the worker. Both raise `ExportError` for
       sessions the exporter did not take (kept: the next call tries them again). A
@@ -910,6 +911,7 @@ class OtelExportSink:
         self.exporter = exporter
         self.capture_content = capture_content
         self.resource = resource
+        self.retry_for = retry_for
         self._worker = AutoPersistingRecorder(
             _ExportTarget(exporter, capture_content, resource),
             config=config,
@@ -936,7 +938,9 @@ class OtelExportSink:
         """Wait until every completed session is exported; False if `timeout` seconds passed
         first (None or infinite: no limit).
 
-        Raises `ExportError` if the exporter did not take some of them.
+        Raises `ExportError` if the exporter did not take some of them, tried again within
+        what is left of `timeout`: on an exporter that is down, those not tried by then
+        stay kept.
         """
         deadline = deadline_of("timeout", timeout)
         # Only an AgentEnd hands its session over at once: a parallel group's end (its
@@ -945,23 +949,26 @@ class OtelExportSink:
         self._worker.checkpoint(timeout=seconds_left(deadline))
         if not self._worker.wait_saved(seconds_left(deadline)):
             return False
-        self._export_failed()
+        self._export_failed(seconds_left(deadline))
         return True
 
     def close(self) -> None:
         """Export what is left (open loops as Aborted) and stop the worker.
 
         Raises `ExportError` if the exporter did not take some sessions; a later `close`
-        tries them again.
+        tries them again, for `retry_for` seconds and `CLOSE_GRACE` at most, as the first.
         """
         try:
             self._worker.close()
         except StoreError as error:  # the sessions the exporter did not take, still kept
             raise ExportError(str(error)) from error
-        self._export_failed()  # those an earlier close could not send
+        self._export_failed(self.retry_for + CLOSE_GRACE)  # those an earlier close could not send
 
-    def _export_failed(self) -> None:
-        if failed := self._worker.retry_failed():
+    def _export_failed(self, within: float | None) -> None:
+        """Export the `failed_sessions` again, for `within` seconds at most: on an exporter
+        that is down, those not tried by then stay kept."""
+        if failed := self._worker.retry_failed(within):
             raise ExportError(
-                f"{self.exporter!r} failed to export {failed} sessions; they are kept and tried again"
+                f"{self.exporter!r} did not take {failed} sessions (or there was no time left to try"
+                " them); they are kept in failed_sessions() and tried again by flush and close"
             )
