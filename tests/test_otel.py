@@ -501,6 +501,47 @@ def test_flush_and_a_later_close_keep_to_their_time_on_a_dead_exporter() -> None
     assert len({span.context.trace_id for span in exporter.get_finished_spans()}) == 12
 
 
+def test_a_sub_agent_whose_spawner_another_sink_records_is_not_held_for_its_tool_call() -> None:
+    """The sink held every sub-agent exported before its tool call was named, whole, for the
+    amendment naming it (up to 1,000 sessions, no byte bound): one whose spawner another sink
+    records (an adapter's ``sub_agent(tracer=...)``) never gets it here, and stayed held
+    (300 spawns: 32.5 MB held, 1.6 MB before)."""
+    from phi_session import AgentSession, LoopConfigSnapshot, Tracer, Usage
+
+    config = LoopConfigSnapshot(model="m", provider="p")
+    usage = Usage(input=1, output=1, total_tokens=2)
+    big = "y" * 100_000
+    spawners, recording = InMemorySpanExporter(), InMemorySpanExporter()
+    spawner_sink, sink = OtelExportSink(spawners), OtelExportSink(recording)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(30):
+            other = Tracer(sinks=[sink], config=config)
+            with Tracer(AgentSession(), sinks=[spawner_sink], config=config).loop() as loop:
+                loop.user("go")
+                with loop.turn() as turn:
+                    with turn.assistant() as reply:
+                        call = ToolCall(id=f"c{i}", name="research", arguments={})
+                        reply.finish(tool_calls=[call], usage=usage)
+                    with turn.tool(turn.tool_calls[0]) as tool:
+                        with tool.sub_agent(tracer=other) as sub:
+                            sub.user(big + str(i))
+                            with sub.turn() as sub_turn, sub_turn.assistant() as sub_reply:
+                                sub_reply.text_delta(big)
+                                sub_reply.finish(usage=usage)
+                        tool.result("ok")
+        assert sink.flush(10) and spawner_sink.flush(10)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 1_500_000  # 30 sub-agents of 200 kB: 3.4 MB held
+    sink.close()
+    spawner_sink.close()
+    assert len({span.context.trace_id for span in recording.get_finished_spans()}) == 30  # all exported
+
+
 def test_flush_checks_its_timeout_and_waits_forever_for_an_infinite_one(demo_sessions: list[Session]) -> None:
     """flush(inf) raised OverflowError, flush("5") a bare TypeError of an addition, and
     flush(True) waited a second; flush(1e10) and flush(10**400) raised OverflowError."""

@@ -44,7 +44,8 @@ command line use to save sessions, so all of them fail the same way. The policy:
   (`SpawnGap`), and `drain` completes each once the session that noted it is saved:
   it reads the other end's outline (once) and, if that holds the link, saves the
   sub-agent's header with the tool call as an amendment. A read that fails is warned
-  of, not retried.
+  of, not retried. A target with nothing to read (an exporter) is told of each link
+  instead, if it asks (`LinkingTarget`).
 * **Every outcome is counted** (`SaveStats`) and logged on ``phi_session.saver``:
   a retry or a session orphaned as a warning, a session given up as an error. A store
   down is said once, not per session: the session given up that takes it to be down
@@ -90,7 +91,15 @@ from .recorder import SessionRecorder, SpawnGap
 from .stores.base import SessionStore, escaped_to_save, merge_sessions
 from .stores.outline import SessionOutline
 
-__all__ = ["BatchStore", "OrphanSink", "SaveOutcome", "SaveStats", "SaveTarget", "SessionSaver"]
+__all__ = [
+    "BatchStore",
+    "LinkingTarget",
+    "OrphanSink",
+    "SaveOutcome",
+    "SaveStats",
+    "SaveTarget",
+    "SessionSaver",
+]
 
 logger = logging.getLogger("phi_session.saver")
 
@@ -179,6 +188,16 @@ class BatchStore(Protocol):
     """A store that saves many sessions in one transaction, all or none (`SqliteStore`)."""
 
     def save_many(self, sessions: Sequence[Session]) -> None: ...
+
+
+@runtime_checkable
+class LinkingTarget(Protocol):
+    """A `SaveTarget` with no stored outlines to complete sub-agent links from, told of each
+    link its saver cannot complete (`SpawnGap`) once the session that noted it is saved:
+    `OtelExportSink`'s, which holds a sub-agent for the tool call its recorder would name,
+    and need not when the spawner is recorded elsewhere."""
+
+    def unlinked(self, gap: SpawnGap) -> None: ...
 
 
 def not_saved(ids: Sequence[str], error: BaseException | None, into: object = None) -> str:
@@ -661,6 +680,8 @@ class SessionSaver:
         if the other end's stored outline holds the link; read once, not retried."""
         store = self.store
         if not isinstance(store, SessionStore):  # an exporter: nothing to read
+            if isinstance(store, LinkingTarget):
+                store.unlinked(gap)
             return None
         mine = gap.header is not None
         read = gap.spawn.parent_session_id if mine else gap.session_id

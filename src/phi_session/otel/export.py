@@ -77,8 +77,8 @@ from ..messages import (
     UserMessage,
 )
 from ..model import LoopRecord, RecordMark, Session, Turn, is_replayed
-from ..persist import CLOSE_GRACE, DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
-from ..recorder import SessionRecorderConfig
+from ..persist import CLOSE_GRACE, DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder, held_bytes
+from ..recorder import SessionRecorderConfig, SpawnGap
 from ..stores.base import merge_sessions
 from . import attributes as attr
 
@@ -92,7 +92,8 @@ _default_resource: Resource | None = None
 # records after them (a few dozen bytes per loop).
 _EXPORTED_MEMORY = 10_000
 # Sub-agent sessions an `OtelExportSink` holds whole until the tool call that spawned them is
-# named (`_AwaitingToolCall`): normally until their spawner's tool call ends.
+# named (`_AwaitingToolCall`): normally until their spawner's tool call ends. Bounded in
+# bytes (`held_bytes`) too, by the sink's `max_pending_bytes`.
 _AWAITING_MEMORY = 1_000
 
 # Span events for these loop events; fields that may hold content are sent only with capture.
@@ -811,12 +812,18 @@ class _AwaitingToolCall:
     ended before its spawner's ToolExecutionEnd did): their loop spans went under the
     spawner's loop span. The amendment that names the call holds no loops; it is exported
     merged with what was exported before it, under the same span ids, now under the tool
-    span (as `export_session` of the stored session has them). Bounded: the latest
-    `_AWAITING_MEMORY` sessions; one forgotten stays under its spawner's loop span."""
+    span (as `export_session` of the stored session has them). Only a session with records
+    its spawner's loop spawned is kept (theirs are the spans that move), and only while
+    that amendment may come: not once the recorder says the spawner is recorded elsewhere
+    (`forget`). Bounded: the latest `_AWAITING_MEMORY` sessions, and `max_bytes`
+    (`held_bytes`); one forgotten stays under its spawner's loop span."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self._lock = threading.Lock()  # the writer thread and a caller's retry both export
-        self._sessions: OrderedDict[str, Session] = OrderedDict()  # session id -> what was exported
+        # session id -> what was exported, and its `held_bytes`
+        self._sessions: OrderedDict[str, tuple[Session, int]] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
 
     def completed(self, session: Session) -> Session:
         """`session`, merged after what was exported of it if it names the awaited tool call."""
@@ -825,33 +832,52 @@ class _AwaitingToolCall:
             return session
         with self._lock:
             earlier = self._sessions.get(session.session_id)
-        return session if earlier is None else merge_sessions(earlier, session)
+        return session if earlier is None else merge_sessions(earlier[0], session)
 
     def exported(self, session: Session) -> None:
         """`session` (as `completed` made it) was exported: kept while its call is awaited."""
         spawn = session.parent_spawn_ref
         with self._lock:
-            earlier = self._sessions.pop(session.session_id, None)
+            earlier = self._forget(session.session_id)
             if spawn is None or spawn.tool_call_id:
                 return
             whole = session if earlier is None else merge_sessions(earlier, session)
-            self._sessions[session.session_id] = whole
-            if len(self._sessions) > _AWAITING_MEMORY:
-                self._sessions.popitem(last=False)
+            if not any(record.parent_loop_id == spawn.parent_loop_id for record in whole.loops):
+                return  # no span of it goes under the tool call: nothing to export again
+            size = held_bytes(whole)
+            self._sessions[session.session_id] = (whole, size)
+            self._bytes += size
+            while len(self._sessions) > _AWAITING_MEMORY or self._bytes > self._max_bytes:
+                self._forget(next(iter(self._sessions)))  # the oldest (this one too, if too large)
+
+    def forget(self, session_id: str) -> None:
+        """No amendment naming `session_id`'s tool call is to come."""
+        with self._lock:
+            self._forget(session_id)
+
+    def _forget(self, session_id: str) -> Session | None:
+        """Under `_lock`: stop holding `session_id`; what was held of it."""
+        held = self._sessions.pop(session_id, None)
+        if held is None:
+            return None
+        self._bytes -= held[1]
+        return held[0]
 
 
 class _ExportTarget:
     """`export_session` as a save target: the export gets the drain-and-save machinery of
     stores (backlog, retries, exit hook) instead of a second worker of its own."""
 
-    def __init__(self, exporter: SpanExporter, capture_content: bool, resource: Resource | None) -> None:
+    def __init__(
+        self, exporter: SpanExporter, capture_content: bool, resource: Resource | None, max_bytes: int
+    ) -> None:
         self.exporter = exporter
         self.capture_content = capture_content
         # Made now, not at the first export: that may come at interpreter exit (`close` by
         # the exit hook), when the default resource's detectors can no longer start threads.
         self.resource = _resource(resource)
         self.exported = _ExportedRecords()
-        self.awaiting = _AwaitingToolCall()
+        self.awaiting = _AwaitingToolCall(max_bytes)
 
     def __repr__(self) -> str:
         return f"the exporter {self.exporter!r}"
@@ -869,6 +895,12 @@ class _ExportTarget:
 
     async def asave(self, session: Session) -> None:
         await asyncio.to_thread(self.save, session)
+
+    def unlinked(self, gap: SpawnGap) -> None:
+        """`LinkingTarget`: the sub-agent `gap` names was recorded apart from its spawner, whose
+        tool call this sink's recorder will never name."""
+        if gap.header is not None:
+            self.awaiting.forget(gap.session_id)
 
 
 class OtelExportSink:
@@ -913,7 +945,7 @@ class OtelExportSink:
         self.resource = resource
         self.retry_for = retry_for
         self._worker = AutoPersistingRecorder(
-            _ExportTarget(exporter, capture_content, resource),
+            _ExportTarget(exporter, capture_content, resource, max_pending_bytes),
             config=config,
             max_pending_bytes=max_pending_bytes,
             retry_for=retry_for,
