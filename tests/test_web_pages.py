@@ -32,6 +32,8 @@ from phi_session.web.server import ViewerServer
 
 from .test_web_api import get_json, ids, request
 from .web_support import (
+    BASIC_ID,
+    BASIC_LOOPS,
     CHILD_ID,
     EXAMPLE_IDS,
     PARENT_ID,
@@ -211,6 +213,31 @@ def test_a_session_saved_anew_within_the_cache_is_read_again_not_an_internal_err
         else:
             get_json(running, f"/api/sessions/again/{view}")
         assert get_json(running, "/api/sessions/again/loops")["total"] == 2
+
+
+@pytest.mark.parametrize("anew", [False, True], ids=["merged", "deleted-first"])
+@pytest.mark.parametrize("view", ["event-log", "loops/0", "timeline", "cost"])
+def test_a_session_saved_again_with_the_same_loop_ids_is_read_again_as_stored_now(
+    tmp_path: Path, anew: bool, view: str
+) -> None:
+    # A running agent's snapshot (its first loop's first 5 events), then the same loop saved
+    # again whole with a second one: the cached outline's counts (5 events in 1 loop) paged
+    # 8 of the 25 events stored, the same loop ids hiding the change for up to a minute.
+    first = [line for line in example_lines() if f'{BASIC_LOOPS[0]}"' in line][:5]
+    basic = [line for line in example_lines() if BASIC_ID in line]  # its loop ids hold it too
+    base = f"/api/sessions/{BASIC_ID}"
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as running:
+        record_into(store, first)
+        assert get_json(running, f"{base}/event-log")["total"] == 5
+        if anew:
+            store.delete(BASIC_ID)
+        record_into(store, basic)
+        stored = _events_of(store.load(BASIC_ID))
+        assert len(stored) == 25
+        get_json(running, f"{base}/{view}")  # reads a loop: finds the outline stale
+        assert _paged_events(running, f"{base}/event-log?type=", 4) == stored
+        assert get_json(running, f"{base}/overview?cost=0")["event_count"] == 25
+        assert [row["event_count"] for row in get_json(running, f"{base}/loops")["loops"]] == [18, 7]
 
 
 @pytest.mark.parametrize("found_gone", ["", "/events", "/timeline", "/loops/0", "/event-log", "/cost"])

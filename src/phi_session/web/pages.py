@@ -42,7 +42,7 @@ from ..diff import PlacedLoop, loop_position
 from ..errors import LoopNotFound
 from ..model import LoopEvent, LoopRecord, Session
 from ..stores.base import SessionStore, summarize_outline, to_builtins
-from ..stores.outline import SessionOutline
+from ..stores.outline import LoopOutline, SessionOutline
 from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
 
 __all__ = [
@@ -233,7 +233,20 @@ def _escaped(key: str) -> str:
 
 class StaleOutline(Exception):
     """The stored session is no longer the one a cached outline describes (deleted and
-    saved anew meanwhile, say): its entry is dropped and the request served again."""
+    saved anew meanwhile, or a loop saved again with more events: `_as_outlined`): its
+    entry is dropped and the request served again."""
+
+
+def _as_outlined(record: LoopRecord, outline: LoopOutline) -> bool:
+    """Whether `record`, as stored now, is still the loop `outline` describes: a running
+    agent saves its session again under the same loop ids, with more events, another
+    status or an end, and pages counted from the outline would skip or cut its rows."""
+    return (
+        record.loop_id == outline.loop_id
+        and len(record.events) == outline.event_count
+        and record.status == outline.status
+        and record.ended_at == outline.ended_at
+    )
 
 
 class CachedSession:
@@ -248,10 +261,11 @@ class CachedSession:
         self.sub_agent_ends: dict[str, Timestamp] = {}  # the ends of sub-agent bars (`loops_timeline`)
 
     def _loops(self, start: int, stop: int) -> list[LoopRecord]:
-        """The stored loops `start` to `stop`, which must be those the outline lists."""
+        """The stored loops `start` to `stop`, which must be those the outline lists, as it
+        lists them (`_as_outlined`; else `StaleOutline`)."""
         records = self.store.load_loops(self.session_id, start, stop)
-        listed = [loop.loop_id for loop in self.outline.loops[start:stop]]
-        if [record.loop_id for record in records] != listed:
+        outlines = self.outline.loops[start:stop]
+        if len(records) != len(outlines) or not all(map(_as_outlined, records, outlines)):
             raise StaleOutline(self.session_id)
         return records
 
@@ -260,7 +274,7 @@ class CachedSession:
             records = read_loops(self.store, self.session_id, indexes)
         except ValueError:  # fewer loops stored than asked for
             raise StaleOutline(self.session_id) from None
-        if any(record.loop_id != self.outline.loops[index].loop_id for index, record in records.items()):
+        if not all(_as_outlined(record, self.outline.loops[index]) for index, record in records.items()):
             raise StaleOutline(self.session_id)
         return records
 
@@ -555,7 +569,8 @@ class SessionCache:
 
     Paging through a huge session must not load it again for every page; a
     session saved meanwhile shows its new state once its entry expires (the
-    viewer reads a store that agents may still be writing), and one found deleted
+    viewer reads a store that agents may still be writing), or at once when a page
+    reads one of its loops changed since (`StaleOutline`), and one found deleted
     is forgotten at once (the server's 404).
     """
 

@@ -38,7 +38,8 @@ extra) and ``hint`` what to install when it is missing (null otherwise).
 
 Paged views, so that the list and a huge session open fast (``web/pages.py``; the
 session's outline, `SessionStore.load_outline`, is loaded once and kept a minute, or
-until a request finds the session deleted):
+until a request finds the session deleted, or a loop it reads no longer as outlined:
+saved again since, with more events, another status or end):
 
 * ``/api/session-page?<the filters above>&after=CURSOR`` ``{"sessions": [...],
   "next": CURSOR or null}``: keyset pages (`PageCursor`) of ``limit`` rows (default 50);
