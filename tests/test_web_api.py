@@ -456,14 +456,32 @@ def test_is_loopback() -> None:
         assert not is_loopback(host), host
 
 
-def test_ipv6_loopback(store_dir: Path) -> None:
+def test_an_ipv4_mapped_loopback_address_is_loopback(store_dir: Path) -> None:
+    # Python before 3.13 says ::ffff:127.0.0.1 is not loopback: bound there, the viewer
+    # answered any Host header (DNS rebinding) and serve warned anyone could read it.
+    for host in ("::ffff:127.0.0.1", "[::FFFF:127.1.2.3]", "::ffff:7f00:1"):
+        assert is_loopback(host), host
+    assert not is_loopback("::ffff:192.168.1.4")
+    _skip_unless_bindable("::ffff:127.0.0.1")
+    with JsonDirStore(store_dir) as store, running_server(store, host="::ffff:127.0.0.1") as server:
+        assert server.host_guard.loopback_only
+        assert request(server, "/api/sessions", headers={"Host": "attacker.example"})[0] == 403
+        assert request(server, "/api/sessions", headers={"Host": "[::ffff:127.0.0.1]"})[0] == 200
+
+
+def _skip_unless_bindable(address: str) -> None:
+    """Skip the test when this machine cannot listen on the IPv6 `address`."""
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")
     try:
         with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
+            probe.bind((address, 0))
     except OSError:
-        pytest.skip("::1 cannot be bound here")
+        pytest.skip(f"{address} cannot be bound here")
+
+
+def test_ipv6_loopback(store_dir: Path) -> None:
+    _skip_unless_bindable("::1")
     with JsonDirStore(store_dir) as store, running_server(store, host="::1") as server:
         assert server.url.startswith("http://[::1]:")
         with urllib.request.urlopen(server.url + "api/sessions", timeout=10) as response:

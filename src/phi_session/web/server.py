@@ -171,14 +171,18 @@ _By = TypeVar("_By")
 
 
 def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address, IPv6 with or without brackets) is loopback."""
+    """Whether `host` (a name or an address, IPv6 with or without brackets, IPv4-mapped
+    too) is loopback."""
     name = host.strip().strip("[]").lower()
     if name in _LOOPBACK_NAMES:
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        address = ipaddress.ip_address(name)
     except ValueError:
         return False
+    # ::ffff:127.0.0.1 is IPv4's loopback, which Python says only from 3.13 on.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
 
 
 # RFC 9110 Host: ``name[:port]`` or ``[IPv6][:port]``; anything else (userinfo,
