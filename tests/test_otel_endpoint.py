@@ -326,6 +326,9 @@ def test_refusals(receiver: Receiver) -> None:
     assert receiver.post(b"{}", "text/plain").status == 415
     assert receiver.post(b"{}", "application/json", path="/v1/metrics").status == 404
     assert receiver.post(b"{}", "application/json", {"Host": "evil.example:4318"}).status == 403
+    # A full URL in the request line names the host the server must go by (RFC 9112 3.2.2).
+    foreign = receiver.post(b"{}", "application/json", {"Host": "127.0.0.1"}, "http://evil.example/v1/traces")
+    assert foreign.status == 403
     assert receiver.post(b"{}", "application/json", {"Content-Encoding": "br"}).status == 415
     assert receiver.post(b"\x1f\x8b garbage", "application/json", {"Content-Encoding": "gzip"}).status == 400
     connection = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=30)

@@ -297,6 +297,33 @@ def raw_request(server: ViewerServer, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"http://attacker.example/api/sessions?limit=1",
+        b"http://127.0.0.1@attacker.example/api/sessions",
+        b"http://attacker.example:80/",
+        b"http:/api/sessions",
+        b"api/sessions",
+    ],
+)
+def test_a_request_target_naming_a_foreign_host_is_refused(server: ViewerServer, target: bytes) -> None:
+    # A full URL in the request line (absolute form, as to a proxy) names the host the
+    # server must go by (RFC 9112 3.2.2): its path was served whatever host it named.
+    answer = raw_request(
+        server, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 403"), (target, answer[:100])
+    port = server.server_address[1]
+    for host in (b"127.0.0.1", b"localhost:%d" % port):
+        ours = (
+            b"GET http://"
+            + host
+            + b"/api/sessions?limit=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        assert raw_request(server, ours).startswith(b"HTTP/1.1 200"), host
+
+
 def test_a_request_without_a_host_header_is_refused(server: ViewerServer) -> None:
     answer = raw_request(server, b"GET /api/sessions HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 403"), answer[:100]

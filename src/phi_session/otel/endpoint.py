@@ -14,7 +14,7 @@ body over the limit (compressed or not: a gzip bomb stops at the limit) or more 
 (or bytes of spans) than may ever wait, 415 for another content type, 429 (too many
 spans, or bytes of spans, waiting for their roots, counted after the payload's roots free
 theirs) and 503 (the store is behind, or too many payloads are being read at once) with
-``Retry-After``, 403 for a ``Host`` naming
+``Retry-After``, 403 for a ``Host`` (or a URL as the request target) naming
 neither loopback nor the host listened on while bound to loopback (as the viewer).
 """
 
@@ -356,8 +356,11 @@ class OtlpHandler(BaseHTTPRequestHandler):
         self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", MEDIA_JSON, {"Allow": "POST"})
 
     def _read(self) -> tuple[bytes, str]:
-        if not self.server.host_guard.allows(self.headers.get_all("Host") or []):
-            raise OtlpRefused(HTTPStatus.FORBIDDEN, "this endpoint answers only to one loopback Host header")
+        if not self.server.host_guard.allows(self.headers.get_all("Host") or [], self.path):
+            raise OtlpRefused(
+                HTTPStatus.FORBIDDEN,
+                "this endpoint answers only to one loopback Host header (and a path or loopback URL)",
+            )
         if self.path.split("?", 1)[0] != TRACES_PATH:
             raise OtlpRefused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
         content_type = self.headers.get("Content-Type", "")

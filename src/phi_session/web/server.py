@@ -84,8 +84,9 @@ an unknown path, session or loop, 500 when the store fails. The server never wri
 
 Safety: it binds 127.0.0.1 by default; while bound to a loopback address (however
 ``--host`` spelled it) it answers only requests with exactly one well-formed ``Host``
-header naming a loopback host or ``--host`` (no userinfo, a numeric port), so a web
-page on another origin cannot read sessions through DNS rebinding (`HostGuard`).
+header naming a loopback host or ``--host`` (no userinfo, a numeric port), and a path
+or a URL naming such a host as the request target, so a web page on another origin
+cannot read sessions through DNS rebinding (`HostGuard`).
 Every response, error pages of ``http.server`` itself included, carries the same
 security headers. A request whose header section is not plain ``name: value``
 fields is refused with 400 (`malformed_head`), its framing being unsure. Session
@@ -204,7 +205,8 @@ class HostGuard:
 
     Bound to loopback, it answers only requests with exactly one well-formed ``Host``
     header naming a loopback host or the host it was asked to listen on, so that a web
-    page on another origin cannot reach it through DNS rebinding; bound elsewhere, any.
+    page on another origin cannot reach it through DNS rebinding, and whose request
+    target is a path or a URL naming such a host too; bound elsewhere, any.
     """
 
     def __init__(self, host: str, bound: str | bytes | bytearray) -> None:
@@ -212,11 +214,25 @@ class HostGuard:
         self.loopback_only = is_loopback(address)
         self._names = {host.strip().strip("[]").lower()}
 
-    def allows(self, values: list[str]) -> bool:
-        """Whether a request whose ``Host`` headers are `values` is answered."""
+    def allows(self, values: list[str], target: str) -> bool:
+        """Whether a request whose ``Host`` headers are `values` and whose request target
+        is `target` is answered."""
         if not self.loopback_only:
             return True
-        name = _host_name(values[0]) if len(values) == 1 else None
+        if len(values) != 1:
+            return False
+        hosts = [values[0]]
+        if not target.startswith("/"):
+            # A URL (absolute form, as sent to a proxy) names the host a server goes by
+            # (RFC 9112 3.2.2); anything else here names none, and is refused.
+            try:
+                hosts.append(urlsplit(target).netloc)
+            except ValueError:  # a malformed [IPv6] part
+                return False
+        return all(self._names_us(host) for host in hosts)
+
+    def _names_us(self, host: str) -> bool:
+        name = _host_name(host)
         return name is not None and (is_loopback(name) or name.lower() in self._names)
 
 
@@ -737,8 +753,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
     # -- request checks -------------------------------------------------------------------
 
     def _check_host(self) -> None:
-        if not self.server.host_guard.allows(self.headers.get_all("Host") or []):
-            raise HttpError(HTTPStatus.FORBIDDEN, "this viewer answers only to one loopback Host header")
+        if not self.server.host_guard.allows(self.headers.get_all("Host") or [], self.path):
+            raise HttpError(
+                HTTPStatus.FORBIDDEN,
+                "this viewer answers only to one loopback Host header (and a path or loopback URL)",
+            )
 
     @staticmethod
     def _query(text: str) -> dict[str, str]:
