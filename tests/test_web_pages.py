@@ -172,6 +172,8 @@ def test_timeline_places_the_sub_agent_under_its_tool_call(server: ViewerServer)
         ("/loops/x", "loop index must be a whole number"),
         ("/event-log?loop=99", "loop must be a whole number below"),
         ("/overview?x=1", "unknown query parameter 'x'"),
+        ("/overview?cost=no", "cost must be 0 (not priced) or 1, got 'no'"),  # was priced
+        ("/overview?cost=false", "cost must be 0 (not priced) or 1, got 'false'"),
         ("/timeline?limit=501", "limit must be a whole number below 501"),
         ("/cost?limit=501", "limit must be a whole number below 501"),
         ("/cost?type=x", "unknown query parameter 'type'"),
@@ -496,7 +498,7 @@ SHORT_TEXT = hashlib.sha256(b"short").hexdigest()[:32]
         # Digits str.isdigit takes and int() refuses: '²', and past int()'s 4,300 digits.
         ("loop=%C2%B2&digest=" + NO_CUT, 400, "loop must be a whole number"),
         ("loop=" + "1" * 5000 + "&digest=" + NO_CUT, 400, "loop must be a whole number"),
-        ("event=0&digest=" + NO_CUT, 400, "event must be a whole number below 0"),
+        ("event=0&digest=" + NO_CUT, 400, "event: this session has no session-scoped events"),
         ("digest=" + NO_CUT, 400, "name a loop"),
         ("sequence=1&digest=" + NO_CUT, 400, "unknown query parameter 'sequence'"),
         ("loop=0&path=/error", 400, "unknown query parameter 'path'"),

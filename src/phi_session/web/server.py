@@ -44,8 +44,8 @@ saved again since, with more events, another status or end):
 * ``/api/session-page?<the filters above>&after=CURSOR`` ``{"sessions": [...],
   "next": CURSOR or null}``: keyset pages (`PageCursor`) of ``limit`` rows (default 50);
 * ``/api/sessions/{id}/overview?cost=`` the session without loops, its summary, cost
-  (null with ``cost=0``: pricing takes about a millisecond a loop), first prompt and
-  event count;
+  (null with ``cost=0``: pricing takes about a millisecond a loop; ``1``, the default,
+  prices it, any other value is a 400), first prompt and event count;
 * ``/api/sessions/{id}/loops?offset=&limit=`` loops in tree order (with ``depth``),
   without messages, turns and events; ``/api/sessions/{id}/loops/{index}`` one loop
   with its turns (the loop at that index as stored now: its ``loop_id`` says which, another
@@ -621,7 +621,12 @@ class ViewerHandler(BaseHTTPRequestHandler):
         if view == "overview":
             self._only(query, {"cost"})
             # Pricing takes about a millisecond a loop: a huge session's page skips it (cost=0).
-            priced = query.get("cost", "1") != "0"
+            cost_flag = query.get("cost") or "1"
+            if cost_flag not in ("0", "1"):
+                raise HttpError(
+                    HTTPStatus.BAD_REQUEST, f"cost must be 0 (not priced) or 1, got {cost_flag[:40]!r}"
+                )
+            priced = cost_flag == "1"
             cost = self.server.pricer.outline(entry.outline) if priced else None
             return HTTPStatus.OK, entry.overview(cost), _JSON
         if view == "timeline":
@@ -658,6 +663,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.BAD_REQUEST, message)
         try:
             if "loop" not in query:
+                if not entry.scoped_events:  # else "below 0", which says nothing
+                    message = "event: this session has no session-scoped events (a loop's: loop=N&event=I)"
+                    raise HttpError(HTTPStatus.BAD_REQUEST, message)
                 return entry.scoped_text(
                     self._index("event", query["event"], len(entry.scoped_events)), digest
                 )
