@@ -332,6 +332,48 @@ def test_a_page_of_the_timeline_draws_a_few_loops_of_a_long_sub_agent_session(
     assert loops == list(range(SUB_AGENT_LOOPS))
 
 
+def _spawning(turn: Any, depth: int) -> None:
+    """A reply calling ``worker``, whose tool call spawns a sub-agent doing the same, `depth`
+    sessions deep."""
+    with turn.assistant() as reply:
+        reply.finish(tool_calls=[ToolCall(id="c1", name="worker", arguments={})] if depth else None)
+    if depth:
+        with turn.tool(turn.tool_calls[0]) as tool:
+            with tool.sub_agent() as child, child.turn() as child_turn:
+                _spawning(child_turn, depth - 1)
+            tool.result("done")
+
+
+def test_a_page_of_the_timeline_draws_the_sub_agents_of_its_own_loops_not_theirs(tmp_path: Path) -> None:
+    # Sub-agents of sub-agents were drawn without end: a chain of 2,000 sessions, each the
+    # sub-agent of the one before, drew all of them on one page (14,000 bars, 5.2 MB, 3.8 s).
+    recorder = SessionRecorder()
+    parent = Tracer(
+        AgentSession(session_id="parent"),
+        sinks=[recorder],
+        config=LoopConfigSnapshot(model="m", provider="p"),
+    )
+    with parent.loop() as loop:
+        loop.user("go")
+        with loop.turn() as turn:
+            _spawning(turn, 4)
+    parent.close()
+    recorder.flush()
+    with SqliteStore(tmp_path / "s.db") as store:
+        sessions = recorder.drain_completed()
+        for session in sessions:
+            store.save(session)
+        [child] = [
+            s for s in sessions if s.parent_spawn_ref and s.parent_spawn_ref.parent_session_id == "parent"
+        ]
+        with running_server(store) as server:
+            bars = get_json(server, "/api/sessions/parent/timeline?limit=1")["bars"]
+    assert {bar["session_id"] for bar in bars} == {"parent", child.session_id}
+    [child_bar] = [bar for bar in bars if bar["kind"] == "session" and bar["session_id"] == child.session_id]
+    assert child_bar["detail"] == "1 sub-agent session of its own not drawn (open it)"
+    assert any(bar["kind"] == "tool" and bar["session_id"] == child.session_id for bar in bars)
+
+
 def _paged_bars(server: ViewerServer, path: str, size: int) -> list[tuple[str, int, str, str, str | None]]:
     rows: list[tuple[str, int, str, str, str | None]] = []
     offset: int | None = 0

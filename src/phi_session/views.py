@@ -345,7 +345,8 @@ class _SubAgent:
 
 SUB_AGENT_LOOPS = 3
 """How many loops of a sub-agent session a page of a waterfall draws (`loops_timeline`):
-a sub-agent session may go on for thousands of loops, and a page is a few loops."""
+a sub-agent session may go on for thousands of loops, and a page is a few loops (the
+sub-agents of a sub-agent are not drawn at all)."""
 
 
 def timeline(session: Session, store: SessionStore | None = None) -> list[TimelineBar]:
@@ -377,16 +378,18 @@ def loops_timeline(
     `timeline`, but for those in `drawn` (the sessions drawn on earlier pages, updated;
     by default each page draws every sub-agent its loops spawned once), and bounded as a
     page is: a sub-agent session's bar, then only its first `SUB_AGENT_LOOPS` loops in
-    tree order (read from its outline, `SessionStore.load_outline`, and `load_loops`);
-    the session bar's `detail` counts what it leaves out, and it ends where its
+    tree order (read from its outline, `SessionStore.load_outline`, and `load_loops`),
+    not the sub-agent sessions those spawned in turn (open the sub-agent's session for
+    them); the session bar's `detail` counts what it leaves out, and it ends where its
     `outline_span` does (kept in `sub_agent_ends` by session id, and taken from there: a
     cache for the pages of one session)."""
     bars = (
         item for index, depth, record in loops for item in _loop_bars(session_id, index, record, depth + 1)
     )
     ends = {} if sub_agent_ends is None else sub_agent_ends
-    expand = None if store is None else partial(_sub_agent_page, store, ends)
-    return _drawn(bars, expand, {session_id} if drawn is None else drawn)
+    drawn = {session_id} if drawn is None else drawn
+    expand = None if store is None else partial(_sub_agent_page, store, ends, drawn)
+    return _drawn(bars, expand, drawn)
 
 
 _SEEN_BATCH = 32
@@ -515,10 +518,14 @@ def _whole_sub_agent(store: SessionStore, sub_agent: _SubAgent) -> _Items | None
     return None if child is None else _session_bars(child, sub_agent.depth)
 
 
-def _sub_agent_page(store: SessionStore, ends: dict[str, Timestamp], sub_agent: _SubAgent) -> _Items | None:
+def _sub_agent_page(
+    store: SessionStore, ends: dict[str, Timestamp], drawn: set[str], sub_agent: _SubAgent
+) -> _Items | None:
     """The sub-agent session's bar and its first `SUB_AGENT_LOOPS` loops (`loops_timeline`),
     reading only those loops (and, for the bar's end unless `ends` has it, those whose
-    outline lacks it: `outline_span`)."""
+    outline lacks it: `outline_span`). The sub-agent sessions those loops spawned are not
+    drawn (a chain of 2,000 sessions, each spawning the next, was one page of 14,000
+    bars): the bar's `detail` counts those not in `drawn`."""
     session_id, depth = sub_agent.session_id, sub_agent.depth
     try:
         outline = store.load_outline(session_id)
@@ -533,16 +540,23 @@ def _sub_agent_page(store: SessionStore, ends: dict[str, Timestamp], sub_agent: 
     except (StoreError, ValueError) as error:  # ValueError: fewer loops stored than outlined
         _unreadable(session_id, error)
         return None
+    bars: list[TimelineBar] = []
+    spawned: set[str] = set()
+    for index, level in placed:
+        for item in _loop_bars(session_id, index, records[index], depth + 1 + level):
+            if isinstance(item, TimelineBar):
+                bars.append(item)
+            elif item.session_id not in drawn:
+                spawned.add(item.session_id)
+    left_out = []
     if len(placed) < len(outline.loops):
-        bar = replace(bar, detail=f"{len(placed)} of {len(outline.loops):,} loops drawn")
-    return itertools.chain(
-        [bar],
-        (
-            item
-            for index, level in placed
-            for item in _loop_bars(session_id, index, records[index], depth + 1 + level)
-        ),
-    )
+        left_out.append(f"{len(placed)} of {len(outline.loops):,} loops drawn")
+    if spawned:
+        sessions = "session" if len(spawned) == 1 else "sessions"
+        left_out.append(f"{len(spawned):,} sub-agent {sessions} of its own not drawn (open it)")
+    if left_out:
+        bar = replace(bar, detail="; ".join(left_out))
+    return iter([bar, *bars])
 
 
 def _session_bars(session: Session, depth: int) -> Iterator[TimelineBar | _SubAgent]:

@@ -69,7 +69,8 @@ saved again since, with more events, another status or end):
   ``cost``: ``{"loops", "offset", "next", "start", "end", "span_ms", "bars"}``
   (``next``: the next page's offset, null after the last); a sub-agent session the
   page's loops spawned is drawn as its bar and its first loops (`views.SUB_AGENT_LOOPS`,
-  the bar's ``detail`` counting the rest).
+  the bar's ``detail`` counting the rest), not the sub-agent sessions those loops spawned
+  in turn (counted in that ``detail`` too: the sub-agent's own timeline draws them).
 
 Every paged view reads only the loops its page covers (and the first loops of the
 sub-agent sessions the timeline's page draws; the last recorded event of a loop that
