@@ -43,8 +43,8 @@ import msgspec
 from ._checks import check_type
 from ._time import Timestamp
 from .errors import InvalidPrices
-from .messages import ZERO_USAGE, Usage
-from .model import LoopRecord, ModelCall, Session, Turn, is_replayed, served_by
+from .messages import Usage
+from .model import LoopRecord, ModelCall, Session, Turn
 from .stores.base import UsageRow, usage_rows
 from .stores.outline import SessionOutline
 from .stores.query import parse_cost_by
@@ -487,11 +487,10 @@ class Pricer:
         return entry
 
     def turn(self, turn: Turn, record: LoopRecord) -> Cost:
-        """The cost of one turn (one model call), at the price when it started; none for a
-        reply a replay served from its recording (no model was called: `is_replayed`)."""
-        usage = ZERO_USAGE if is_replayed(turn.output_message) else turn.usage
-        call = ModelCall.of(turn.started_at, usage, served_by(turn.output_message, record.config))
-        return self.calls([call], *_model_of(record))
+        """The cost of one turn: each of its model calls (`LoopRecord.turn_calls`, one per
+        assistant reply) at its price when it started; none for a reply a replay served
+        from its recording (no model was called: `is_replayed`)."""
+        return self.calls(record.turn_calls(turn), *_model_of(record))
 
     def loop(self, record: LoopRecord) -> Cost:
         """The cost of a loop: each of its calls (`LoopRecord.model_calls`) at its own price."""

@@ -263,6 +263,32 @@ def _less(usage: Usage, spent: Usage) -> Usage:
     return Usage(**{name: max(0, getattr(usage, name) - getattr(spent, name)) for name in _USAGE_FIELDS})
 
 
+def _turn_calls(
+    turn: Turn, replies: list[AssistantMessage] | None, config: LoopConfigSnapshot | None
+) -> list[ModelCall]:
+    """The calls of a finished `turn` whose ``MessageEnd`` events held `replies` (None:
+    unknown). Several replies whose usages add up to the turn's are a call each, the first at
+    the turn's start, a later one at its own timestamp when that falls within the turn (else
+    the turn's start): priced apart, each on its model and tier. Otherwise the turn is one
+    call, on its output's model."""
+    if replies and len(replies) > 1 and sum((reply.usage for reply in replies), ZERO_USAGE) == turn.usage:
+        start, end = turn.started_at.ns // _NS_PER_MS, turn.ended_at.ns // _NS_PER_MS
+        return [
+            ModelCall.of(
+                turn.started_at
+                if number == 0 or not start <= reply.timestamp <= end
+                else Timestamp.from_ns(reply.timestamp * _NS_PER_MS),
+                reply.usage,
+                served_by(reply, config),
+            )
+            for number, reply in enumerate(replies)
+            if reply.usage != ZERO_USAGE and not is_replayed(reply)
+        ]
+    if turn.usage == ZERO_USAGE or is_replayed(turn.output_message):
+        return []
+    return [ModelCall.of(turn.started_at, turn.usage, served_by(turn.output_message, config))]
+
+
 class CutOffTurn(NamedTuple):
     """The turn a loop was cut off in, before its ``TurnEnd`` (`LoopRecord.cut_off_turn`)."""
 
@@ -524,8 +550,9 @@ class LoopRecord(msgspec.Struct, kw_only=True):
 
         Each call names the model that served it when its reply names another than the
         loop config's (`ModelCall.served_by`).
-        A finished turn is one call (one assistant reply), at its ``started_at``; a turn
-        a replay served is none (`is_replayed`). A loop cut off before ``AgentEnd`` adds
+        Each assistant reply of a finished turn is one call (`turn_calls`: a turn may hold
+        several, an errored reply and a fallback's); a reply a replay served is none
+        (`is_replayed`). A loop cut off before ``AgentEnd`` adds
         each assistant ``MessageEnd`` of the turn it was cut off in (`unfinished_usage`),
         at that turn's ``TurnStart`` (the loop's start without one). A loop that reports
         more usage than its turns (a reply whose turn never ended, an adapter's own
@@ -534,10 +561,11 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         start.
         """
         config = self.config
+        replies = self._turn_replies()
         calls = [
-            ModelCall.of(turn.started_at, turn.usage, served_by(turn.output_message, config))
-            for turn in self.turns
-            if turn.usage != ZERO_USAGE and not is_replayed(turn.output_message)
+            call
+            for position, turn in enumerate(self.turns)
+            for call in _turn_calls(turn, None if replies is None else replies[position], config)
         ]
         if not self.reports_usage():
             cut_off = self.cut_off_turn()  # what `unfinished_usage` sums
@@ -557,6 +585,35 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         if any(rest):
             calls.append(ModelCall(self.started_at.ns // _NS_PER_MS, *rest))
         return calls
+
+    def turn_calls(self, turn: Turn) -> list[ModelCall]:
+        """The model calls with tokens of `turn`, one of the loop's finished turns: one per
+        assistant reply its ``MessageEnd`` events hold (each with its usage and model), or
+        the turn as one call when its events do not account for its usage."""
+        replies = self._turn_replies()
+        for position, candidate in enumerate(self.turns):
+            if candidate is turn:
+                return _turn_calls(turn, None if replies is None else replies[position], self.config)
+        return _turn_calls(turn, None, self.config)
+
+    def _turn_replies(self) -> list[list[AssistantMessage]] | None:
+        """The assistant replies of each finished turn, from the ``MessageEnd`` events between
+        its ``TurnStart`` and ``TurnEnd`` (the recorder's pairing: a TurnStart again drops an
+        attempt, a TurnEnd without one makes no turn); None when they do not pair with
+        ``turns`` (a record without its events)."""
+        out: list[list[AssistantMessage]] = []
+        pending: list[AssistantMessage] | None = None
+        for stored in self.events:
+            event = stored.event
+            if type(event) is TurnStart:
+                pending = []
+            elif type(event) is MessageEnd:
+                if pending is not None and type(event.message) is AssistantMessage:
+                    pending.append(event.message)
+            elif type(event) is TurnEnd and pending is not None:
+                out.append(pending)
+                pending = None
+        return out if len(out) == len(self.turns) else None
 
     def context_messages(self, *, most_recent: bool = True) -> list[AgentMessage]:
         """The messages this loop contributes to a resumed context.
