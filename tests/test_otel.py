@@ -748,6 +748,48 @@ def test_round_trip_with_content_is_lossless(demo_sessions: list[Session]) -> No
     assert [encode_session(s) for s in back] == [encode_session(s) for s in demo_sessions]
 
 
+def _cached_session() -> Session:
+    """Two calls of a 1000-token prompt of which 400 were read from the cache: as phi-core's
+    OpenAI-compatible provider records one (the cache inside ``input``, total = prompt +
+    completion), then as its Anthropic provider does (the cache apart, no total)."""
+    from phi_session import AgentSession, LoopConfigSnapshot, Tracer, Usage
+    from phi_session.identity import FakeClock
+
+    recorder = SessionRecorder()
+    config = LoopConfigSnapshot(model="gpt-4o", provider="openai")
+    tracer = Tracer(
+        AgentSession(clock=FakeClock("2025-06-01T09:00:00Z", tick=0.5)), sinks=[recorder], config=config
+    )
+    with tracer.loop() as loop:
+        loop.user("hi")
+        for usage in (
+            Usage(input=1000, output=200, cache_read=400, total_tokens=1200),
+            Usage(input=600, output=200, cache_read=400),
+        ):
+            with loop.turn() as turn, turn.assistant() as reply:
+                reply.finish("ok", usage=usage)
+    tracer.close()
+    recorder.flush()
+    return recorder.drain_completed()[0]
+
+
+def test_input_tokens_count_a_cache_inside_input_once() -> None:
+    # The OpenAI-compatible call was exported as 1400 input tokens (its cache counted twice),
+    # the loop as 2400; ingested back it cost $0.005 instead of $0.004.
+    from phi_session.cost import Pricer
+
+    session = _cached_session()
+    spans = _export([session])
+    chats = sorted((span for span in spans if span.kind is SpanKind.CLIENT), key=lambda span: span.start_time)
+    assert [chat.attributes[attr.USAGE_INPUT_TOKENS] for chat in chats] == [1000, 1000]
+    assert [chat.attributes[attr.USAGE_CACHE_READ_TOKENS] for chat in chats] == [400, 400]
+    [loop] = [span for span in spans if span.attributes[attr.OPERATION_NAME] == attr.OP_INVOKE_AGENT]
+    assert loop.attributes[attr.USAGE_INPUT_TOKENS] == 2000
+    pricer = Pricer({"openai/gpt-4o": {"input": 2.5, "output": 10, "cache_read": 1.25}}, use_table=False)
+    [back] = _ingest(spans)
+    assert pricer.session(back).usd == pytest.approx(pricer.session(session).usd) == pytest.approx(0.008)
+
+
 def _turn_shape(session: Session) -> list:
     return [
         (

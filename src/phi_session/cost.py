@@ -44,7 +44,7 @@ from ._checks import check_type
 from ._time import Timestamp
 from .errors import InvalidPrices
 from .messages import Usage
-from .model import LoopRecord, ModelCall, Session, Turn
+from .model import LoopRecord, ModelCall, Session, Turn, prompt_tokens, uncached_input
 from .stores.base import UsageRow, usage_rows
 from .stores.outline import SessionOutline
 from .stores.query import parse_cost_by
@@ -146,35 +146,6 @@ class UserPrice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         return float(micro / _PER_TOKEN)
 
 
-def uncached_input(usage: Usage | ModelCall) -> int:
-    """The input tokens of one call that were neither read from nor written to the cache.
-
-    phi-core's providers fill `Usage` two ways. Anthropic's (``anthropic.rs``) writes the
-    uncached input apart from ``cache_read`` and ``cache_write`` and no total (0), and
-    phi-session's adapters write it apart too, with a total counting the cache on top
-    (``input + output + cache_read + cache_write``). phi-core's OpenAI-compatible provider
-    (``openai_compat.rs``: ``input`` = ``prompt_tokens``, ``cache_read`` = ``cached_tokens``,
-    total = the provider's ``prompt + completion``) and Gemini's (``google.rs``: ``input`` =
-    ``promptTokenCount``, ``cache_read`` = ``cachedContentTokenCount``, total =
-    ``totalTokenCount``, which adds the thoughts and tool-use prompt to input and output)
-    count the cache inside ``input``, with a total counting it once. So the cache is inside
-    ``input`` when the call has cached tokens, no more than its input, and a total of at
-    least ``input + output`` that is not ``input + output + cache_read + cache_write``.
-    (A Gemini call whose uncounted thoughts equal its cached tokens exactly cannot be told
-    apart, and is read as uncached input.)
-    """
-    cached = usage.cache_read + usage.cache_write
-    counted = usage.input + usage.output
-    if (
-        cached
-        and cached <= usage.input
-        and usage.total_tokens >= counted
-        and usage.total_tokens != counted + cached
-    ):
-        return usage.input - cached
-    return usage.input
-
-
 def prices_available() -> bool:
     """Whether the ``genai-prices`` table (extra ``prices``) is installed."""
     try:
@@ -235,7 +206,7 @@ class _TableModel:
 
     def usd(self, table: Any, call: ModelCall) -> float:
         """What the table charges for `call` (`ValueError` if it refuses its counts)."""
-        total_input = uncached_input(call) + call.cache_read + call.cache_write
+        total_input = prompt_tokens(call)
         reasoning = min(call.reasoning, call.output)
         if self._timed:
             when = _instant(call.started_ms)

@@ -72,6 +72,8 @@ __all__ = [
     "TurnRange",
     "is_replayed",
     "mark_replayed",
+    "prompt_tokens",
+    "uncached_input",
 ]
 
 _T = TypeVar("_T")
@@ -241,6 +243,41 @@ def served_by(reply: AgentMessage, config: LoopConfigSnapshot | None) -> tuple[s
     if config is not None and reply.model == config.model and reply.provider == config.provider:
         return None
     return (reply.provider, reply.model)
+
+
+def uncached_input(usage: Usage | ModelCall) -> int:
+    """The input tokens of one call that were neither read from nor written to the cache.
+
+    phi-core's providers fill `Usage` two ways. Anthropic's (``anthropic.rs``) writes the
+    uncached input apart from ``cache_read`` and ``cache_write`` and no total (0), and
+    phi-session's adapters write it apart too, with a total counting the cache on top
+    (``input + output + cache_read + cache_write``). phi-core's OpenAI-compatible provider
+    (``openai_compat.rs``: ``input`` = ``prompt_tokens``, ``cache_read`` = ``cached_tokens``,
+    total = the provider's ``prompt + completion``) and Gemini's (``google.rs``: ``input`` =
+    ``promptTokenCount``, ``cache_read`` = ``cachedContentTokenCount``, total =
+    ``totalTokenCount``, which adds the thoughts and tool-use prompt to input and output)
+    count the cache inside ``input``, with a total counting it once. So the cache is inside
+    ``input`` when the call has cached tokens, no more than its input, and a total of at
+    least ``input + output`` that is not ``input + output + cache_read + cache_write``.
+    (A Gemini call whose uncounted thoughts equal its cached tokens exactly cannot be told
+    apart, and is read as uncached input.)
+    """
+    cached = usage.cache_read + usage.cache_write
+    counted = usage.input + usage.output
+    if (
+        cached
+        and cached <= usage.input
+        and usage.total_tokens >= counted
+        and usage.total_tokens != counted + cached
+    ):
+        return usage.input - cached
+    return usage.input
+
+
+def prompt_tokens(usage: Usage | ModelCall) -> int:
+    """Every input token of one call, read from the cache, written to it or neither: what
+    the GenAI conventions' ``input_tokens`` count and tiered prices go by."""
+    return uncached_input(usage) + usage.cache_read + usage.cache_write
 
 
 def is_replayed(message: AgentMessage) -> bool:
@@ -590,6 +627,9 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         """The model calls with tokens of `turn`, one of the loop's finished turns: one per
         assistant reply its ``MessageEnd`` events hold (each with its usage and model), or
         the turn as one call when its events do not account for its usage."""
+        output = turn.output_message
+        if type(output) is AssistantMessage and output.usage == turn.usage:
+            return _turn_calls(turn, None, self.config)  # its one reply's (no scan of the events)
         replies = self._turn_replies()
         for position, candidate in enumerate(self.turns):
             if candidate is turn:

@@ -34,7 +34,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -76,7 +76,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ..model import LoopRecord, RecordMark, Session, Turn, is_replayed
+from ..model import LoopRecord, ModelCall, RecordMark, Session, Turn, is_replayed, prompt_tokens
 from ..persist import CLOSE_GRACE, DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder, held_bytes
 from ..recorder import SessionRecorderConfig, SpawnGap
 from ..stores.base import merge_sessions
@@ -199,10 +199,12 @@ class _Placements:
         return _hash_id(16, "trace", loop_id), None
 
 
-def _usage_attributes(usage: Usage) -> dict[str, Any]:
-    # The conventions count cached tokens inside input_tokens; phi-core counts them apart.
+def _usage_attributes(usage: Usage, calls: Iterable[Usage | ModelCall]) -> dict[str, Any]:
+    """The conventions' usage attributes of `usage`, the sum of model `calls`. Their
+    input_tokens count cached tokens inside; phi-core's providers count them inside ``input``
+    or apart, which only each call's counts tell (`prompt_tokens`), never their sum."""
     counts = {
-        attr.USAGE_INPUT_TOKENS: usage.input + usage.cache_read + usage.cache_write,
+        attr.USAGE_INPUT_TOKENS: sum(map(prompt_tokens, calls)),
         attr.USAGE_OUTPUT_TOKENS: usage.output,
         attr.USAGE_CACHE_READ_TOKENS: usage.cache_read,
         attr.USAGE_CACHE_WRITE_TOKENS: usage.cache_write,
@@ -492,7 +494,7 @@ class _LoopExport:
             attr.PHI_CONTINUATION_KIND: record.kind.kind,
             # What the loop's calls billed: phi-core's usage, but for a loop cut off before
             # AgentEnd, whose usage phi-core leaves at zero, its finished and cut-off turns'.
-            **_usage_attributes(record.billed_usage()),
+            **_usage_attributes(record.billed_usage(), record.model_calls()),
         }
         if self.capture and record.ended_at is None:
             # What an AgentEnd closing it reports: every reply's usage, a replay's served ones
@@ -571,7 +573,7 @@ class _LoopExport:
         if is_replayed(output):  # its recorded usage was billed where it was recorded
             span.attributes[attr.PHI_TURN_REPLAYED] = True
         else:
-            span.attributes.update(_usage_attributes(turn.usage))
+            span.attributes.update(_usage_attributes(turn.usage, self.record.turn_calls(turn)))
         if isinstance(output, AssistantMessage):
             span.attributes[attr.RESPONSE_MODEL] = output.model
             span.attributes[attr.RESPONSE_FINISH_REASONS] = (output.stop_reason,)
@@ -593,7 +595,9 @@ class _LoopExport:
         replies since the last TurnEnd (`unfinished_usage`: what the loop bills for them)."""
         span.attributes[attr.PHI_TURN_UNFINISHED] = True
         if cut_off and not self.record.reports_usage():  # else the loop's usage already counts the turn
-            span.attributes.update(_usage_attributes(self.record.unfinished_usage()))
+            replies = self.record.cut_off_turn().replies  # what `unfinished_usage` sums
+            calls = [reply.usage for reply in replies if not is_replayed(reply)]
+            span.attributes.update(_usage_attributes(self.record.unfinished_usage(), calls))
         replies = [
             event.message
             for _, event in span.phi_events
