@@ -64,6 +64,7 @@ class ScriptedLlm(BaseLlm):
     script: list[Any] = Field(default_factory=list)
     reply: Callable[[LlmRequest], Step] | None = None
     usage: types.GenerateContentResponseUsageMetadata | None = None  # None: Gemini's, as below
+    model_version: str | None = None  # the model the responses name as theirs
 
     @classmethod
     def of(cls, *steps: Step, reply: Callable[[LlmRequest], Step] | None = None) -> ScriptedLlm:
@@ -89,7 +90,11 @@ class ScriptedLlm(BaseLlm):
             total_token_count=20,
         )
         if not stream:
-            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+            yield LlmResponse(
+                content=types.Content(role="model", parts=parts),
+                usage_metadata=usage,
+                model_version=self.model_version,
+            )
             return
         # As Gemini streams: text in partial chunks, then the text as a whole and the
         # calls as final responses of their own, each with the (cumulative) usage.
@@ -204,6 +209,26 @@ def test_tools_and_usage_in_one_loop() -> None:
     assert (usage.input, usage.output, usage.reasoning, usage.cache_read) == (10, 8, 3, 2)
     assert usage.total_tokens == 20
     assert record.usage.input == 20
+
+
+@pytest.mark.parametrize("served", [None, "gpt-4o-2024-08-06"])
+def test_a_litellm_model_id_is_recorded_without_its_provider_prefix(served: str | None) -> None:
+    # 'openai/gpt-4o' was recorded as provider 'openai', model 'openai/gpt-4o': unpriced, and
+    # totalled by model under 'openai/openai/gpt-4o'.
+    from phi_session.cost import Pricer
+    from phi_session.stores.base import usage_rows
+
+    h = Harness()
+    model = ScriptedLlm(model="openai/gpt-4o", script=[["hi"]], model_version=served)
+    h.run(LlmAgent(name="chat", model=model))
+    session = h.session()
+    (record,) = session.loops
+    assert record.config is not None and (record.config.provider, record.config.model) == ("openai", "gpt-4o")
+    reply = record.turns[0].output_message
+    assert (reply.provider, reply.model) == ("openai", served or "gpt-4o")
+    assert {row.key for row in usage_rows(session, "model")} == {f"openai/{served or 'gpt-4o'}"}
+    pricer = Pricer({"openai/gpt-4o": {"input": 2.5, "output": 10}}, use_table=False)
+    assert pricer.session(session).known
 
 
 def _recorded_usage(usage: types.GenerateContentResponseUsageMetadata) -> tuple[int, int, int, int, int]:

@@ -111,6 +111,22 @@ def test_an_unknown_provider_name_falls_back_to_the_model() -> None:
     assert pricer.price(USAGE, "my-gateway", "gpt-4o", WHEN) == pricer.price(USAGE, "openai", "gpt-4o", WHEN)
 
 
+@needs_table
+@pytest.mark.parametrize(("provider", "model"), [("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5")])
+def test_a_model_named_with_its_provider_first_is_priced_as_the_model(provider: str, model: str) -> None:
+    # Google ADK recorded LiteLLM's ids so (provider 'openai', model 'openai/gpt-4o'): unknown.
+    call = [ModelCall.of(WHEN, USAGE)]
+    assert Pricer().calls(call, provider, f"{provider}/{model}") == Pricer().calls(call, provider, model)
+    assert Pricer().calls(call, provider, model).known
+
+
+def test_a_users_price_applies_to_a_model_named_with_its_provider_first() -> None:
+    pricer = Pricer({"gpt-4o": {"input": 1, "output": 1}}, use_table=False)
+    assert pricer.price(USAGE, "openai", "openai/gpt-4o", WHEN) == pricer.price(
+        USAGE, "openai", "gpt-4o", WHEN
+    )
+
+
 def test_unknown_model_is_unknown_never_zero() -> None:
     cost = Pricer().price(USAGE, "acme", "secret-model-9", WHEN)
     assert cost == Cost(usd=None, unpriced=("acme/secret-model-9",))

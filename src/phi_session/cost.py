@@ -44,7 +44,7 @@ from ._checks import check_type
 from ._time import Timestamp
 from .errors import InvalidPrices
 from .messages import Usage
-from .model import LoopRecord, ModelCall, Session, Turn, prompt_tokens, uncached_input
+from .model import LoopRecord, ModelCall, Session, Turn, prompt_tokens, uncached_input, without_provider
 from .stores.base import UsageRow, usage_rows
 from .stores.outline import SessionOutline
 from .stores.query import parse_cost_by
@@ -393,8 +393,13 @@ class Pricer:
 
     def _users_price(self, provider: str | None, model: str | None) -> UserPrice | None:
         """The user's price of `provider`/`model` (under that name, else the bare model's)."""
-        user = self._user.get(f"{provider}/{model}") if provider else None
-        return self._user.get(model) if user is None and model is not None else user
+        for name in _model_names(provider, model):
+            user = self._user.get(f"{provider}/{name}") if provider else None
+            if user is None:
+                user = self._user.get(name)
+            if user is not None:
+                return user
+        return None
 
     def _priced_as_configured(self, served: tuple[str, str], provider: str | None, model: str | None) -> bool:
         """Whether a call served by `served` is priced as the configured `provider`/`model`:
@@ -447,12 +452,15 @@ class Pricer:
             return self._models[key]
         entry: _TableModel | None = None
         # A provider name the table does not know (a gateway, a custom id): the model alone.
-        for provider_id in (provider, None) if provider else (None,):
-            try:
-                entry = _TableModel(*snapshot.find_provider_model(model, None, provider_id, None))
+        for name in _model_names(provider, model):
+            for provider_id in (provider, None) if provider else (None,):
+                try:
+                    entry = _TableModel(*snapshot.find_provider_model(name, None, provider_id, None))
+                    break
+                except LookupError:
+                    continue
+            if entry is not None:
                 break
-            except LookupError:
-                continue
         with self._memo_lock:
             self._models[key] = entry
         return entry
@@ -558,6 +566,16 @@ def _read_toml(file: Path, text: str) -> Any:
     if sys.version_info < (3, 11):
         raise InvalidPrices(f"{file}: TOML price files need Python 3.11 or later; use JSON")
     return importlib.import_module("tomllib").loads(text)
+
+
+def _model_names(provider: str | None, model: str | None) -> tuple[str, ...]:
+    """The names `model` of `provider` is looked up by: its own, then without a leading
+    ``provider/`` (a LiteLLM id, as the Google ADK adapter recorded one before it took the
+    provider out)."""
+    if model is None:
+        return ()
+    bare = without_provider(provider, model)
+    return (model,) if bare == model else (model, bare)
 
 
 def _model_of(record: LoopRecord) -> tuple[str | None, str | None]:

@@ -74,6 +74,7 @@ __all__ = [
     "mark_replayed",
     "prompt_tokens",
     "uncached_input",
+    "without_provider",
 ]
 
 _T = TypeVar("_T")
@@ -278,6 +279,13 @@ def prompt_tokens(usage: Usage | ModelCall) -> int:
     """Every input token of one call, read from the cache, written to it or neither: what
     the GenAI conventions' ``input_tokens`` count and tiered prices go by."""
     return uncached_input(usage) + usage.cache_read + usage.cache_write
+
+
+def without_provider(provider: str | None, model: str) -> str:
+    """`model` without a leading ``provider/``: a LiteLLM-style id (``openai/gpt-4o``) names
+    its provider first, which a record names apart."""
+    prefix = f"{provider}/" if provider else None
+    return model[len(prefix) :] if prefix is not None and model.startswith(prefix) else model
 
 
 def is_replayed(message: AgentMessage) -> bool:

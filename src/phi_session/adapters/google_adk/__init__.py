@@ -109,6 +109,7 @@ from ...messages import (
     Usage,
     UserMessage,
 )
+from ...model import without_provider
 from ...processors import Processor, Redactor
 from ...replay.lineage import active_lineage
 from .._core import (
@@ -352,19 +353,21 @@ def _stop(response: LlmResponse, calls: Sequence[types.FunctionCall]) -> tuple[S
     return None, None
 
 
-def _provider(model: BaseLlm | str) -> str:
-    if isinstance(model, ReplayLlm):
-        return model.provider  # the recorded one
-    kinds = {cls.__name__ for cls in type(model).__mro__} if isinstance(model, BaseLlm) else set()
+def _model_id(model: BaseLlm | str) -> tuple[str, str]:
+    """The provider and model of an agent's model. A LiteLLM id names its provider first
+    (``openai/gpt-4o``): the model is recorded without it, as the provider's own name."""
     name = model.model if isinstance(model, BaseLlm) else model
+    if isinstance(model, ReplayLlm):
+        return model.provider, name  # the recorded ones
+    kinds = {cls.__name__ for cls in type(model).__mro__} if isinstance(model, BaseLlm) else set()
     if "LiteLlm" in kinds or "/" in name:
-        prefix, slash, _ = name.partition("/")
-        return prefix if slash else "litellm"
+        prefix, slash, rest = name.partition("/")
+        return (prefix, rest) if slash else ("litellm", name)
     if "Gemini" in kinds or name.startswith(("gemini", "gemma")):
-        return "google"
+        return "google", name
     if "AnthropicLlm" in kinds or name.startswith("claude"):
-        return "anthropic"
-    return type(model).__name__.lower() if isinstance(model, BaseLlm) else FRAMEWORK
+        return "anthropic", name
+    return type(model).__name__.lower() if isinstance(model, BaseLlm) else FRAMEWORK, name
 
 
 def _model_agent(agent: BaseNode | None) -> LlmAgent | None:
@@ -499,9 +502,8 @@ def _config(agent: BaseNode | None) -> LoopConfigSnapshot:
     while node is not None:
         model = getattr(node, "model", None)
         if isinstance(model, BaseLlm) or (isinstance(model, str) and model):
-            return loop_config(
-                model.model if isinstance(model, BaseLlm) else model, _provider(model), node.name
-            )
+            provider, name = _model_id(model)
+            return loop_config(name, provider, node.name)
         node = node.parent_agent
     return loop_config("unknown", FRAMEWORK, agent.name if agent is not None else None)
 
@@ -617,6 +619,8 @@ class _Reply:
         else:
             calls = [part.function_call for part in self._parts if part.function_call is not None]
             stop_reason, message = _stop(last, calls)
+        if last is not None and last.model_version:  # the model that served it (a dated snapshot)
+            self.scope.model = without_provider(self.scope.provider, last.model_version)
         # Usage is cumulative over a stream: the last response's is the call's.
         self.scope.finish(
             None if last is None else _blocks(self._parts),  # None: what streamed
@@ -709,10 +713,11 @@ class _Lane:
         loop = self.run.loop
         self.turn = loop.turn(request=request).start()
         config = loop.config
+        provider = config.provider if config is not None else None
         reply = self.reply = _Reply(
             self.turn.assistant(
-                model=model or (config.model if config is not None else None),
-                provider=config.provider if config is not None else None,
+                model=without_provider(provider, model) if model else (config.model if config else None),
+                provider=provider,
             ).start()
         )
         return reply
