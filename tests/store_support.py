@@ -14,12 +14,21 @@ from phi_session import LoopConfigSnapshot
 from phi_session.codec import encode_session
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
+from phi_session.messages import Usage
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import SessionStore, merge_sessions, summarize
-from phi_session.stores.conformance import cut_loop, make_session, save_in_parts, talking_loop
+from phi_session.stores.conformance import (
+    calls_loop,
+    cut_loop,
+    make_loop,
+    make_session,
+    save_in_parts,
+    talking_loop,
+)
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import SessionOutline, session_outline
+from phi_session.stores.query import SessionQuery
 
 
 def check_saves_read_only_touched_loops(
@@ -134,3 +143,48 @@ def check_cut_loops_have_prompts(store: SessionStore) -> None:
     }
     for session_id in _CUT_PROMPTS:
         assert store.load_outline(session_id) == session_outline(store.load(session_id))
+
+
+def _untotalled_session() -> Session:
+    """A loop of a call that reported no total (phi-core's Anthropic provider), then one a
+    fallback served that did, and a session of 1000 tokens."""
+    calls = [
+        Usage(input=100_000, output=2_000, cache_read=50_000),
+        Usage(input=10, output=5, total_tokens=15),
+    ]
+    served = ["anthropic/claude-sonnet-4-5", "openai/gpt-4o-mini"]
+    record = calls_loop("untotalled", 1, calls, model="anthropic/claude-sonnet-4-5", served_by=served)
+    return make_session("untotalled", loops=[record])
+
+
+def save_as_before_untotalled_calls_counted(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> Session:
+    """Save `_untotalled_session` as phi-session did before a call without a total counted its
+    tokens (`counted_usage`): listed at its recorded total, 15 (`check_untotalled_calls_counted`
+    once the store is migrated); and a session of 1000 tokens."""
+    import phi_session.model as model_module
+    from phi_session.stores import base as base_module
+
+    session = _untotalled_session()
+    with monkeypatch.context() as before:
+        for module in (model_module, base_module):
+            before.setattr(module, "counted_usage", lambda usage, calls: usage)
+        store.save(session)
+    store.save(make_session("plain", loops=[make_loop("plain", 1, tokens=1_000)]))
+    assert {row.session_id: row.total_tokens for row in store.query()} == {"untotalled": 15, "plain": 1_000}
+    return session
+
+
+def check_untotalled_calls_counted(store: SessionStore, session: Session) -> None:
+    """The session of `save_as_before_untotalled_calls_counted` lists, filters, sorts and
+    totals the tokens of its call without a total, as saved now; its record is untouched."""
+    rows = store.query(SessionQuery(order="tokens"))
+    assert [(row.session_id, row.total_tokens) for row in rows] == [("untotalled", 152_015), ("plain", 1_000)]
+    assert [row.session_id for row in store.query(SessionQuery(min_tokens=152_015))] == ["untotalled"]
+    totals = {total.key: total.usage.total_tokens for total in store.usage_totals("model")}
+    assert totals == {
+        "anthropic/claude-sonnet-4-5": 152_000,
+        "openai/gpt-4o-mini": 15,
+        "openai/gpt-4o": 1_000,
+    }
+    assert store.load_outline(session.session_id) == session_outline(session)
+    assert encode_session(store.load(session.session_id)) == encode_session(session)

@@ -2454,3 +2454,21 @@ def test_show_prints_a_tiny_cost_with_its_digits(tmp_path: Path, monkeypatch: py
     assert shown.exit_code == EXIT_OK, shown.stderr
     [line] = [line for line in shown.stdout.splitlines() if "Cost" in line]
     assert "$0.0000 " not in line + " " and "$0.00000" in line, line
+
+
+def test_a_call_without_a_total_counts_its_tokens_in_list_stats_and_show(tmp_path: Path) -> None:
+    # phi-core's Anthropic provider sets no total: list, stats and show said 0 tokens.
+    from phi_session.stores.conformance import calls_loop, make_session
+
+    untotalled = ps.Usage(input=100_000, output=2_000, cache_read=50_000)
+    record = calls_loop("s", 1, [untotalled], model="anthropic/claude-sonnet-4-5")
+    store = tmp_path / "s.db"
+    with ps.SqliteStore(store) as opened:
+        opened.save(make_session("untotalled", loops=[record]))
+    [row] = json_out(run("list", "--store", store, "--json"))
+    assert row["total_tokens"] == 152_000
+    assert "152,000" in run("list", "--store", store).stdout
+    assert "152,000" in run("stats", "--by", "model", "--store", store).stdout
+    shown = run("show", "untotalled", "--store", store).stdout
+    assert " 0 tokens" not in shown and "turn 0 · User · 0.50s · 152,000 tokens" in shown
+    assert "152,000" in run("show", "untotalled", "--timeline", "--store", store).stdout

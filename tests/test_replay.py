@@ -1963,7 +1963,8 @@ def test_a_loop_given_the_cursor_tags_each_reply_it_served_whenever_the_turn_sta
     recorder.flush()
     (record,) = recorder.drain_completed()[0].loops
     assert [is_replayed(turn.output_message) for turn in record.turns] == [True, True, True, False]
-    assert record.billed_usage() == Usage(input=7, output=1)
+    # The live reply only; it reported no total: its tokens count (`counted_total`).
+    assert record.billed_usage() == Usage(input=7, output=1, total_tokens=8)
 
 
 # -- what prun and revert took out of the context ------------------------------------------------

@@ -64,8 +64,10 @@ from .store_support import (
     check_cut_loops_have_prompts,
     check_saves_in_parts,
     check_saves_read_only_touched_loops,
+    check_untotalled_calls_counted,
     conversation_parts,
     save_as_before_cut_loops_had_prompts,
+    save_as_before_untotalled_calls_counted,
 )
 
 DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
@@ -1008,3 +1010,13 @@ def test_saves_in_parts_store_what_merging_them_gives(
     store: postgres.PostgresStore, parts: list[list[tuple[int, bool]]]
 ) -> None:
     store.delete(check_saves_in_parts(store, parts))
+
+
+def test_the_v15_migration_counts_the_tokens_of_calls_without_a_total(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = save_as_before_untotalled_calls_counted(store, monkeypatch)
+    meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("UPDATE {} SET value = '14' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        check_untotalled_calls_counted(migrated, session)

@@ -73,8 +73,10 @@ from .store_support import (
     check_cut_loops_have_prompts,
     check_saves_in_parts,
     check_saves_read_only_touched_loops,
+    check_untotalled_calls_counted,
     conversation_parts,
     save_as_before_cut_loops_had_prompts,
+    save_as_before_untotalled_calls_counted,
 )
 
 
@@ -2034,3 +2036,14 @@ def test_the_v13_migration_sums_the_loops_by_serving_model(db: Path) -> None:
     with SqliteStore(db) as store:
         assert store.schema_version() == SCHEMA_VERSION
         check_migrated_served_totals(store, session)
+
+
+def test_the_v16_migration_counts_the_tokens_of_calls_without_a_total(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SqliteStore(db) as store:
+        session = save_as_before_untotalled_calls_counted(store, monkeypatch)
+    raw_execute(db, "PRAGMA user_version = 15")
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 16
+        check_untotalled_calls_counted(store, session)

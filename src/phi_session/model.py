@@ -19,7 +19,7 @@ that holds it makes a cycle the GC cannot collect.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
@@ -70,6 +70,8 @@ __all__ = [
     "Turn",
     "TurnId",
     "TurnRange",
+    "counted_total",
+    "counted_usage",
     "is_replayed",
     "mark_replayed",
     "prompt_tokens",
@@ -279,6 +281,23 @@ def prompt_tokens(usage: Usage | ModelCall) -> int:
     """Every input token of one call, read from the cache, written to it or neither: what
     the GenAI conventions' ``input_tokens`` count and tiered prices go by."""
     return uncached_input(usage) + usage.cache_read + usage.cache_write
+
+
+def counted_total(usage: Usage | ModelCall) -> int:
+    """One call's total tokens: its own ``total_tokens``, else (phi-core's Anthropic provider
+    sets none) its input, cache and output tokens (`prompt_tokens` plus ``output``, which
+    holds the reasoning)."""
+    return usage.total_tokens or prompt_tokens(usage) + usage.output
+
+
+def counted_usage(usage: Usage, calls: Iterable[ModelCall]) -> Usage:
+    """`usage`, the sum of `calls`, with a total that counts the tokens of the calls that
+    reported none (`counted_total`): what listings, filters and totals show. A record's own
+    ``total_tokens`` stays as recorded."""
+    untotalled = sum(counted_total(call) for call in calls if not call.total_tokens)
+    if not untotalled:
+        return usage
+    return msgspec.structs.replace(usage, total_tokens=usage.total_tokens + untotalled)
 
 
 def without_provider(provider: str | None, model: str) -> str:
@@ -583,15 +602,22 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         model; a loop reporting less than they did bills zero, never below). A loop
         without ``AgentEnd`` thus counts its finished turns and `unfinished_usage`.
         Summaries, `Session.billed_usage`, the stores' totals and cost all count this,
-        so a cut-off stream is never under-billed and a replay never billed twice.
+        so a cut-off stream is never under-billed and a replay never billed twice. Its
+        ``total_tokens`` also counts the tokens of the calls that reported no total
+        (`counted_usage`: phi-core's Anthropic provider sets none).
         """
+        return counted_usage(self.billed_as_reported(), self.model_calls())
+
+    def billed_as_reported(self) -> Usage:
+        """`billed_usage` with the total the calls reported: what `model_calls` splits, and
+        what an export carries (the record's own figures)."""
         reported = self.reported_usage()
         replayed = self.replayed_usage()
         return reported if replayed == ZERO_USAGE else _less(reported, replayed)
 
     def model_calls(self) -> list[ModelCall]:
         """The loop's model calls with tokens, each with when it started: what cost prices,
-        one call at a time. Their usages add up to `billed_usage`.
+        one call at a time. Their usages add up to `billed_usage` (its total as reported).
 
         Each call names the model that served it when its reply names another than the
         loop config's (`ModelCall.served_by`).
@@ -621,7 +647,7 @@ class LoopRecord(msgspec.Struct, kw_only=True):
                 if reply.usage != ZERO_USAGE and not is_replayed(reply)
             ]
             return calls
-        billed = self.billed_usage()
+        billed = self.billed_as_reported()
         rest = [getattr(billed, name) for name in _USAGE_FIELDS]
         for call in calls:
             rest = [left - getattr(call, name) for left, name in zip(rest, _USAGE_FIELDS, strict=True)]

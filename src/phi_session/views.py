@@ -22,7 +22,7 @@ from ._time import Timestamp
 from .errors import InvalidArgument, InvalidSessionId, SessionNotFound, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
-from .model import LoopRecord, Session, Turn
+from .model import LoopRecord, Session, Turn, counted_total
 from .stores.base import SessionStore, SessionSummary, summarize
 from .stores.outline import SessionOutline
 
@@ -654,7 +654,7 @@ def _turn_bars(
         f"turn {turn.turn_id.turn_index}",
         turn.started_at,
         turn.ended_at,
-        turn.usage,
+        msgspec.structs.replace(turn.usage, total_tokens=counted_total(turn.usage)),
         str(turn.triggered_by),
     )
     output = turn.output_message

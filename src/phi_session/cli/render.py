@@ -35,7 +35,7 @@ from ..messages import (
     Usage,
     message_role,
 )
-from ..model import LoopRecord, Session, is_replayed
+from ..model import LoopRecord, Session, counted_total, is_replayed
 from ..stores.base import SessionSummary, UsageTotal
 from ..stores.query import LOOP_STATUSES
 from ..stores.search import SearchHit
@@ -572,7 +572,7 @@ def _turn_line(record: LoopRecord, turn_index: int) -> Text:
     tools = [block.name for block in content if isinstance(block, ToolCall)]
     line = Text(
         f"turn {turn.index} · {turn.triggered_by} · {turn.duration():.2f}s · "
-        f"{number(turn.usage.total_tokens)} tokens"
+        f"{number(counted_total(turn.usage))} tokens"
     )
     if tools:
         line.append(" · calls ")
@@ -864,7 +864,7 @@ def message_view(message: AgentMessage) -> Group:
         head.append(
             safe(
                 f"  {message.provider}/{message.model} · {message.stop_reason} · "
-                f"{number(message.usage.total_tokens)} tokens",
+                f"{number(counted_total(message.usage))} tokens",
                 one_line=True,
             ),
             style="dim",

@@ -494,7 +494,7 @@ class _LoopExport:
             attr.PHI_CONTINUATION_KIND: record.kind.kind,
             # What the loop's calls billed: phi-core's usage, but for a loop cut off before
             # AgentEnd, whose usage phi-core leaves at zero, its finished and cut-off turns'.
-            **_usage_attributes(record.billed_usage(), record.model_calls()),
+            **_usage_attributes(record.billed_as_reported(), record.model_calls()),
         }
         if self.capture and record.ended_at is None:
             # What an AgentEnd closing it reports: every reply's usage, a replay's served ones

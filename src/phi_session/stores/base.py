@@ -24,7 +24,7 @@ from ..codec import (
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
-from ..model import LoopRecord, ModelCall, RecordMark, Session, keep_links
+from ..model import LoopRecord, ModelCall, RecordMark, Session, counted_usage, keep_links
 from .outline import LoopOutline, SessionOutline, decode_calls, first_prompt
 from .query import LOOP_STATUSES, GroupBy, Order, PruneCriteria, SessionQuery, check_count, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
@@ -128,7 +128,9 @@ def serving_rows(row: UsageRow) -> Sequence[UsageRow]:
         served = call.served_by
         by_key.setdefault(row.key if served is None else f"{served[0]}/{served[1]}", []).append(call)
     return [
-        row._replace(key=key, usage=sum((call.usage for call in calls), ZERO_USAGE), calls=calls)
+        row._replace(
+            key=key, usage=counted_usage(sum((call.usage for call in calls), ZERO_USAGE), calls), calls=calls
+        )
         for key, calls in by_key.items()
     ]
 

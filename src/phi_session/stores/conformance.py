@@ -1246,6 +1246,25 @@ class StoreConformance:
         assert walk("oldest", "b", 30) == ["b", "c", "d", "a", "b"]  # 'b' moved after it: twice
         assert walk("tokens", "d", 40) == ["b", "a", "c"]  # 'd' gained the most tokens: not listed
 
+    def test_a_call_without_a_total_counts_its_tokens(self, store: SessionStore) -> None:
+        # phi-core's Anthropic provider sets no total: such a session listed 0 tokens, was
+        # missed by min_tokens and sorted last by tokens. It counts its calls' tokens.
+        store.save(make_session("small", loops=[make_loop("small", 1, tokens=1_000)], last_active_at=at(2)))
+        untotalled = Usage(input=100_000, output=2_000, cache_read=50_000)
+        mixed = [untotalled, Usage(input=1_000, output=100, cache_read=400, total_tokens=1_100)]
+        record = calls_loop("anthropic", 1, mixed, model="anthropic/claude-sonnet-4-5")
+        store.save(make_session("anthropic", loops=[record], last_active_at=at(1)))
+        counted = 152_000 + 1_100  # the second call's cache counted inside its input, once
+        assert [(row.session_id, row.total_tokens) for row in store.query(SessionQuery(order="tokens"))] == [
+            ("anthropic", counted),
+            ("small", 1_000),
+        ]
+        assert _ids(store.query(SessionQuery(min_tokens=counted))) == ["anthropic"]
+        totals = {total.key: total.usage.total_tokens for total in store.usage_totals("model")}
+        assert totals["anthropic/claude-sonnet-4-5"] == counted
+        assert store.load_outline("anthropic").loops[0].billed_usage.total_tokens == counted
+        assert store.load("anthropic").loops[0].usage.total_tokens == 1_100  # as recorded
+
     def test_query_by_agent(self, store: SessionStore) -> None:
         _populate(store)
         assert _ids(store.query(SessionQuery(agent_id="alpha"))) == ["s2", "s1"]

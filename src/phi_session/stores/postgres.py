@@ -21,7 +21,8 @@ Layout (all tables live in one schema, ``phi_session`` by default):
   (`codec.encode_loop`), and ``words``, its full-text index entry (below). Rows go
   with their session (``ON DELETE CASCADE``). Token columns hold what a loop billed
   (`LoopRecord.billed_usage`); the v4 migration rebilled the loops cut off before
-  their ``AgentEnd`` that earlier versions saved at zero. ``calls`` holds the loop's
+  their ``AgentEnd`` that earlier versions saved at zero, the v15 migration counted the
+  calls that reported no total (`model.counted_usage`). ``calls`` holds the loop's
   model calls (`outline.encode_calls`), which priced totals read (schema v6).
 * ``loop_models``: what each loop adds to the per-model totals, its usage by the
   model that served its calls (`outline_model_rows`), one row per loop and model,
@@ -172,7 +173,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -335,7 +336,14 @@ def _bill_unfinished_loops(cur: psycopg.Cursor[Row], compose: Callable[[str], sq
                 values.append((*(getattr(usage, name) for name in _V4_FIELDS), session_id, position))
                 billed.add(session_id)
         cur.executemany(update, values)
-    if billed:
+    _sum_session_tokens(cur, compose, billed)
+
+
+def _sum_session_tokens(
+    cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed], sessions: set[str]
+) -> None:
+    """The token columns of `sessions`, the sums of their loops' again."""
+    if sessions:
         sums = ", ".join(f"sum(l.{column})" for column in _V4_TOKENS.split(", "))
         cur.execute(
             compose(
@@ -343,8 +351,45 @@ def _bill_unfinished_loops(cur: psycopg.Cursor[Row], compose: Callable[[str], sq
                 f" (SELECT {sums} FROM {{s}}.loops l WHERE l.session_id = s.session_id)"
                 " WHERE s.session_id = ANY(%s)"
             ),
-            (sorted(billed),),
+            (sorted(sessions),),
         )
+
+
+def _count_untotalled_calls(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
+    """Migration 15: a loop's total counts the tokens of its calls that reported no total
+    (phi-core's Anthropic provider sets none: `counted_usage`), which its listing,
+    ``min_tokens``, the order by tokens and the totals by model read. Only such a loop's
+    total can be below its input plus output (every total a call reports counts them):
+    those loops get their token columns, outline, calls and rows by serving model again,
+    and their sessions' sums. A record that does not decode is left as it was."""
+    update = compose(
+        f"UPDATE {{s}}.loops SET ({_V4_TOKENS}, outline, calls) = (%s, %s, %s, %s, %s, %s, %s, %s)"
+        " WHERE session_id = %s AND position = %s"
+    )
+    remove = compose("DELETE FROM {s}.loop_models WHERE session_id = %s AND position = %s")
+    insert = compose(_INSERT_LOOP_MODEL)
+    query = compose(
+        "SELECT session_id, position, record FROM {s}.loops WHERE total_tokens < input_tokens + output_tokens"
+    )
+    counted: set[str] = set()
+    for rows in _in_batches(cur, "phi_session_count_untotalled", query):
+        for session_id, position, blob in rows:
+            try:
+                record = decode_loop(blob, strict=False)
+            except DecodeError:
+                continue
+            outline = loop_outline(record)
+            cur.execute(
+                update,
+                (*_usage_values(record.billed_usage()), *encode_outline_parts(outline), session_id, position),
+            )
+            cur.execute(remove, (session_id, position))
+            cur.executemany(
+                insert,
+                [_loop_model_values(session_id, position, part) for part in outline_model_rows(outline)],
+            )
+            counted.add(session_id)
+    _sum_session_tokens(cur, compose, counted)
 
 
 def _store_first_prompts(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
@@ -553,6 +598,7 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         # "straße" is "strasse"): every loop's words again.
         partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
     ),
+    (_count_untotalled_calls,),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 

@@ -292,7 +292,12 @@ def _bill_unfinished_loops(conn: sqlite3.Connection) -> None:
                 [*(_clamp(getattr(usage, name)) for name in _V3_FIELDS), session_id, position],
             )
             billed.add(session_id)
-    for session_id in billed:
+    _sum_session_tokens(conn, billed)
+
+
+def _sum_session_tokens(conn: sqlite3.Connection, sessions: Iterable[str]) -> None:
+    """The token columns of `sessions`, the sums of their loops' again."""
+    for session_id in sessions:
         # Summed here, not by SQL (whose integers overflow). Loop columns saturate at
         # 2**63-1: a sum is exact only below that (an inexact session is summarized
         # from its records).
@@ -564,6 +569,35 @@ def _index_case_folded_words(conn: sqlite3.Connection) -> None:
     _index_changed_words(conn, sorted(sessions))
 
 
+def _count_untotalled_calls(conn: sqlite3.Connection) -> None:
+    """v16: a loop's total counts the tokens of its calls that reported no total (phi-core's
+    Anthropic provider sets none: `counted_usage`), which its listing, ``min_tokens``, the
+    order by tokens and the totals by model read. Only such a loop's total can be below its
+    input plus output (every total a call reports counts them): those loops get their token
+    columns, outline, calls and rows by serving model again, and their sessions' sums. A
+    loop whose record does not decode is left as it was."""
+    sessions = [
+        session_id
+        for (session_id,) in conn.execute(
+            "SELECT DISTINCT session_id FROM loops WHERE total_tokens < input_tokens + output_tokens"
+        )
+    ]
+    for session_id, position, record in _each_stored_loop(conn, sessions):
+        outline = loop_outline(record)
+        outline_json, calls_json = encode_outline_parts(outline)
+        conn.execute(
+            f"UPDATE loops SET ({_V3_TOKENS}, outline, calls) = (?, ?, ?, ?, ?, ?, ?, ?)"
+            " WHERE session_id = ? AND position = ?",
+            [*_token_columns(record.billed_usage()), outline_json, calls_json, session_id, position],
+        )
+        conn.execute("DELETE FROM loop_models WHERE session_id = ? AND position = ?", (session_id, position))
+        conn.executemany(
+            _INSERT_LOOP_MODEL,
+            [_loop_model_row(session_id, position, part) for part in outline_model_rows(outline)],
+        )
+    _sum_session_tokens(conn, sessions)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -580,6 +614,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _sum_loops_by_serving_model,
     _prompt_loops_that_never_ended,
     _index_case_folded_words,
+    _count_untotalled_calls,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 

@@ -230,9 +230,17 @@
     return total;
   }
 
+  // A call's total tokens (model.counted_total): its own, else (phi-core's Anthropic provider
+  // sets none, counting the cache apart) its input, cache and output tokens.
+  function countedTotal(usage) {
+    const u = usage || {};
+    return Number(u.total_tokens || 0) ||
+      Number(u.input || 0) + Number(u.output || 0) + Number(u.cache_read || 0) + Number(u.cache_write || 0);
+  }
+
   function usageText(usage) {
     const u = usage || {};
-    const parts = [tokens(u.total_tokens) + " tokens", "in " + tokens(u.input), "out " + tokens(u.output)];
+    const parts = [tokens(countedTotal(u)) + " tokens", "in " + tokens(u.input), "out " + tokens(u.output)];
     if (u.reasoning) parts.push("reasoning " + tokens(u.reasoning));
     if (u.cache_read) parts.push("cache read " + tokens(u.cache_read));
     if (u.cache_write) parts.push("cache write " + tokens(u.cache_write));
@@ -511,7 +519,7 @@
     }
     if (role === "assistant") {
       append(head, h("span", null, message.provider + "/" + message.model), h("span", null, "stop: " + message.stopReason),
-        h("span", null, tokens((message.usage || {}).total_tokens) + " tokens"));
+        h("span", null, tokens(countedTotal(message.usage)) + " tokens"));
     } else if (role === "toolResult") {
       append(head, h("span", null, message.toolName), h("code", null, message.toolCallId),
         isError ? h("span", { class: "chip error" }, "error") : null);
@@ -1241,7 +1249,7 @@
 
   // Stacked token kinds per group (the parts may not add up to total_tokens: scaled to it).
   const TOKENS = {
-    total: (row) => Number(row.usage.total_tokens),
+    total: (row) => countedTotal(row.usage),
     parts: (row) => {
       let sum = 0;
       const parts = CHART_PARTS.map(([key, label]) => {
@@ -1250,7 +1258,7 @@
         sum += value;
         return part;
       }).filter((part) => part.value > 0);
-      const scale = row.usage.total_tokens / Math.max(sum, 1);
+      const scale = countedTotal(row.usage) / Math.max(sum, 1);
       return parts.map((part) => Object.assign(part, { from: part.from * scale, value: part.value * scale }));
     },
     text: tokens,
