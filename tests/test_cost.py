@@ -355,6 +355,31 @@ def test_a_loop_usage_its_turns_do_not_account_for_is_one_more_call() -> None:
     assert [call.usage for call in record.model_calls()] == [record.usage]
 
 
+def test_a_saturated_loop_usage_keeps_its_turns_as_calls() -> None:
+    # Two turns of 2**63 input tokens: the loop's usage saturates at 2**64 - 1, less than
+    # their sum; priced as one call of the config's model it cost $46.1e12 for $24.4e12.
+    half = 2**63
+    calls = [Usage(input=half, output=0, total_tokens=half)] * 2
+    record = calls_loop(
+        "s", 1, calls, model="openai/gpt-4o", served_by=["openai/gpt-4o", "openai/gpt-4o-mini"]
+    )
+    record.usage = Usage(input=2**64 - 1, output=0, total_tokens=2**64 - 1)  # as the tracer saturates it
+    assert [(call.input, call.served_by) for call in record.model_calls()] == [
+        (half, None),
+        (half, ("openai", "gpt-4o-mini")),
+    ]
+    pricer = Pricer(
+        {"openai/gpt-4o": {"input": 2.5, "output": 10}, "openai/gpt-4o-mini": {"input": 0.15, "output": 0.6}},
+        use_table=False,
+    )
+    assert pricer.loop(record).usd == pytest.approx(
+        sum(pricer.turn(turn, record).usd for turn in record.turns)
+    )
+    # Less than its turns for another reason than saturation: still one call.
+    record.usage = Usage(input=half, output=0, total_tokens=half)
+    assert [call.input for call in record.model_calls()] == [half]
+
+
 def test_user_prices_and_unknown_models_per_call(tmp_path: Path) -> None:
     path = tmp_path / "prices.toml"
     path.write_text('["google/gemini-2.5-pro"]\ninput = 1\noutput = 10\n')

@@ -25,6 +25,7 @@ from .messages import ZERO_USAGE, Usage
 
 __all__ = [
     "MOST_WAIT_SECONDS",
+    "U64_MAX",
     "check_callable",
     "check_choice",
     "check_counts",
@@ -44,7 +45,8 @@ __all__ = [
     "wait_limit",
 ]
 
-_U64_MAX = 2**64 - 1
+U64_MAX = 2**64 - 1
+"""The largest count phi-core holds (u64)."""
 _COUNTER_TYPES = (int,) * len(Usage.__struct_fields__)
 
 MOST_WAIT_SECONDS = 2_147_483.647
@@ -132,7 +134,7 @@ def check_unsigned(name: str, value: object, *, optional: bool = False) -> None:
     """`TypeError` unless `value` is an int (a bool is none), or None when `optional`;
     `InvalidArgument` unless phi-core's unsigned 64-bit counters hold it."""
     check_type(name, value, int, optional=optional)
-    if isinstance(value, int) and not 0 <= value <= _U64_MAX:
+    if isinstance(value, int) and not 0 <= value <= U64_MAX:
         raise InvalidArgument(f"{name}: expected a count from 0 to 2**64-1; got {value}")
 
 
@@ -234,14 +236,14 @@ def counts_in_range(usage: Usage) -> bool:
     if usage is ZERO_USAGE:
         return True
     counts = astuple(usage)
-    return tuple(map(type, counts)) == _COUNTER_TYPES and min(counts) >= 0 and max(counts) <= _U64_MAX
+    return tuple(map(type, counts)) == _COUNTER_TYPES and min(counts) >= 0 and max(counts) <= U64_MAX
 
 
 def saturated(usage: Usage) -> Usage:
     """`usage` (a sum of counters phi-core holds) with each counter beyond its unsigned
     64-bit ones at the largest they hold; `usage` itself when none is beyond."""
     counts = astuple(usage)
-    if max(counts) <= _U64_MAX:
+    if max(counts) <= U64_MAX:
         return usage
     fields = Usage.__struct_fields__
-    return Usage(**{field: min(count, _U64_MAX) for field, count in zip(fields, counts, strict=True)})
+    return Usage(**{field: min(count, U64_MAX) for field, count in zip(fields, counts, strict=True)})

@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import msgspec
 from msgspec.structs import force_setattr
 
+from ._checks import U64_MAX
 from ._time import Timestamp
 from .errors import LoopNotFound
 from .events import (
@@ -629,7 +630,7 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         more usage than its turns (a reply whose turn never ended, an adapter's own
         total) adds the difference as one call at its start; one whose turns report
         more than its billed usage cannot be split: that usage is then one call at its
-        start.
+        start, unless the billed counts that fall short are saturated (2**64 - 1).
         """
         config = self.config
         replies = self._turn_replies()
@@ -651,8 +652,15 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         rest = [getattr(billed, name) for name in _USAGE_FIELDS]
         for call in calls:
             rest = [left - getattr(call, name) for left, name in zip(rest, _USAGE_FIELDS, strict=True)]
-        if any(value < 0 for value in rest):
+        # Turns reporting more than the loop cannot be split, unless only saturation explains
+        # it: phi-core's loop counters stop at 2**64 - 1 where their turns' sum goes on.
+        short = (
+            value < 0 and getattr(billed, name) != U64_MAX
+            for value, name in zip(rest, _USAGE_FIELDS, strict=True)
+        )
+        if any(short):
             return [ModelCall.of(self.started_at, billed)] if billed != ZERO_USAGE else []
+        rest = [max(0, value) for value in rest]
         if any(rest):
             calls.append(ModelCall(self.started_at.ns // _NS_PER_MS, *rest))
         return calls
