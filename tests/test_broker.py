@@ -1312,11 +1312,11 @@ def test_a_spill_journal_is_refused_by_recover_and_the_recorders_journal_and_sen
         assert resender.stats().published == len(events)
 
 
-def test_a_spill_journal_an_earlier_version_wrote_is_kept_by_recover_and_sent_later(
+def test_a_spill_journal_an_earlier_version_wrote_is_refused_by_recover_and_sent_later(
     names: Names, tmp_path: Path
 ) -> None:
     """Spill journals written before they had a header of their own begin as a recorder's
-    journal: `recover` now finds none of their records an event, and keeps them."""
+    journal: told by their records ([msg_id, session, key, event]), they are refused."""
     events = list(workload.events(1, seed=6))
     _spilled_offline(names, events)
     for segment in names.spill.glob("*/*.wal"):
@@ -1324,11 +1324,16 @@ def test_a_spill_journal_an_earlier_version_wrote_is_kept_by_recover_and_sent_la
         segment.write_bytes(MAGIC + data[len(MAGIC) :])  # the header an earlier version wrote
     before = _contents(names.spill)
     for episode in names.spill.iterdir():
-        with pytest.raises(ps.RecoveryError, match=r"none of its \d+ records is an event.*kept"):
+        with pytest.raises(
+            ps.NotAJournal, match=r"is a broker spill journal.*earlier version.*nothing was touched"
+        ):
             recover(episode, ps.JsonDirStore(tmp_path / "store"))
-        with pytest.raises(ps.RecoveryError, match=r"none of its \d+ records is an event"):
+        with pytest.raises(ps.NotAJournal, match=r"is a broker spill journal.*earlier version"):
             AutoPersistingRecorder(ps.JsonDirStore(tmp_path / "store"), journal=episode)
+        with pytest.raises(ps.NotAJournal):
+            Journal(episode)
     assert _contents(names.spill) == before
+    assert not (tmp_path / "store").exists()
     with names.sink() as resender:
         assert resender.flush(30)
         assert resender.stats().published == len(events)

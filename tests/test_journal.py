@@ -303,6 +303,34 @@ def test_records_recovery_cannot_decode_are_kept_in_the_orphans_file(tmp_path: P
     assert stored(store) == recorded(evs)
 
 
+def test_a_journal_whose_only_records_are_of_a_newer_phi_core_recovers_to_the_orphans_file(
+    tmp_path: Path,
+) -> None:
+    """A journal none of whose records decoded raised `RecoveryError` (taken for an earlier
+    version's spill journal): `recover` and every `AutoPersistingRecorder` start failed."""
+    newer = b'{"type":"future_event_v9","loop_id":"x"}'
+    for directory in (tmp_path / "recover", tmp_path / "start"):
+        with Journal(directory, durability="os") as journal:
+            journal.append_json(newer)
+    report = recover(tmp_path / "recover", JsonDirStore(tmp_path / "store"))
+    assert (report.undecodable, report.segments_removed) == (1, 1)
+    assert (tmp_path / "recover" / ORPHANS_FILE).read_bytes() == newer + b"\n"
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), journal=tmp_path / "start") as recorder:
+        recorder.record_all(events(1))
+    assert (tmp_path / "start" / ORPHANS_FILE).read_bytes() == newer + b"\n"
+    assert stored(JsonDirStore(tmp_path / "store")) == recorded(events(1))
+
+
+def test_a_journal_of_four_element_arrays_that_hold_no_event_is_a_recorders(tmp_path: Path) -> None:
+    """Only records shaped as an earlier spill journal's ([id, session, key, event]) make a
+    journal one: other arrays are a recorder's undecodable records, kept aside."""
+    odd = b'["a","b","c",1]'
+    with Journal(tmp_path, durability="os") as journal:
+        journal.append_json(odd)
+    assert recover(tmp_path, JsonDirStore(tmp_path / "store")).undecodable == 1
+    assert (tmp_path / ORPHANS_FILE).read_bytes() == odd + b"\n"
+
+
 def test_a_session_no_store_can_take_goes_whole_to_the_orphans(tmp_path: Path) -> None:
     sid, loop, at = "../evil", "../evil.a.1", Timestamp.from_ns(1_750_000_000 * 10**9)
     evs: list[AgentEvent] = [

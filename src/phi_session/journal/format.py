@@ -38,7 +38,7 @@ import stat
 import struct
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -82,17 +82,39 @@ class Kind:
     what: str
     also: tuple[bytes, ...] = ()
     """Headers of segments it takes as its own too."""
+    earlier: Callable[[bytes], bool] | None = None
+    """Whether a record is one of its kind's: tells the segments an earlier version headed
+    with another kind's header (one of `also`) from that kind's."""
 
     @property
     def heads(self) -> tuple[bytes, ...]:
         return (self.magic, *self.also)
 
 
+class _Typed(msgspec.Struct):
+    type: str
+
+
+# Its records are [event id, session id, key, event] (`broker.sink`).
+_SPILL_RECORD = msgspec.json.Decoder(tuple[str, str, str, _Typed])
+
+
+def _spill_record(record: bytes) -> bool:
+    """Whether `record` is a spill journal's (its event: an object with a type, any)."""
+    try:
+        _SPILL_RECORD.decode(record)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
 RECORDER = Kind(MAGIC, "a recorder's journal")
-# Its records are [event id, session id, key, event] (`broker.sink`). Earlier spill journals
-# were headed as a recorder's: recovery keeps a journal none of whose records it decodes.
+# Earlier spill journals were headed as a recorder's: their first record tells them apart.
 SPILL = Kind(
-    SPILL_MAGIC, "a broker spill journal (`phi-session record --to`; the next one sends it)", (MAGIC,)
+    SPILL_MAGIC,
+    "a broker spill journal (`phi-session record --to`; the next one sends it)",
+    (MAGIC,),
+    _spill_record,
 )
 _KINDS = (RECORDER, SPILL)
 _HEADERS = tuple(kind.magic for kind in _KINDS)  # one length: `SegmentReader` reads both
@@ -134,8 +156,7 @@ def check_ours(directory: Path, segments: Sequence[Path], kind: Kind = RECORDER)
         )
     if (other_kind := _other_kind(segments, kind)) is not None:
         raise NotAJournal(
-            f"{directory} is {other_kind.what}, not {kind.what}: its segments begin with "
-            f"{other_kind.magic.decode()}; nothing was touched"
+            f"{directory} is {other_kind[0].what}, not {kind.what}: {other_kind[1]}; nothing was touched"
         )
     if segments and not holds_journal(segments, beside_lock=beside_lock, heads=kind.heads):
         names = ", ".join(path.name for path in segments[:3]) + (", ..." if len(segments) > 3 else "")
@@ -204,15 +225,46 @@ def _begins_header(data: bytes) -> bool:
     return any(header.startswith(data) for header in _HEADERS)
 
 
-def _other_kind(paths: Sequence[Path], kind: Kind) -> Kind | None:
-    """The kind of journal the first of `paths` that begins as another kind's segment
-    belongs to; None if none does."""
-    for path in paths:
-        head = _head(path)
+def _other_kind(paths: Sequence[Path], kind: Kind) -> tuple[Kind, str] | None:
+    """The other kind of journal than `kind` that `paths` belong to, and how it shows;
+    None if they are `kind`'s (or do not tell).
+
+    The first that begins as another kind's segment tells; so does, in segments headed
+    as `kind`'s, the first record of the first of them, if it is a record of a kind an
+    earlier version headed so (a journal of records of neither kind is `kind`'s: recovery
+    keeps the records it cannot decode)."""
+    heads = [_head(path) for path in paths]
+    for head in heads:
         for other in _KINDS:
             if head == other.magic and head not in kind.heads:
-                return other
+                return other, f"its segments begin with {head.decode()}"
+    earlier = [
+        (other, other.earlier) for other in _KINDS if other.earlier is not None and kind.magic in other.also
+    ]
+    first = next((path for path, head in zip(paths, heads, strict=True) if head == kind.magic), None)
+    if earlier and first is not None and (record := _first_record(first)) is not None:
+        for other, ours in earlier:
+            if ours(record):
+                return other, (
+                    f"its records are of that kind, in segments headed {kind.magic.decode()} "
+                    "as an earlier version wrote them"
+                )
     return None
+
+
+def _first_record(path: Path) -> bytes | None:
+    """The first record of segment `path`; None unless its first frame is intact."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(len(MAGIC) + _HEADER.size)
+            if len(start) < len(MAGIC) + _HEADER.size:
+                return None
+            data = memoryview(start + file.read(_HEADER.unpack_from(start, len(MAGIC))[1]))
+    except OSError:
+        return None
+    frame = _frame_at(data, len(MAGIC), -1)
+    records = None if frame is None else _records(data, len(MAGIC), frame[1], frame[2])
+    return records[0] if records else None
 
 
 def _holds_frame(path: Path) -> bool:

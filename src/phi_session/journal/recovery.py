@@ -119,10 +119,6 @@ def recover(
     stretches are skipped, logged as warnings and counted in the report (with the
     records lost, from the gaps in the sequence numbers).
 
-    A journal none of whose records decodes as an event is kept (`RecoveryError`): it is
-    another program's, a broker spill journal, say (refused as `NotAJournal` by its header
-    from this version on).
-
     Idempotent: `SessionStore.save` merges by loop id, so saving what is already
     stored changes nothing. With `remove`, once every session is saved, events that no
     loop claimed and records that are not events (`RecoveryReport.undecodable`) are
@@ -204,15 +200,6 @@ def _recover(
         unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
         saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
         report, orphans, rejected, replayed = _replay(directory, segments, saver, config, save_every, keeping)
-        if report.undecodable and not (report.events_replayed or report.events_already_stored):
-            # Not a journal of events this phi-session knows (an earlier version's broker spill
-            # journal, a newer phi-core's): written aside and deleted, its records would be lost.
-            raise RecoveryError(
-                f"recovery of {directory}: none of its {report.undecodable} records is an event "
-                "this phi-session knows (a broker spill journal? `phi-session record --to` sends "
-                "it); nothing was saved, the journal was kept",
-                report,
-            )
         orphans += unstorable
         report.orphans = len(orphans)
         kept = None
