@@ -1098,15 +1098,28 @@ def test_an_id_holding_a_newline_or_a_tab_is_shown_escaped_on_its_one_row(tmp_pa
         "show": run("show", forged, "--store", store).stdout,
         "show tab": run("show", tabbed, "--store", store).stdout,
         "diff": run("diff", f"{forged}:#1", f"{tabbed}:#1", "--store", store).stdout,
+        "diff sessions": run("diff", forged, tabbed, "--store", store).stdout,
+        "fork": run("fork", forged, "#1", "--turn", "0", "--store", store).stderr,
     }
+    exported = tmp_path / "exported.json"
+    assert run("export", forged, "-o", exported, "--store", store).exit_code == EXIT_OK
+    outputs["import"] = run("import", exported, "--store", tmp_path / "copy.db").stdout
     for command, out in outputs.items():
         assert "\t" not in out and "tab here" not in out, command
         assert not [line for line in out.splitlines() if line.lstrip(" │├└─").startswith("forged")], command
-    for command in ("record", "list", "search", "show", "diff"):
+    for command in ("record", "list", "search", "show", "diff", "diff sessions", "fork", "import"):
         assert "real-run\\x0aforged-session-id" in outputs[command], command
-    for command in ("record", "list", "search", "show tab", "diff"):
+    for command in ("record", "list", "search", "show tab", "diff", "diff sessions"):
         assert "tab\\x09here" in outputs[command], command
     assert "tab\\x09here.anthropic.claude-haiku-4-5.1" in outputs["show tab"]  # the loop tree's ids too
+
+
+def test_an_id_holding_the_text_of_an_escape_is_not_shown_as_the_id_holding_that_character() -> None:
+    # An id holding a backslash then x0a was shown as one holding a newline is: a\x0ab.
+    newline, text = "s.a\nb.1", "s.a\\x0ab.1"
+    assert render.ident(newline) == "s.a\\x0ab.1"
+    assert render.ident(text) == "s.a\\\\x0ab.1"
+    assert render.ident("C:\\agents\x1b") == "C:\\\\agents\\x1b"  # one escaping for all
 
 
 # -- stats ---------------------------------------------------------------------------------------

@@ -1000,7 +1000,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                         errors.append(
                             {
                                 "path": str(file),
-                                "error": f"session {session.session_id} not saved: {outcome.error}",
+                                "error": f"session {render.ident(session.session_id)} not saved: "
+                                f"{outcome.error}",
                             }
                         )
         if not imported:
@@ -1014,7 +1015,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
         for row in imported:
             console.print(
                 render.plain(
-                    f"imported {row['session_id']} ({render.count(row['loops'], 'loop')}) from {row['path']}"
+                    f"imported {render.ident(row['session_id'])} ({render.count(row['loops'], 'loop')}) "
+                    f"from {row['path']}"
                 ),
                 soft_wrap=True,
             )

@@ -104,5 +104,8 @@ def fork_command(
         console.print()
     for message in request.messages:
         console.print(render.message_view(message))
-    note = f"{render.count(len(request.messages), 'message')}: the context of turn {turn_index} of {loop_id}"
+    note = (
+        f"{render.count(len(request.messages), 'message')}: the context of turn {turn_index} "
+        f"of {render.ident(loop_id)}"
+    )
     stderr().print(render.plain(note, "dim"), soft_wrap=True)

@@ -61,8 +61,9 @@ _CONTROL = {
 _ONE_LINE = {**_CONTROL, 10: "\u23ce", 9: " "}
 # Ids are what users copy and tell rows apart by: a newline in one drawn raw makes a
 # second row, one shown as ⏎ or a tab as a space makes another id; they are escaped
-# like every other control character instead.
-_ID = {**_CONTROL, 10: "\\x0a", 9: "\\x09"}
+# like every other control character instead, and so is a backslash (as \\, as Python
+# does), or an id holding the text \x0a would show as one holding a newline.
+_ID = {**_CONTROL, 10: "\\x0a", 9: "\\x09", 0x5C: "\\\\"}
 
 
 def safe(text: str, *, one_line: bool = False) -> str:
@@ -71,7 +72,8 @@ def safe(text: str, *, one_line: bool = False) -> str:
 
 
 def ident(value: str) -> str:
-    """A session, loop or agent id as the CLI shows it: every control character escaped."""
+    """A session, loop or agent id as the CLI shows it: every control character and the
+    backslash escaped (`\\x0a`, `\\\\`), so that two ids never look alike."""
     return value.translate(_ID)
 
 

@@ -236,7 +236,7 @@ def loop_diff_view(diff: LoopDiff) -> Group:
 def session_diff_view(diff: SessionDiff) -> Group:
     """Each pair of loops (tree order) drawn as `loop_diff_view` does, the unpaired loops,
     then the first divergence."""
-    head = plain(f"session A {diff.session_a}\nsession B {diff.session_b}", "bold")
+    head = plain(f"session A {ident(diff.session_a)}\nsession B {ident(diff.session_b)}", "bold")
     head.append(
         f"\n{count(len(diff.loops), 'loop pair')} in tree order; tokens "
         f"{diff.usage_delta.total_tokens:+,} (B - A)",
