@@ -567,19 +567,30 @@ class LazyMessageUpdate(msgspec.Struct, frozen=True, gc=False, tag_field="type",
     delta: msgspec.Raw
 
 
+def _recording_dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Timestamp:  # in nearly every event: first, as in `_dec_hook`
+        return Timestamp.parse(obj)
+    if tp is Float32 and type(obj) is int and obj == 0:
+        # `0` or `-0` (read alike as the integer 0), which phi-core writes as 0.0 and -0.0:
+        # only the strict parse tells them apart.
+        raise ValueError("a float32 written as the integer 0")
+    return _dec_hook(tp, obj)
+
+
 _recording_decoder = msgspec.json.Decoder(
     Union[tuple(LazyMessageUpdate if t is MessageUpdate else t for t in EVENT_TYPES)],
-    dec_hook=_dec_hook,
+    dec_hook=_recording_dec_hook,
 )
 
 
 def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
     """The recorder's fast path: like ``decode_event(data, strict=False)``, except that a
-    ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it)."""
+    ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it).
+    An event the fast decoder does not take whole is read strictly, as phi-core reads it."""
     try:
         return _strip_plain(_recording_decoder.decode(data))  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, RecursionError):
-        return decode_event(data, strict=False)  # the full path: leniencies, or a clear error
+        return decode_event(data)  # the full path: leniencies, phi-core's numbers, or a clear error
 
 
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
@@ -1499,7 +1510,7 @@ def decode_event(data: bytes | str, *, strict: bool = True) -> AgentEvent:
 
     With ``strict=False`` the slower second parse that matches phi-core on exotic
     input is skipped: repeated keys in record objects then win silently, integers
-    beyond 64 bits are kept and ``-0`` reads as 0 (the recorder's fast path).
+    beyond 64 bits are kept and ``-0`` reads as 0 (as on the recorder's fast path).
     """
     check = _strict.check_event if strict else None
     try:
