@@ -12,6 +12,7 @@ import tracemalloc
 import types
 import weakref
 from typing import Any
+from unittest import mock
 
 import msgspec
 import pytest
@@ -2846,3 +2847,20 @@ def test_a_tracers_events_skip_the_checks_a_hand_built_event_takes_but_a_spy_see
     recorder = SessionRecorder()
     assert ps.FanOut([recorder]).lone[1] == recorder.on_checked_event  # type: ignore[index]
     assert ps.FanOut([recorder.on_event]).lone[1] == recorder.on_checked_event  # type: ignore[index]
+
+
+@pytest.mark.parametrize("kind", ["SessionRecorder", "AutoPersistingRecorder"])
+def test_a_tracers_events_reach_on_event_patched_on_the_class(kind: str, tmp_path: pathlib.Path) -> None:
+    """`mock.patch.object(SessionRecorder, "on_event", autospec=True)` sees every event a
+    `Tracer` delivers (6 of 6), as it did before a tracer's events took `on_checked_event`:
+    only the library's own `on_event` may be skipped so."""
+    cls = getattr(ps, kind)
+    with mock.patch.object(cls, "on_event", autospec=True) as spy:
+        recorder = ps.SessionRecorder() if kind == "SessionRecorder" else cls(ps.JsonDirStore(tmp_path))
+        tracer = ps.Tracer(ps.AgentSession("agent"), sinks=[recorder])
+        with tracer.loop(ps.LoopConfigSnapshot(model="m", provider="p")) as loop, loop.turn() as scope:
+            with scope.assistant() as reply:
+                reply.finish("hi")
+        assert spy.call_count == 6
+    if kind != "SessionRecorder":
+        recorder.close()

@@ -82,7 +82,7 @@ from .journal.format import out_of_space
 from .journal.recovery import KeptUnsaved, recover_keeping_unsaved
 from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
-from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig, SpawnGap
+from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig, SpawnGap, checking_entry
 from .saver import (
     INTERRUPTS,
     OrphanSink,
@@ -483,6 +483,7 @@ class AutoPersistingRecorder:
 
     # -- feeding ------------------------------------------------------------------------------
 
+    @checking_entry
     def on_event(self, event: AgentEvent) -> None:
         """Record one event (journaled first if there is a journal), checked as
         `SessionRecorder.on_event` checks it."""

@@ -440,17 +440,32 @@ class _Deferral:
         self._run_callbacks()
 
 
-def checked_entry(recorder: object) -> Callable[..., Any] | None:
-    """`recorder.on_checked_event`, where a `Tracer`'s events (checked and copied as it makes
-    them) skip the checks `on_event` makes of a hand-built one, if the class's `on_event`
-    goes with it; None if `on_event` was set on the object (a spy), or a subclass
-    overrides it alone: whatever it does to every event must see the tracer's too."""
-    if "on_event" in getattr(recorder, "__dict__", ()):
+_CHECKING_ENTRIES: set[Callable[..., Any]] = set()
+"""The library's entries that check an event, then record it by ``on_checked_event``
+(`checking_entry`)."""
+
+_Entry = TypeVar("_Entry", bound=Callable[..., Any])
+
+
+def checking_entry(function: _Entry) -> _Entry:
+    """Marks a library class's event entry (``on_event``, a sink's ``__call__``) as checking
+    an event as `SessionRecorder.on_event` does, then recording it by the class's
+    ``on_checked_event``: what `checked_entry` may skip for a `Tracer`'s events."""
+    _CHECKING_ENTRIES.add(function)
+    return function
+
+
+def checked_entry(receiver: object, entry: str = "on_event") -> Callable[..., Any] | None:
+    """`receiver.on_checked_event`, where a `Tracer`'s events (checked and copied as it makes
+    them) skip the checks its `entry` makes of a hand-built one, if that entry is the
+    library's own (`checking_entry`); None if it was set on the object (a spy), patched
+    on the class (``mock.patch.object(..., autospec=True)``) or overridden by a subclass:
+    whatever it does to every event must see the tracer's too."""
+    if entry in getattr(receiver, "__dict__", ()):
         return None
-    for kind in type(recorder).__mro__:
-        if "on_event" in vars(kind):
-            return getattr(recorder, "on_checked_event", None) if "on_checked_event" in vars(kind) else None
-    return None
+    if getattr(type(receiver), entry, None) not in _CHECKING_ENTRIES:
+        return None
+    return getattr(receiver, "on_checked_event", None)
 
 
 class SessionRecorder:
@@ -559,6 +574,7 @@ class SessionRecorder:
         if self._callbacks:
             self._run_callbacks()
 
+    @checking_entry
     def on_event(self, event: AgentEvent) -> None:
         """Record one event, built by hand, as `Tracer.emit` would record it.
 

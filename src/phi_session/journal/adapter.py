@@ -9,7 +9,7 @@ from typing import TypeVar
 from .._checks import check_type
 from ..errors import EventNotDurable, StoreError
 from ..events import AgentEvent
-from ..recorder import SessionRecorder, SessionRecorderConfig, checked_entry
+from ..recorder import SessionRecorder, SessionRecorderConfig, checked_entry, checking_entry
 from .writer import Journal
 
 _Item = TypeVar("_Item", AgentEvent, bytes | str)
@@ -114,6 +114,7 @@ class JournaledRecorder:
                 f"event recorded in memory (saved as any other) but not durable in the journal: {error}"
             ) from error
 
+    @checking_entry
     def on_event(self, event: AgentEvent, *, commit: bool = True) -> int:
         """Journal `event` (unless the recorder drops it), then record it."""
         self._record(self._apply_event, event)
