@@ -13,6 +13,7 @@ import tracemalloc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import msgspec
 import pytest
@@ -32,7 +33,15 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from phi_session import SessionRecorder, Timestamp, decode_session, encode_session
+from phi_session import (
+    AgentSession,
+    LoopConfigSnapshot,
+    SessionRecorder,
+    Timestamp,
+    Tracer,
+    decode_session,
+    encode_session,
+)
 from phi_session import persist as persist_module
 from phi_session.demo import run_demo
 from phi_session.errors import ExportError, InvalidArgument
@@ -63,6 +72,7 @@ from phi_session.stores.json_dir import JsonDirStore
 
 from .otel_support import services_calling_a_sub_agent, tool_loop_events, tool_loop_session
 from .test_model import chain_of
+from .test_recorder import assistant
 
 
 @pytest.fixture(scope="module")
@@ -2870,3 +2880,28 @@ def test_the_bytes_counted_of_waiting_spans_are_near_the_memory_they_hold(
         tracemalloc.stop()
     assert ingestor.buffered_spans == 5
     assert held / 2 <= ingestor.buffered_bytes <= held * 2
+
+
+def test_a_tracers_events_reach_the_export_sink_checked_once() -> None:
+    """A `Tracer` checks its events as it makes them: the sink took each again through
+    `SessionRecorder.on_event`'s checks (1,100 of 3,100 events re-checked, 329 vs 97 ms
+    per 62,000); now only an event given to the sink directly is checked there."""
+    from phi_session import recorder as recorder_module
+
+    exporter = InMemorySpanExporter()
+    sink = OtelExportSink(exporter)
+    with mock.patch.object(
+        recorder_module, "recordable_event", wraps=recorder_module.recordable_event
+    ) as checks:
+        tracer = Tracer(AgentSession("agent"), sinks=[sink])
+        with tracer.loop(LoopConfigSnapshot(model="m", provider="p")) as loop, loop.turn() as scope:
+            with scope.assistant() as reply:
+                reply.finish("hi")
+        assert checks.call_count == 0
+        assert sink.flush(timeout=10)
+        assert len(exporter.get_finished_spans()) >= 2  # the loop and its turn
+        bad = MessageEnd(loop_id="l2", message=replace(assistant("x"), content=(TextContent(text=5),)))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="text"):
+            sink(bad)
+        assert checks.call_count == 1
+    sink.close()

@@ -508,7 +508,8 @@ def as_sink(target: SinkLike) -> Sink:
 def _receiver(sink: Sink) -> Callable[[AgentEvent], Any]:
     """What to call to deliver to `sink`: a wrapped callable directly, one call level less
     per event; a recorder's entry for the events a `Tracer` checked (`checked_entry`: a
-    `FanOut` delivers a tracer's), for a recorder or its ``on_event`` given."""
+    `FanOut` delivers a tracer's), for a recorder or its ``on_event`` given, or a sink
+    whose ``__call__`` checks so (an `OtelExportSink`)."""
     if isinstance(sink, RecorderSink):
         return checked_entry(sink.recorder) or sink.recorder.on_event
     if isinstance(sink, CallableSink):
@@ -517,7 +518,7 @@ def _receiver(sink: Sink) -> Callable[[AgentEvent], Any]:
         if owner is not None and getattr(target, "__func__", None) is getattr(type(owner), "on_event", None):
             return checked_entry(owner) or target
         return target
-    return sink
+    return checked_entry(sink, "__call__") or sink
 
 
 class FanOut:

@@ -34,7 +34,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -78,7 +78,7 @@ from ..messages import (
 )
 from ..model import LoopRecord, ModelCall, RecordMark, Session, Turn, is_replayed, prompt_tokens
 from ..persist import CLOSE_GRACE, DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder, held_bytes
-from ..recorder import SessionRecorderConfig, SpawnGap
+from ..recorder import SessionRecorderConfig, SpawnGap, checking_entry
 from ..stores.base import merge_sessions
 from . import attributes as attr
 
@@ -956,8 +956,17 @@ class OtelExportSink:
         )
         self.recorder = self._worker.recorder
 
+    @checking_entry
     def __call__(self, event: AgentEvent) -> None:
-        self._worker.on_event(event)
+        """Record one event, checked as `SessionRecorder.on_event` checks a hand-built one."""
+        self._record(self._worker.on_event, event)
+
+    def on_checked_event(self, event: AgentEvent) -> None:
+        """`__call__` for a `Tracer`'s event (`SessionRecorder.on_checked_event`)."""
+        self._record(self._worker.on_checked_event, event)
+
+    def _record(self, entry: Callable[[AgentEvent], None], event: AgentEvent) -> None:
+        entry(event)
         if type(event) is AgentEnd:  # its session only: a full checkpoint scans every open one
             self._worker.checkpoint(loop_id=event.loop_id)
 
