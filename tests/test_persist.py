@@ -22,16 +22,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from msgspec.structs import replace
 
 from phi_session import (
     AgentEnd,
     AgentEvent,
     AgentStart,
+    MessageEnd,
     MessageUpdate,
     ParallelLoopEnd,
     ParallelLoopStart,
     ProgressMessage,
     SpawnRef,
+    TextContent,
     Timestamp,
     ToolExecutionEnd,
     ToolResult,
@@ -69,6 +72,7 @@ from phi_session.stores.sqlite import SqliteStore
 from .conftest import in_forked_child, needs_fork
 from .journal_kill_worker import stream
 from .store_support import UndecodableRecords
+from .test_recorder import assistant
 
 
 def single_loop_sessions(count: int) -> list[AgentEvent]:
@@ -801,6 +805,10 @@ def test_closed_and_invalid_use(tmp_path: Path) -> None:
     persisting.close()  # idempotent
     with pytest.raises(PhiSessionError, match="closed"):
         persisting.on_event(single_loop_sessions(1)[0])
+    # An event holding what phi-core cannot (text 5) was refused for that, not for the close.
+    bad = MessageEnd(loop_id="l", message=replace(assistant("x"), content=(TextContent(text=5),)))  # type: ignore[arg-type]
+    with pytest.raises(PhiSessionError, match="closed"):
+        persisting.on_event(bad)
     assert persisting.checkpoint() == 0
     with pytest.raises(InvalidArgument, match="at least 1"):  # a PhiSessionError and a ValueError
         AutoPersistingRecorder(JsonDirStore(tmp_path), checkpoint_every=0)

@@ -487,6 +487,9 @@ class AutoPersistingRecorder:
     def on_event(self, event: AgentEvent) -> None:
         """Record one event (journaled first if there is a journal), checked as
         `SessionRecorder.on_event` checks it."""
+        if self._closed:  # a closed recorder says so first, whatever the event holds
+            with self._mutex:
+                self._check_open()
         self.on_checked_event(self.recorder.recordable(event))
 
     def on_checked_event(self, event: AgentEvent) -> None:
