@@ -2778,6 +2778,13 @@ def test_on_event_refuses_a_record_phi_core_cannot_hold(
         assert ps.decode_session(ps.encode(session)) == session
 
 
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 class _Token:
     def __str__(self) -> str:
         return "token"
@@ -2785,12 +2792,25 @@ class _Token:
 
 @pytest.mark.parametrize(
     "args",
-    [{1: "x"}, {"path": pathlib.Path("/tmp/x")}, {"tags": {"a"}}, {"token": _Token()}],
-    ids=["int key", "path", "set", "object"],
+    [
+        {1: "x"},
+        {"path": pathlib.Path("/tmp/x")},
+        {"tags": {"a"}},
+        {"token": _Token()},
+        {"x": float("nan")},
+        {"x": float("-inf")},
+        {"x": 2**70},
+        {"x": b"hello"},
+        {"x": _nested(300)},
+    ],
+    ids=["int key", "path", "set", "object", "nan", "infinity", "int beyond 64 bits", "bytes", "deep"],
 )
 def test_on_event_records_free_form_values_as_a_tracer_records_them(args: dict[Any, Any]) -> None:
     """Tool arguments holding a dict key that is no text, a Path or an object were recorded
-    as given: encoding the session (a store saving it) then failed, the session lost."""
+    as given: encoding the session (a store saving it) then failed, the session lost. A NaN
+    (saved as null, where a Tracer records 'NaN'), an integer beyond 64 bits, bytes (base64,
+    where a Tracer records their text) were recorded unlike a Tracer's, and 300 nested lists
+    as given: the saved session did not decode ("nesting deeper than 128 levels")."""
     call = ps.ToolCall(id="c", name="read", arguments=args)
     message = replace(assistant("ok"), content=(call,), stop_reason="toolUse")
     events = [

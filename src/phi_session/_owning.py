@@ -20,7 +20,7 @@ from msgspec.structs import replace
 
 from ._checks import check_instance, check_type, plain_text
 from ._failures import FailureTally
-from ._strict import MAX_VALUE_DEPTH, clip_depth, read_as_integer
+from ._strict import MAX_VALUE_DEPTH, clip_depth, nests_deeper, read_as_integer
 from .codec import (
     EVENT_CLASSES,
     HOOKED_ONLY_AS_KEYS,
@@ -135,9 +135,18 @@ def recordable_event(event: AgentEvent, failures: FailureTally) -> AgentEvent:
         return event  # the recorder says what it is not
     check_event_fields(event)  # what reads back but the recorder cannot compute with (a datetime)
     check_recordable("event", event)
-    if written_as_given(event):
+    if _copied_as_given(event):
         return event
     return _owned_event(event, _Owned(failures))
+
+
+def _copied_as_given(value: Any) -> bool:
+    """Whether `_own_copy` would hold each free-form value of `value` as it is: every store
+    writes it (`written_as_given`), it holds nothing the copy changes (`_needs`: a NaN or
+    infinity, an integer beyond 64 bits, bytes, a lone surrogate), and nothing nested
+    deeper than phi-core reads (a bound: `value` holds its free-form values below its top)."""
+    encoded = written_as_given(value)
+    return encoded is not None and not nests_deeper(encoded, MAX_VALUE_DEPTH) and not _needs(value)[0]
 
 
 class _Owned:

@@ -15,6 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
+from itertools import accumulate
 from typing import Any
 
 import msgspec
@@ -132,9 +133,20 @@ def clip_depth(tree: Any, encoded: bytes) -> bool:
     """Replace, in `tree` (JSON data of the caller's own; `encoded`, its JSON), each
     container nested deeper than `MAX_VALUE_DEPTH` by its JSON text (`json_text`); whether it
     held one."""
-    if encoded.count(b"[") + encoded.count(b"{") <= MAX_VALUE_DEPTH:
+    return nests_deeper(encoded, MAX_VALUE_DEPTH) and _clip(tree, 1)
+
+
+def nests_deeper(encoded: bytes, depth: int) -> bool:
+    """Whether `encoded`, JSON as msgspec writes it, nests containers deeper than `depth`."""
+    if encoded.count(b"[") + encoded.count(b"{") <= depth:
         return False  # a bound at C speed (brackets inside strings count too)
-    return _clip(tree, 1)
+    brackets = _STRING.sub(b"", encoded).translate(None, _NO_BRACKET)
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets))) > depth
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NO_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_BRACKET_STEP = [1 if byte in b"[{" else -1 for byte in range(256)]
 
 
 def clipped(value: Any) -> Any:

@@ -254,6 +254,13 @@ class _Encoder:
         except _UNWRITABLE as error:
             raise self._unwritable(document, error) from None
 
+    def as_given(self, value: Any) -> bytes | None:
+        """`value` written as it is (not escaped or clipped by `_writable`), or None."""
+        try:
+            return self._encoder.encode(value)
+        except (*_UNWRITABLE, UnicodeEncodeError, RecursionError):
+            return None
+
     def writes(self, value: Any) -> bool:
         """Whether `value` is written without an `_UNWRITABLE` error."""
         try:
@@ -427,12 +434,13 @@ def check_recordable(name: str, value: msgspec.Struct, index: int | None = None)
             ) from None
 
 
-def written_as_given(value: Any) -> bool:
-    """Whether every store writes `value` as it is: not if a free-form value it holds (tool
-    arguments, details, metadata) holds what JSON cannot (a `pathlib.Path`, an object of the
-    caller's) or a dict key that is no text, which a copy as JSON turns into text
-    (`_owning._own_copy`)."""
-    return _plain.writes(value)
+def written_as_given(value: Any) -> bytes | None:
+    """`value`'s JSON if every store writes it as it is; None if a free-form value it holds
+    (tool arguments, details, metadata) holds what JSON cannot (a `pathlib.Path`, an object
+    of the caller's) or a dict key that is no text, which a copy as JSON turns into text
+    (`_owning._own_copy`), or what stores write escaped or clipped (a lone surrogate,
+    nesting msgspec cannot follow)."""
+    return _plain.as_given(value)
 
 
 def check_event_fields(event: Any) -> None:

@@ -585,9 +585,10 @@ class SessionRecorder:
         error names the field. Free-form values (tool arguments, loop metadata, tool result
         details, extension message data, a request's tool parameters and schema) are
         converted, not refused, as a `Tracer` converts them: held as given when every
-        store writes them so, else copied as their JSON (`_owning._own_copy`: a
-        `pathlib.Path` or an object as its ``str``, a dict key that is no text as text),
-        the copy counted and logged once. A streaming delta dropped unkept is not looked at.
+        store writes them so and the copy would not change them, else copied as their JSON
+        (`_owning._own_copy`: a `pathlib.Path` or an object as its ``str``, a dict key that
+        is no text as text, a NaN or an integer beyond 64 bits as text, bytes as their
+        text), the copy counted and logged once. A streaming delta dropped unkept is not looked at.
         """
         self.on_checked_event(self.recordable(event))
 
