@@ -397,8 +397,8 @@ def _replay(
                     spawners.hand_to(recorder, event)
                 if isinstance(event, codec.LazyMessageUpdate):
                     recorder.on_json(payload)  # the recorder's own path: it drops or decodes it
-                else:
-                    recorder.on_event(event)
+                else:  # decoded, as `on_json` records it: checked when it was journaled
+                    recorder.on_checked_event(event)
             except DecodeError as error:
                 report.undecodable += 1
                 rejected.append(payload)
