@@ -1700,7 +1700,9 @@ def test_a_session_holding_what_json_cannot_write_is_kept_unsaved_and_the_others
     check saw): the hand-over failed after the drain, and every session drained with it
     was lost, while `stats()` said nothing was unsaved. `on_event` now checks such events
     (`test_on_event_refuses_a_record_phi_core_cannot_hold`): they come in unchecked here,
-    as a producer that claims to have checked them (`on_checked_event`) gives them."""
+    as a producer that claims to have checked them (`on_checked_event`) gives them. The
+    Path is now copied as a `Tracer` copies it, and that session saved too
+    (`test_a_session_holding_a_value_json_cannot_hold_is_saved_with_it_copied_as_a_tracer_copies`)."""
     from msgspec.structs import replace
 
     from phi_session import AgentEnd, TextContent, ToolExecutionStart, UserMessage
@@ -1721,6 +1723,12 @@ def test_a_session_holding_what_json_cannot_write_is_kept_unsaved_and_the_others
     persisting = AutoPersistingRecorder(store, checkpoint_every=1, checkpoint_interval=None, retry_for=0)
     for event in events:
         persisting.on_checked_event(event)
+    if odd_value == "arguments":
+        persisting.close()
+        assert len(store.list_ids()) == 2
+        (start,) = [e.event for e in store.load(odd).loops[0].events if type(e.event) is ToolExecutionStart]
+        assert start.args == {"path": "x"}  # type: ignore[attr-defined]
+        return
     with pytest.raises(StoreError, match="could not be saved"):
         persisting.close()
     assert [s.session_id for s in persisting.failed_sessions()] == [odd]

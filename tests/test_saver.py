@@ -953,3 +953,46 @@ def test_a_link_raising_a_base_exception_every_time_is_dropped_one_interrupted_a
     assert _drained(saver, [_start("z", "z.c.1"), _end("z.c.1")], asynchronously=asynchronously) == ["z"]
     assert reads == ["p"] * tries
     assert store.load("k").parent_spawn_ref == _PROVISIONAL
+
+
+def _processed_in_place(store: SessionStore) -> ps.Session:
+    """A session whose tool arguments a processor changed in place, returning the same
+    event: holding a `Path`, as the `Tracer` does not copy what it is handed back."""
+
+    def process(event: ps.AgentEvent) -> ps.AgentEvent:
+        if type(event) is ps.ToolExecutionStart:
+            event.args["p"] = Path("/secret")
+            event.args[1] = "y"
+        return event
+
+    recorder = SessionRecorder()
+    tracer = ps.Tracer(ps.AgentSession("agent"), sinks=[recorder], processors=[process], redact=False)
+    with tracer.loop(ps.LoopConfigSnapshot(model="m", provider="p")) as loop, loop.turn() as scope:
+        with scope.tool(id="c", name="read", args={"a": 1}) as tool:
+            tool.result("ok")
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    return session
+
+
+@pytest.mark.parametrize("saving", ["save", "asave", "save_many"])
+def test_a_session_holding_a_value_json_cannot_hold_is_saved_with_it_copied_as_a_tracer_copies(
+    tmp_path: Path, saving: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A processor putting a `Path` into an event's arguments in place: the session was
+    lost at save ("cannot be saved ... keeping it unsaved", then dropped); now the saver
+    saves it with its free-form values copied as a `Tracer` copies them, and says so once."""
+    store = JsonDirStore(tmp_path)
+    session = _processed_in_place(store)
+    saver = SessionSaver(store)
+    if saving == "save":
+        outcome = saver.save(session)
+    elif saving == "asave":
+        outcome = asyncio.run(saver.asave(session))
+    else:
+        (outcome,) = saver.save_many([session])
+    assert outcome.saved and saver.unsaved == []
+    events = [stored.event for stored in store.load(session.session_id).loops[0].events]
+    (start,) = [event for event in events if type(event) is ps.ToolExecutionStart]
+    assert start.args == {"a": 1, "p": "/secret", "1": "y"}  # type: ignore[union-attr]
+    assert [r.message for r in caplog.records if "copied as JSON" in r.message] != []

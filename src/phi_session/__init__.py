@@ -34,6 +34,7 @@ from .errors import (
     StoreClosed,
     StoredSessionUnusable,
     StoreError,
+    UnwritableValue,
     UsedAfterFork,
 )
 from .events import (
@@ -251,6 +252,7 @@ __all__ = [
     "TurnRequest",
     "TurnScope",
     "TurnStart",
+    "UnwritableValue",
     "Usage",
     "UsageTotal",
     "UsedAfterFork",

@@ -28,6 +28,7 @@ from .codec import (
     check_recordable,
     escape_surrogates,
     json_form,
+    map_free_form,
     written_as_given,
 )
 from .events import (
@@ -76,6 +77,7 @@ def _owned_calls(blocks: tuple[Content, ...], failures: FailureTally) -> tuple[C
 
 
 _M = TypeVar("_M", bound=AgentMessage)
+_V = TypeVar("_V")
 
 
 def _owned_message(message: _M, failures: FailureTally) -> _M:
@@ -147,6 +149,20 @@ def _copied_as_given(value: Any) -> bool:
     deeper than phi-core reads (a bound: `value` holds its free-form values below its top)."""
     encoded = written_as_given(value)
     return encoded is not None and not nests_deeper(encoded, MAX_VALUE_DEPTH) and not _needs(value)[0]
+
+
+def owned_free_form(value: _V, failures: FailureTally) -> _V:
+    """`value` (a session, a record, an event) with each free-form value in it that no store
+    writes as given copied as a `Tracer` copies it (`_own_copy`, counted in `failures`):
+    for one changed after it was recorded (a processor changing an event in place, which
+    the `Tracer` does not copy again). Itself when there is none."""
+
+    def owned(item: Any) -> Any:
+        if item is msgspec.UNSET or written_as_given(item) is not None:
+            return item  # a plain field, or a free-form value written as it is
+        return _own_copy(item, failures, _FREE_FORM)
+
+    return map_free_form(value, owned)
 
 
 class _Owned:
@@ -495,6 +511,7 @@ _DETAILS = "tool result details"
 _EXTENSION_DATA = "extension message data"
 _PARAMETERS = "tool parameters"
 _SCHEMA = "response format schema"
+_FREE_FORM = "free-form values of a session to save"
 
 
 _BYTES = (bytes, bytearray, memoryview)

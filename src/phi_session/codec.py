@@ -28,7 +28,7 @@ from . import _strict
 from ._checks import check_type, counts_in_range
 from ._float32 import Float32
 from ._time import Timestamp
-from .errors import DecodeError, InvalidArgument
+from .errors import DecodeError, InvalidArgument, UnwritableValue
 from .events import (
     EVENT_TYPES,
     MESSAGE_FIELDS,
@@ -191,14 +191,21 @@ _Items = list[Any] | tuple[Any, ...]
 
 def within_depth(value: _V) -> _V:
     """`value` (a session, a record, an event, JSON data) with each free-form value in it
-    (what is no record: tool arguments, details, metadata) as `_strict.clipped` copies it:
-    for one nested too deep to write at all (or holding itself). Itself when nothing is
-    clipped, else a copy of the parts that are (the original is left as it is)."""
+    as `_strict.clipped` copies it (`map_free_form`): for one nested too deep to write at
+    all (or holding itself)."""
+    return map_free_form(value, _strict.clipped)
+
+
+def map_free_form(value: _V, fn: Callable[[Any], Any]) -> _V:
+    """`value` (a session, a record, an event, JSON data) with ``fn(item)`` for each item
+    in it that is no record (tool arguments, details, metadata, and plain fields). Itself
+    when `fn` changes none, else a copy of the parts it changes (the original is left as
+    it is)."""
     if isinstance(value, msgspec.Struct):
-        return cast(_V, _mapped_fields(value, within_depth))
+        return cast(_V, _mapped_fields(value, lambda item: map_free_form(item, fn)))
     if isinstance(value, (list, tuple)) and any(isinstance(item, msgspec.Struct) for item in value):
-        return cast(_V, _mapped_items(value, within_depth))
-    return cast(_V, _strict.clipped(value))
+        return cast(_V, _mapped_items(value, lambda item: map_free_form(item, fn)))
+    return cast(_V, fn(value))
 
 
 def _mapped_fields(struct: msgspec.Struct, fn: Callable[[Any], Any]) -> msgspec.Struct:
@@ -271,12 +278,12 @@ class _Encoder:
             pass
         return True
 
-    def _unwritable(self, document: Any, error: Exception) -> TypeError:
+    def _unwritable(self, document: Any, error: Exception) -> UnwritableValue:
         """msgspec's `error` writing `document` (built by hand: what a `Tracer` or a decoder
         made is JSON) as a `TypeError` naming the value JSON cannot hold, a free-form one's
         (tool arguments, details...) or a dict key that is no text."""
         where, value = self._first_unwritable(type(document).__name__, document)
-        return TypeError(f"{where}: {value} cannot be written as JSON ({error})")
+        return UnwritableValue(f"{where}: {value} cannot be written as JSON ({error})")
 
     def _first_unwritable(self, where: str, node: Any) -> tuple[str, str]:
         items: Iterable[tuple[str, Any]] = ()

@@ -95,6 +95,13 @@ class InvalidQuery(PhiSessionError, ValueError):
         self.parameter = parameter
 
 
+class UnwritableValue(PhiSessionError, TypeError):
+    """A session, built or changed by hand, holds a free-form value (tool arguments,
+    details, metadata) JSON cannot hold: a `pathlib.Path`, an object, a dict key that is no
+    text. The message names its place. A `SessionSaver` saves such a session with its
+    free-form values copied as a `Tracer` copies them."""
+
+
 class InvalidArgument(PhiSessionError, ValueError):
     """An argument of the right type with a value phi-session cannot use."""
 

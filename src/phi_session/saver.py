@@ -73,6 +73,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ._checks import check_callable, check_seconds, check_type
+from ._owning import copy_failures, owned_free_form
 from .errors import (
     ExportError,
     InvalidSessionId,
@@ -83,6 +84,7 @@ from .errors import (
     StoreClosed,
     StoredSessionUnusable,
     StoreError,
+    UnwritableValue,
 )
 from .events import AgentEvent, AgentStart
 from .ids import session_id_from_loop_id
@@ -270,6 +272,7 @@ class SessionSaver:
         self._drained: deque[Session] = deque()  # drained, not yet through `save`
         self._gaps: deque[SpawnGap] = deque()  # drained with them, not yet linked
         self._link_interrupts: dict[int, int] = {}  # id of a link put back -> interrupts so far
+        self._copy_failures = copy_failures(logger)  # `_saved_instead`'s copies, how at DEBUG
 
     def __repr__(self) -> str:
         return f"SessionSaver({self.store!r})"
@@ -309,11 +312,11 @@ class SessionSaver:
                 error: Exception | None = None
                 try:
                     self.store.save(session)
-                except UnicodeEncodeError as caught:
-                    if (escaped := escaped_to_save(session, caught)) is None:
+                except (UnicodeEncodeError, UnwritableValue) as caught:
+                    if (instead := self._saved_instead(session, caught)) is None:
                         error = caught
                     else:
-                        session, pause = escaped, 0.0
+                        session, pause = instead, 0.0
                         continue
                 except Exception as caught:
                     error = caught
@@ -372,11 +375,11 @@ class SessionSaver:
                 error: Exception | None = None
                 try:
                     await self.store.asave(session)
-                except UnicodeEncodeError as caught:
-                    if (escaped := escaped_to_save(session, caught)) is None:
+                except (UnicodeEncodeError, UnwritableValue) as caught:
+                    if (instead := self._saved_instead(session, caught)) is None:
                         error = caught
                     else:
-                        session, pause = escaped, 0.0
+                        session, pause = instead, 0.0
                         continue
                 except Exception as caught:
                     error = caught
@@ -385,6 +388,25 @@ class SessionSaver:
                 except StopIteration as done:
                     outcome: SaveOutcome = done.value
                     return self._told(session, outcome)
+
+    def _saved_instead(self, session: Session, error: UnicodeEncodeError | UnwritableValue) -> Session | None:
+        """What to save in place of `session`, which the store refused for what a `Tracer`
+        records otherwise: text with lone surrogates (`escaped_to_save`), or a free-form
+        value JSON cannot hold, put there after it was recorded (a processor changing an
+        event in place): the session with such values copied as a tracer copies them
+        (`_owning.owned_free_form`), said once per session; None if nothing changes."""
+        if isinstance(error, UnicodeEncodeError):
+            return escaped_to_save(session, error)
+        owned = owned_free_form(session, self._copy_failures)
+        if owned is session:
+            return None
+        logger.warning(
+            "session %s holds a value no store can write (%s): saving it with its free-form values "
+            "copied as JSON, as a Tracer records them",
+            session.session_id,
+            error,
+        )
+        return owned
 
     def _told(self, session: Session, outcome: SaveOutcome) -> SaveOutcome:
         if outcome.saved and self._on_saved is not None:
