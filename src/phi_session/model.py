@@ -607,7 +607,29 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         ``total_tokens`` also counts the tokens of the calls that reported no total
         (`counted_usage`: phi-core's Anthropic provider sets none).
         """
-        return counted_usage(self.billed_as_reported(), self.model_calls())
+        billed = self.billed_as_reported()
+        if self._calls_all_totalled(billed):
+            return billed  # no call to count again: spares `model_calls`' scan of the events
+        return counted_usage(billed, self.model_calls())
+
+    def _calls_all_totalled(self, billed: Usage) -> bool:
+        """Whether every call `model_calls` makes of this loop reported a total, told from its
+        turns alone: a loop reporting its usage whose turns are each one reply (their output's
+        usage is the turn's) with a total or none, and add up to `billed` (no rest call)."""
+        if not self.reports_usage():
+            return False
+        total = ZERO_USAGE
+        for turn in self.turns:
+            output = turn.output_message
+            if turn.usage == ZERO_USAGE:
+                continue
+            if type(output) is not AssistantMessage or output.usage != turn.usage:
+                return False
+            if not is_replayed(output):
+                if not turn.usage.total_tokens:
+                    return False
+                total = total + turn.usage
+        return total == billed
 
     def billed_as_reported(self) -> Usage:
         """`billed_usage` with the total the calls reported: what `model_calls` splits, and
