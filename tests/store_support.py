@@ -14,7 +14,7 @@ from phi_session import LoopConfigSnapshot
 from phi_session.codec import encode_session
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
-from phi_session.messages import Usage
+from phi_session.messages import AssistantMessage, TextContent, Usage
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import SessionStore, merge_sessions, summarize
@@ -145,46 +145,124 @@ def check_cut_loops_have_prompts(store: SessionStore) -> None:
         assert store.load_outline(session_id) == session_outline(store.load(session_id))
 
 
-def _untotalled_session() -> Session:
+OPUS_THEN_MINI = (
+    ("anthropic", "claude-opus-4-1", Usage(input=100_000, output=2_000, total_tokens=102_000)),
+    ("openai", "gpt-4o-mini", Usage(input=100_000, output=500, total_tokens=100_500)),
+)
+
+
+def replies_session(
+    replies: tuple[tuple[str, str, Usage], ...] = OPUS_THEN_MINI,
+    configured: tuple[str, str] = ("anthropic", "claude-opus-4-1"),
+) -> Session:
+    """A loop of one turn of several assistant replies (provider, model, usage), all but the
+    last errored (by default: claude-opus-4-1, the config's, errored mid-stream, then a
+    gpt-4o-mini fallback answered)."""
+    recorder = SessionRecorder()
+    config = LoopConfigSnapshot(model=configured[1], provider=configured[0])
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=config)
+    with tracer.loop() as loop:
+        loop.user("hi")
+        with loop.turn() as turn:
+            for number, (provider, model, usage) in enumerate(replies, 1):
+                last = number == len(replies)
+                message = AssistantMessage(
+                    content=(TextContent(text="ok"),) if last else (),
+                    stop_reason="stop" if last else "error",
+                    model=model,
+                    provider=provider,
+                    usage=usage,
+                    timestamp=0,
+                )
+                with turn.assistant() as reply:
+                    reply.finish(message=message)
+    tracer.close()
+    recorder.flush()
+    return recorder.drain_completed()[0]
+
+
+def _untotalled_sessions() -> list[Session]:
     """A loop of a call that reported no total (phi-core's Anthropic provider), then one a
-    fallback served that did, and a session of 1000 tokens."""
+    fallback served that did; a loop of a Gemini call whose total counts its thoughts beyond
+    input and output, then one without a total (its total is not below its input plus
+    output); and a turn of two replies (`replies_session`: an errored claude-opus-4-1 one,
+    then a gpt-4o-mini fallback's)."""
     calls = [
         Usage(input=100_000, output=2_000, cache_read=50_000),
         Usage(input=10, output=5, total_tokens=15),
     ]
     served = ["anthropic/claude-sonnet-4-5", "openai/gpt-4o-mini"]
     record = calls_loop("untotalled", 1, calls, model="anthropic/claude-sonnet-4-5", served_by=served)
-    return make_session("untotalled", loops=[record])
+    mixed = [
+        Usage(input=1_000, output=100, total_tokens=3_100),
+        Usage(input=500, output=50, cache_read=4_000),
+    ]
+    served = ["google/gemini-2.5-pro", "anthropic/claude-sonnet-4-5"]
+    mixed_record = calls_loop("mixed", 1, mixed, model="google/gemini-2.5-pro", served_by=served)
+    return [
+        make_session("untotalled", loops=[record]),
+        make_session("mixed", loops=[mixed_record]),
+        replies_session(),
+    ]
 
 
-def save_as_before_untotalled_calls_counted(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> Session:
-    """Save `_untotalled_session` as phi-session did before a call without a total counted its
-    tokens (`counted_usage`): listed at its recorded total, 15 (`check_untotalled_calls_counted`
-    once the store is migrated); and a session of 1000 tokens."""
+def save_as_before_untotalled_calls_counted(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> list[Session]:
+    """Save `_untotalled_sessions` as phi-session did before a call without a total counted
+    its tokens (`counted_usage`) and each reply of a turn was a call: listed at their
+    recorded totals, the turn of two replies one call on the last one's model
+    (`check_untotalled_calls_counted` once the store is migrated); and a session of 1000
+    tokens."""
     import phi_session.model as model_module
     from phi_session.stores import base as base_module
 
-    session = _untotalled_session()
+    sessions = _untotalled_sessions()
+    one_call = model_module._turn_calls
     with monkeypatch.context() as before:
         for module in (model_module, base_module):
             before.setattr(module, "counted_usage", lambda usage, calls: usage)
-        store.save(session)
+        before.setattr(
+            model_module, "_turn_calls", lambda turn, replies, config: one_call(turn, None, config)
+        )
+        for session in sessions:
+            store.save(session)
     store.save(make_session("plain", loops=[make_loop("plain", 1, tokens=1_000)]))
-    assert {row.session_id: row.total_tokens for row in store.query()} == {"untotalled": 15, "plain": 1_000}
-    return session
+    assert {row.session_id: row.total_tokens for row in store.query()} == {
+        "untotalled": 15,
+        "mixed": 3_100,
+        sessions[2].session_id: 202_500,
+        "plain": 1_000,
+    }
+    assert {total.key: total.usage.total_tokens for total in store.usage_totals("model")}[
+        "openai/gpt-4o-mini"
+    ] == (15 + 202_500)
+    return sessions
 
 
-def check_untotalled_calls_counted(store: SessionStore, session: Session) -> None:
-    """The session of `save_as_before_untotalled_calls_counted` lists, filters, sorts and
-    totals the tokens of its call without a total, as saved now; its record is untouched."""
+def check_untotalled_calls_counted(store: SessionStore, sessions: list[Session]) -> None:
+    """The sessions of `save_as_before_untotalled_calls_counted` list, filter, sort and total
+    the tokens of their calls without a total, and their turn of two replies as two calls,
+    as saved now; their records are untouched."""
     rows = store.query(SessionQuery(order="tokens"))
-    assert [(row.session_id, row.total_tokens) for row in rows] == [("untotalled", 152_015), ("plain", 1_000)]
-    assert [row.session_id for row in store.query(SessionQuery(min_tokens=152_015))] == ["untotalled"]
+    assert [(row.session_id, row.total_tokens) for row in rows] == [
+        (sessions[2].session_id, 202_500),
+        ("untotalled", 152_015),
+        ("mixed", 7_650),
+        ("plain", 1_000),
+    ]
+    assert [row.session_id for row in store.query(SessionQuery(min_tokens=152_015, order="tokens"))] == [
+        sessions[2].session_id,
+        "untotalled",
+    ]
     totals = {total.key: total.usage.total_tokens for total in store.usage_totals("model")}
     assert totals == {
-        "anthropic/claude-sonnet-4-5": 152_000,
-        "openai/gpt-4o-mini": 15,
+        "anthropic/claude-sonnet-4-5": 152_000 + 4_550,
+        "openai/gpt-4o-mini": 15 + 100_500,
+        "anthropic/claude-opus-4-1": 102_000,
+        "google/gemini-2.5-pro": 3_100,
         "openai/gpt-4o": 1_000,
     }
-    assert store.load_outline(session.session_id) == session_outline(session)
-    assert encode_session(store.load(session.session_id)) == encode_session(session)
+    for session in sessions:
+        assert store.load_outline(session.session_id) == session_outline(session)
+        assert encode_session(store.load(session.session_id)) == encode_session(session)

@@ -33,6 +33,8 @@ from phi_session.stores.conformance import TIERED_CALL, at, calls_loop, make_loo
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import session_outline
 
+from .store_support import OPUS_THEN_MINI, replies_session
+
 needs_table = pytest.mark.skipif(not prices_available(), reason="needs the prices extra (genai-prices)")
 WHEN = Timestamp.parse("2025-06-01T12:00:00Z")
 USAGE = Usage(input=1000, output=500, reasoning=200, cache_read=3000, cache_write=100, total_tokens=4600)
@@ -613,49 +615,10 @@ def test_a_call_is_priced_at_the_model_that_served_it(tmp_path: Path) -> None:
     assert [call.served_by for call in record.model_calls()] == [("openai", "gpt-4o-mini")]
 
 
-OPUS_THEN_MINI = (
-    ("anthropic", "claude-opus-4-1", Usage(input=100_000, output=2_000, total_tokens=102_000)),
-    ("openai", "gpt-4o-mini", Usage(input=100_000, output=500, total_tokens=100_500)),
-)
-
-
-def _replies_session(
-    replies: tuple[tuple[str, str, Usage], ...] = OPUS_THEN_MINI,
-    configured: tuple[str, str] = ("anthropic", "claude-opus-4-1"),
-) -> Any:
-    """A loop of one turn of several assistant replies (provider, model, usage), all but the
-    last errored (by default: claude-opus-4-1, the config's, errored mid-stream, then a
-    gpt-4o-mini fallback answered)."""
-    from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, Tracer
-    from phi_session.messages import AssistantMessage, TextContent
-
-    recorder = SessionRecorder()
-    config = LoopConfigSnapshot(model=configured[1], provider=configured[0])
-    tracer = Tracer(AgentSession(), sinks=[recorder], config=config)
-    with tracer.loop() as loop:
-        loop.user("hi")
-        with loop.turn() as turn:
-            for number, (provider, model, usage) in enumerate(replies, 1):
-                last = number == len(replies)
-                message = AssistantMessage(
-                    content=(TextContent(text="ok"),) if last else (),
-                    stop_reason="stop" if last else "error",
-                    model=model,
-                    provider=provider,
-                    usage=usage,
-                    timestamp=0,
-                )
-                with turn.assistant() as reply:
-                    reply.finish(message=message)
-    tracer.close()
-    recorder.flush()
-    return recorder.drain_completed()[0]
-
-
 def test_each_reply_of_a_turn_is_a_call_on_its_own_model() -> None:
     # Priced as one call of the summed usage on the last reply's model it cost $0.0315;
     # the opus reply alone costs $1.65.
-    session = _replies_session()
+    session = replies_session()
     record = session.loops[0]
     assert [(call.usage, call.served_by) for call in record.model_calls()] == [
         (OPUS_THEN_MINI[0][2], None),
@@ -678,7 +641,7 @@ def test_each_reply_of_a_turn_is_priced_at_its_own_tier() -> None:
     # Two replies of 150k input tokens: neither above gemini-2.5-pro's 200k tier, their sum is.
     usage = Usage(input=150_000, output=1_000, total_tokens=151_000)
     replies = (("google", "gemini-2.5-pro", usage),) * 2
-    session = _replies_session(replies, configured=("google", "gemini-2.5-pro"))
+    session = replies_session(replies, configured=("google", "gemini-2.5-pro"))
     record = session.loops[0]
     when = record.turns[0].started_at
     one = table_usd(usage, "google", "gemini-2.5-pro", when)

@@ -1012,11 +1012,11 @@ def test_saves_in_parts_store_what_merging_them_gives(
     store.delete(check_saves_in_parts(store, parts))
 
 
-def test_the_v15_migration_counts_the_tokens_of_calls_without_a_total(
+def test_the_v15_migration_recounts_calls_without_a_total_and_turns_of_several_replies(
     store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    session = save_as_before_untotalled_calls_counted(store, monkeypatch)
+    sessions = save_as_before_untotalled_calls_counted(store, monkeypatch)
     meta = _table(store.schema, "meta")
     admin.execute(sql.SQL("UPDATE {} SET value = '14' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
-        check_untotalled_calls_counted(migrated, session)
+        check_untotalled_calls_counted(migrated, sessions)

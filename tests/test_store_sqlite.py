@@ -2038,12 +2038,12 @@ def test_the_v13_migration_sums_the_loops_by_serving_model(db: Path) -> None:
         check_migrated_served_totals(store, session)
 
 
-def test_the_v16_migration_counts_the_tokens_of_calls_without_a_total(
+def test_the_v16_migration_recounts_calls_without_a_total_and_turns_of_several_replies(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with SqliteStore(db) as store:
-        session = save_as_before_untotalled_calls_counted(store, monkeypatch)
+        sessions = save_as_before_untotalled_calls_counted(store, monkeypatch)
     raw_execute(db, "PRAGMA user_version = 15")
     with SqliteStore(db) as store:
         assert store.schema_version() == SCHEMA_VERSION == 16
-        check_untotalled_calls_counted(store, session)
+        check_untotalled_calls_counted(store, sessions)

@@ -358,31 +358,31 @@ def _sum_session_tokens(
 def _count_untotalled_calls(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
     """Migration 15: a loop's total counts the tokens of its calls that reported no total
     (phi-core's Anthropic provider sets none: `counted_usage`), which its listing,
-    ``min_tokens``, the order by tokens and the totals by model read. Only such a loop's
-    total can be below its input plus output (every total a call reports counts them):
-    those loops get their token columns, outline, calls and rows by serving model again,
-    and their sessions' sums. A record that does not decode is left as it was."""
+    ``min_tokens``, the order by tokens and the totals by model read, and a turn of several
+    replies (an errored one, then a fallback's) is a call per reply, each on its model.
+    Neither shows in the stored columns (a loop mixing calls with and without totals, a
+    turn stored as one call), so every loop is decoded: one whose token columns, outline or
+    calls differ from what it is stored as now gets them and its rows by serving model
+    again, and its session its sums. A record that does not decode is left as it was."""
     update = compose(
         f"UPDATE {{s}}.loops SET ({_V4_TOKENS}, outline, calls) = (%s, %s, %s, %s, %s, %s, %s, %s)"
         " WHERE session_id = %s AND position = %s"
     )
     remove = compose("DELETE FROM {s}.loop_models WHERE session_id = %s AND position = %s")
     insert = compose(_INSERT_LOOP_MODEL)
-    query = compose(
-        "SELECT session_id, position, record FROM {s}.loops WHERE total_tokens < input_tokens + output_tokens"
-    )
+    query = compose(f"SELECT session_id, position, record, {_V4_TOKENS}, outline, calls FROM {{s}}.loops")
     counted: set[str] = set()
     for rows in _in_batches(cur, "phi_session_count_untotalled", query):
-        for session_id, position, blob in rows:
+        for session_id, position, blob, *stored in rows:
             try:
                 record = decode_loop(blob, strict=False)
             except DecodeError:
                 continue
             outline = loop_outline(record)
-            cur.execute(
-                update,
-                (*_usage_values(record.billed_usage()), *encode_outline_parts(outline), session_id, position),
-            )
+            current = (*_usage_values(record.billed_usage()), *encode_outline_parts(outline))
+            if tuple(stored) == current:
+                continue
+            cur.execute(update, (*current, session_id, position))
             cur.execute(remove, (session_id, position))
             cur.executemany(
                 insert,

@@ -572,30 +572,34 @@ def _index_case_folded_words(conn: sqlite3.Connection) -> None:
 def _count_untotalled_calls(conn: sqlite3.Connection) -> None:
     """v16: a loop's total counts the tokens of its calls that reported no total (phi-core's
     Anthropic provider sets none: `counted_usage`), which its listing, ``min_tokens``, the
-    order by tokens and the totals by model read. Only such a loop's total can be below its
-    input plus output (every total a call reports counts them): those loops get their token
-    columns, outline, calls and rows by serving model again, and their sessions' sums. A
-    loop whose record does not decode is left as it was."""
-    sessions = [
-        session_id
-        for (session_id,) in conn.execute(
-            "SELECT DISTINCT session_id FROM loops WHERE total_tokens < input_tokens + output_tokens"
-        )
-    ]
-    for session_id, position, record in _each_stored_loop(conn, sessions):
+    order by tokens and the totals by model read, and a turn of several replies (an errored
+    one, then a fallback's) is a call per reply, each on its model. Neither shows in the
+    stored columns (a loop mixing calls with and without totals, a turn stored as one call),
+    so every loop is decoded: one whose token columns, outline or calls differ from what it
+    is stored as now gets them and its rows by serving model again, and its session its
+    sums. A loop whose record does not decode is left as it was."""
+    changed: set[str] = set()
+    for session_id, position, record in _each_stored_loop(conn):
         outline = loop_outline(record)
-        outline_json, calls_json = encode_outline_parts(outline)
+        current = [*_token_columns(record.billed_usage()), *encode_outline_parts(outline)]
+        stored = conn.execute(
+            f"SELECT {_V3_TOKENS}, outline, calls FROM loops WHERE session_id = ? AND position = ?",
+            (session_id, position),
+        ).fetchone()
+        if list(stored) == current:
+            continue
         conn.execute(
             f"UPDATE loops SET ({_V3_TOKENS}, outline, calls) = (?, ?, ?, ?, ?, ?, ?, ?)"
             " WHERE session_id = ? AND position = ?",
-            [*_token_columns(record.billed_usage()), outline_json, calls_json, session_id, position],
+            [*current, session_id, position],
         )
         conn.execute("DELETE FROM loop_models WHERE session_id = ? AND position = ?", (session_id, position))
         conn.executemany(
             _INSERT_LOOP_MODEL,
             [_loop_model_row(session_id, position, part) for part in outline_model_rows(outline)],
         )
-    _sum_session_tokens(conn, sessions)
+        changed.add(session_id)
+    _sum_session_tokens(conn, sorted(changed))
 
 
 MIGRATIONS: tuple[Migration, ...] = (
