@@ -2485,3 +2485,42 @@ def test_a_call_without_a_total_counts_its_tokens_in_list_stats_and_show(tmp_pat
     shown = run("show", "untotalled", "--store", store).stdout
     assert " 0 tokens" not in shown and "turn 0 · User · 0.50s · 152,000 tokens" in shown
     assert "152,000" in run("show", "untotalled", "--timeline", "--store", store).stdout
+
+
+def test_turns_models_and_diffs_count_each_reply_without_a_total(tmp_path: Path) -> None:
+    # A turn of an untotalled claude-opus-4-1 reply (152,000 tokens) and a gpt-4o-mini fallback
+    # reporting 1,100: show said 1,100 for the turn (counted_total of the summed usage), the
+    # timeline's model bar of a lone untotalled reply 0, and diff "tokens 0 → 0".
+    from phi_session.stores.conformance import calls_loop, make_session
+
+    from .store_support import replies_session
+
+    untotalled = ps.Usage(input=100_000, output=2_000, cache_read=50_000)
+    fallback = ps.Usage(input=1_000, output=100, cache_read=400, total_tokens=1_100)
+    mixed = replies_session(
+        (("anthropic", "claude-opus-4-1", untotalled), ("openai", "gpt-4o-mini", fallback))
+    )
+    lone = make_session(
+        "lone", loops=[calls_loop("lone", 1, [untotalled], model="anthropic/claude-sonnet-4-5")]
+    )
+    store = tmp_path / "s.db"
+    with ps.SqliteStore(store) as opened:
+        opened.save(mixed)
+        opened.save(lone)
+        opened.save(
+            make_session(
+                "lone2", loops=[calls_loop("lone2", 1, [untotalled], model="anthropic/claude-sonnet-4-5")]
+            )
+        )
+    shown = run("show", mixed.session_id, "--store", store).stdout
+    [turn_line] = [line for line in shown.splitlines() if "turn 0 ·" in line]
+    assert turn_line.rstrip().endswith("· 153,100 tokens"), shown
+    timeline = run("show", "lone", "--timeline", "--store", store).stdout
+    # the model bar's row, by its stop reason
+    [model_row] = [
+        line for line in timeline.splitlines() if "anthropic/claude-sonnet-4-5" in line and "stop" in line
+    ]
+    assert "152,000" in model_row, timeline
+    assert "153,100" in run("show", mixed.session_id, "--timeline", "--store", store).stdout
+    diffed = run("diff", "lone", "lone2", "--store", store).stdout
+    assert "tokens 0" not in diffed and "152,000" in diffed, diffed

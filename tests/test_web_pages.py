@@ -480,6 +480,7 @@ def test_a_loop_view_cuts_each_long_text_and_the_field_view_gives_it_whole(
     loop = get_json(server, "/api/sessions/long/loops/0")
     stored = json.loads(encode_loop(msgspec.structs.replace(session.loops[0], events=[])))
     cuts = {cut["path"]: cut for cut in loop.pop("clipped")}
+    assert len(loop.pop("turn_usages")) == len(stored["turns"])  # beside the stored loop's keys
     result = "/turns/0/tool_results/0/content/0/text"
     argument = "/turns/0/output_message/content/0/arguments/a~1b~0c"
     assert {result, argument, "/error", "/messages/1/content/0/arguments/a~1b~0c"} <= set(cuts)
@@ -748,3 +749,22 @@ def test_past_a_budget_a_loop_view_cuts_shorter_texts_too(tmp_path: Path) -> Non
             assert get_json(server, f"/api/sessions/many/field?{cut['field']}") == _at(stored, cut["path"])
         for event in get_json(server, "/api/sessions/many/event-log?type=TurnEnd")["events"]:
             assert len(msgspec.json.encode(event)) < 2 * VIEW_CHARS  # a row's budget alike
+
+
+def test_a_loop_view_gives_each_turns_usage_counting_the_replies_without_a_total(tmp_path: Path) -> None:
+    # A turn of an untotalled claude-opus-4-1 reply and a gpt-4o-mini fallback reporting 1,100:
+    # the viewer showed 1,100 (the summed usage's total); the loop view now gives 153,100.
+    from phi_session.messages import Usage
+
+    from .store_support import replies_session
+
+    untotalled = Usage(input=100_000, output=2_000, cache_read=50_000)
+    fallback = Usage(input=1_000, output=100, cache_read=400, total_tokens=1_100)
+    session = replies_session(
+        (("anthropic", "claude-opus-4-1", untotalled), ("openai", "gpt-4o-mini", fallback))
+    )
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as server:
+        store.save(session)
+        loop = get_json(server, f"/api/sessions/{session.session_id}/loops/0")
+    assert loop["turns"][0]["usage"]["total_tokens"] == 1_100  # as recorded
+    assert [usage["total_tokens"] for usage in loop["turn_usages"]] == [153_100]

@@ -74,7 +74,7 @@ from .messages import (
     Usage,
     message_role,
 )
-from .model import CutOffTurn, LoopRecord, Session, Turn
+from .model import CutOffTurn, LoopRecord, Session, Turn, counted_usage
 from .stores.base import validate_session_id
 from .views import loop_order
 
@@ -221,8 +221,9 @@ class LoopSide(_Result, frozen=True):
     `position` is its index in ``session.loops`` (``phi-session show`` numbers it
     ``#position+1``); `continuation` is its kind, ``Branch:tag`` for a tagged one;
     `model` its config's ``provider/model`` (None without a config); `usage` what its
-    replies reported (`LoopRecord.reported_usage`: a loop cut off before its end counts
-    its turns; a replay's turns, the recorded usage, though not billed again);
+    replies reported (`LoopRecord.counted_reported_usage`: a loop cut off before its end
+    counts its turns; a replay's turns, the recorded usage, though not billed again; its
+    total counts a reply that reported none);
     `seconds` its duration (None while it has not ended).
     """
 
@@ -414,7 +415,7 @@ def diff_sessions(a: Session, b: Session) -> SessionDiff:
         only_in_a=only_a,
         only_in_b=only_b,
         first_divergence=first,
-        usage_delta=UsageDelta.between(a.reported_usage(), b.reported_usage()),
+        usage_delta=UsageDelta.between(a.counted_reported_usage(), b.counted_reported_usage()),
     )
 
 
@@ -435,7 +436,7 @@ def _side(placed: PlacedLoop) -> LoopSide:
         status=record.status,
         model=None if config is None else f"{config.provider}/{config.model}",
         turn_count=len(record.turns),
-        usage=record.reported_usage(),
+        usage=record.counted_reported_usage(),
         seconds=None if record.ended_at is None else record.ended_at - record.started_at,
     )
 
@@ -534,7 +535,8 @@ class _Step(NamedTuple):
     """Its duration; None: it never ended."""
 
     @classmethod
-    def of(cls, turn: Turn) -> _Step:
+    def of(cls, turn: Turn, usage: Usage) -> _Step:
+        """`turn`, with its `usage` as it shows (`LoopRecord.turn_usage`)."""
         # The turn's tool results sit in its input messages too: they are compared as
         # results. A result of another call is an input: a run resuming one that stopped
         # for a call's approval sends the approved tool's result (or a denial) first.
@@ -549,7 +551,7 @@ class _Step(NamedTuple):
             output,
             _results_in_call_order(results, output),
             turn.request_payload,
-            turn.usage,
+            usage,
             turn.duration(),
         )
 
@@ -568,6 +570,7 @@ class _Step(NamedTuple):
         usage = ZERO_USAGE
         for reply in replies:
             usage = usage + reply.usage
+        usage = counted_usage(usage, [reply.usage for reply in replies])
         return cls(inputs, output, _results_in_call_order(results, output), None, usage, None)
 
 
@@ -575,7 +578,7 @@ def _steps(record: LoopRecord) -> list[_Step]:
     """The turns of `record` as compared: its finished turns, then, for a loop cut off
     before its end (`LoopRecord.reports_usage` false), the turn it was cut off in, once
     it started or said something."""
-    steps = [_Step.of(turn) for turn in record.turns]
+    steps = [_Step.of(turn, record.turn_usage(turn)) for turn in record.turns]
     if not record.reports_usage():
         cut_off = record.cut_off_turn()
         if cut_off.started_at is not None or cut_off.messages:

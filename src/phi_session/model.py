@@ -291,7 +291,7 @@ def counted_total(usage: Usage | ModelCall) -> int:
     return usage.total_tokens or prompt_tokens(usage) + usage.output
 
 
-def counted_usage(usage: Usage, calls: Iterable[ModelCall]) -> Usage:
+def counted_usage(usage: Usage, calls: Iterable[Usage | ModelCall]) -> Usage:
     """`usage`, the sum of `calls`, with a total that counts the tokens of the calls that
     reported none (`counted_total`): what listings, filters and totals show. A record's own
     ``total_tokens`` stays as recorded."""
@@ -329,13 +329,17 @@ def _less(usage: Usage, spent: Usage) -> Usage:
 
 
 def _turn_calls(
-    turn: Turn, replies: list[AssistantMessage] | None, config: LoopConfigSnapshot | None
+    turn: Turn,
+    replies: list[AssistantMessage] | None,
+    config: LoopConfigSnapshot | None,
+    *,
+    replayed: bool = False,
 ) -> list[ModelCall]:
     """The calls of a finished `turn` whose ``MessageEnd`` events held `replies` (None:
     unknown). Several replies whose usages add up to the turn's are a call each, the first at
     the turn's start, a later one at its own timestamp when that falls within the turn (else
     the turn's start): priced apart, each on its model and tier. Otherwise the turn is one
-    call, on its output's model."""
+    call, on its output's model. A reply a replay served is none unless `replayed`."""
     if replies and len(replies) > 1 and sum((reply.usage for reply in replies), ZERO_USAGE) == turn.usage:
         start, end = turn.started_at.ns // _NS_PER_MS, turn.ended_at.ns // _NS_PER_MS
         return [
@@ -347,9 +351,9 @@ def _turn_calls(
                 served_by(reply, config),
             )
             for number, reply in enumerate(replies)
-            if reply.usage != ZERO_USAGE and not is_replayed(reply)
+            if reply.usage != ZERO_USAGE and (replayed or not is_replayed(reply))
         ]
-    if turn.usage == ZERO_USAGE or is_replayed(turn.output_message):
+    if turn.usage == ZERO_USAGE or (not replayed and is_replayed(turn.output_message)):
         return []
     return [ModelCall.of(turn.started_at, turn.usage, served_by(turn.output_message, config))]
 
@@ -582,6 +586,19 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             total = total + reply.usage
         return total
 
+    def counted_reported_usage(self) -> Usage:
+        """`reported_usage` with a total that counts each reply that reported none, a
+        replay's included (`counted_usage`, as `billed_usage` counts the billed ones): what
+        two runs compare (`phi_session.diff`)."""
+        replayed: list[ModelCall] = [
+            call
+            for turn in self.turns
+            if is_replayed(turn.output_message)
+            for call in self.turn_calls(turn, replayed=True)
+        ]
+        cut_off = [reply.usage for reply in self.cut_off_turn().replies if is_replayed(reply)]
+        return counted_usage(self.reported_usage(), [*self.model_calls(), *replayed, *cut_off])
+
     def replayed_usage(self) -> Usage:
         """The usage of the replies a replay served from its recording (`is_replayed`): no
         model was called for them, the recorded call was billed where it was recorded.
@@ -687,18 +704,27 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             calls.append(ModelCall(self.started_at.ns // _NS_PER_MS, *rest))
         return calls
 
-    def turn_calls(self, turn: Turn) -> list[ModelCall]:
+    def turn_calls(self, turn: Turn, *, replayed: bool = False) -> list[ModelCall]:
         """The model calls with tokens of `turn`, one of the loop's finished turns: one per
         assistant reply its ``MessageEnd`` events hold (each with its usage and model), or
-        the turn as one call when its events do not account for its usage."""
+        the turn as one call when its events do not account for its usage. A reply a replay
+        served is none (it called no model) unless `replayed`."""
         output = turn.output_message
         if type(output) is AssistantMessage and output.usage == turn.usage:
-            return _turn_calls(turn, None, self.config)  # its one reply's (no scan of the events)
+            # its one reply's (no scan of the events)
+            return _turn_calls(turn, None, self.config, replayed=replayed)
         replies = self._turn_replies()
         for position, candidate in enumerate(self.turns):
             if candidate is turn:
-                return _turn_calls(turn, None if replies is None else replies[position], self.config)
-        return _turn_calls(turn, None, self.config)
+                found = None if replies is None else replies[position]
+                return _turn_calls(turn, found, self.config, replayed=replayed)
+        return _turn_calls(turn, None, self.config, replayed=replayed)
+
+    def turn_usage(self, turn: Turn) -> Usage:
+        """`turn`'s usage with a total that counts each of its replies that reported none
+        (`counted_usage` over `turn_calls`, a replayed reply's included): what a turn shows
+        and two runs compare. Its recorded ``usage`` sums its replies' totals as reported."""
+        return counted_usage(turn.usage, self.turn_calls(turn, replayed=True))
 
     def _turn_replies(self) -> list[list[AssistantMessage]] | None:
         """The assistant replies of each finished turn, from the ``MessageEnd`` events between
@@ -966,6 +992,14 @@ class Session(msgspec.Struct, kw_only=True):
         total = ZERO_USAGE
         for record in self.loops:
             total = total + record.reported_usage()
+        return total
+
+    def counted_reported_usage(self) -> Usage:
+        """`reported_usage` with a total that counts the replies that reported none
+        (`LoopRecord.counted_reported_usage` summed): what two runs compare."""
+        total = ZERO_USAGE
+        for record in self.loops:
+            total = total + record.counted_reported_usage()
         return total
 
     def iter_events(self) -> Iterator[SessionEvent]:

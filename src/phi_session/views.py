@@ -22,7 +22,7 @@ from ._time import Timestamp
 from .errors import InvalidArgument, InvalidSessionId, SessionNotFound, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
-from .model import LoopRecord, Session, Turn, counted_total
+from .model import LoopRecord, Session, Turn, counted_usage
 from .stores.base import SessionStore, SessionSummary, summarize
 from .stores.outline import SessionOutline
 
@@ -600,7 +600,9 @@ def _loop_bars(
     results = _result_times(loop.turns)
     for turn_index, turn in enumerate(loop.turns):
         where = (index, loop.loop_id)
-        yield from _turn_bars(session_id, where, turn_index, turn, depth + 1, results, spawned)
+        yield from _turn_bars(
+            session_id, where, turn_index, turn, loop.turn_usage(turn), depth + 1, results, spawned
+        )
     for children in spawned.values():  # spawned outside a recorded turn: under the loop
         for child in children:
             yield _SubAgent(child, depth + 1)
@@ -621,6 +623,7 @@ def _turn_bars(
     loop: tuple[int, str],
     turn_index: int,
     turn: Turn,
+    usage: Usage,
     depth: int,
     results: dict[str, int],
     spawned: dict[str, deque[str]],
@@ -654,7 +657,7 @@ def _turn_bars(
         f"turn {turn.turn_id.turn_index}",
         turn.started_at,
         turn.ended_at,
-        msgspec.structs.replace(turn.usage, total_tokens=counted_total(turn.usage)),
+        usage,
         str(turn.triggered_by),
     )
     output = turn.output_message
@@ -665,7 +668,8 @@ def _turn_bars(
     answered_ns = min(max(output.timestamp * _NS_PER_MS, start_ns), end_ns)
     answered = Timestamp.from_ns(answered_ns)
     model, stop = f"{output.provider}/{output.model}", f"stop: {output.stop_reason}"
-    yield bar("model", depth + 1, model, turn.started_at, answered, output.usage, stop)
+    usage = counted_usage(output.usage, (output.usage,))
+    yield bar("model", depth + 1, model, turn.started_at, answered, usage, stop)
     # The turn's own results first: a provider that numbers its calls per turn has the
     # same id in several turns. The loop's are for results recorded in a later turn.
     own = _result_times((turn,))

@@ -574,7 +574,7 @@ def _turn_line(record: LoopRecord, turn_index: int) -> Text:
     tools = [block.name for block in content if isinstance(block, ToolCall)]
     line = Text(
         f"turn {turn.index} · {turn.triggered_by} · {turn.duration():.2f}s · "
-        f"{number(counted_total(turn.usage))} tokens"
+        f"{number(record.turn_usage(turn).total_tokens)} tokens"
     )
     if tools:
         line.append(" · calls ")

@@ -373,7 +373,11 @@ class CachedSession:
 
     def _loop_json(self, index: int) -> bytes:
         [record] = self._loops(index, index + 1)  # the index is checked
-        return encode_loop(msgspec.structs.replace(record, events=[]), pretty=False)
+        data = encode_loop(msgspec.structs.replace(record, events=[]), pretty=False)
+        # Each turn's usage as it shows (`LoopRecord.turn_usage`): its total counts the replies
+        # that reported none, which the turn's summed usage cannot tell (its events are not sent).
+        usages = msgspec.json.encode([record.turn_usage(turn) for turn in record.turns])
+        return data[:-1] + b',"turn_usages":' + usages + b"}"
 
     def loop(self, index: int) -> bytes:
         """One loop with its turns and messages (its events are on the event log's pages),

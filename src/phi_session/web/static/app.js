@@ -544,13 +544,14 @@
     return (turn.input_messages || []).filter((message) => !(llmRole(message) === "toolResult" && shown.has(message.toolCallId)));
   }
 
-  function turnView(turn, previous, index) {
+  // usage: the turn's as it shows (LoopRecord.turn_usage, the loop's turn_usages).
+  function turnView(turn, previous, index, usage) {
     return h("div", { class: "turn", "data-turn-index": index },
       h("div", { class: "turn-head" },
         h("strong", null, "Turn " + turn.turn_id.turnIndex),
         h("span", null, "triggered by " + turn.triggered_by),
         h("span", null, seconds(turn.started_at, turn.ended_at)),
-        h("span", null, usageText(turn.usage))),
+        h("span", null, usageText(usage || turn.usage))),
       turnSection("Input messages", freshInputs(turn, previous)),
       turnSection("Assistant output", [turn.output_message]),
       turnSection("Tool results", turn.tool_results));
@@ -685,7 +686,7 @@
     }
     const turns = loop.turns || [];
     const structured = h("div", { class: "structured" },
-      turns.map((turn, index) => turnView(turn, turns[index - 1], index)),
+      turns.map((turn, index) => turnView(turn, turns[index - 1], index, (loop.turn_usages || [])[index])),
       turns.length ? null : h("p", { class: "muted" }, "No completed turns."));
     const chat = chatView(loop);
     chat.hidden = true;
