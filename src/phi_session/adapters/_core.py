@@ -276,7 +276,7 @@ def usage_of(
 ) -> Usage:
     """One model response's `Usage` from a framework's counters (None counts as 0), its
     `input` without the cache: with no total (None, 0), the total is
-    ``input + output + cache_read + cache_write``, as `cost.uncached_input` reads the
+    ``input + output + cache_read + cache_write``, as `model.uncached_input` reads the
     adapters' records. `TypeError` or `InvalidArgument` for a counter that is no count (a
     float, a negative number), which no store could load again."""
     usage = Usage(
