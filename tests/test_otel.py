@@ -60,7 +60,7 @@ from phi_session.events import (
     TurnEnd,
     TurnStart,
 )
-from phi_session.messages import ZERO_USAGE, AssistantMessage, TextContent, ToolCall, UserMessage
+from phi_session.messages import ZERO_USAGE, AssistantMessage, TextContent, ToolCall, Usage, UserMessage
 from phi_session.model import ParallelGroupRecord, Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session, ingest_otlp
 from phi_session.otel import attributes as attr
@@ -2905,3 +2905,39 @@ def test_a_tracers_events_reach_the_export_sink_checked_once() -> None:
             sink(bad)
         assert checks.call_count == 1
     sink.close()
+
+
+@pytest.mark.parametrize(
+    "usages",
+    [
+        (
+            Usage(input=100_000, output=2_000, total_tokens=102_000),
+            Usage(input=100_000, output=500, total_tokens=100_500),
+        ),
+        (
+            Usage(input=100_000, output=2_000, cache_read=50_000),
+            Usage(input=1_000, output=100, cache_read=400, total_tokens=1_100),
+        ),
+    ],
+    ids=["totalled", "an untotalled reply, then one counting the cache inside"],
+)
+def test_a_turn_of_several_replies_comes_back_a_call_per_reply_without_content_capture(
+    usages: tuple[Usage, Usage],
+) -> None:
+    # An errored claude-opus-4-1 reply, then a gpt-4o-mini fallback: without content
+    # capture the ingest made them one gpt-4o-mini call ($0.0315 of $1.6653).
+    from phi_session.cost import Pricer
+
+    from .store_support import replies_session
+
+    opus, mini = usages
+    session = replies_session((("anthropic", "claude-opus-4-1", opus), ("openai", "gpt-4o-mini", mini)))
+    [back] = _ingest(_export([session]))
+    record, ingested = session.loops[0], back.loops[0]
+    calls = [(call.usage, call.served_by) for call in record.model_calls()]
+    assert [(call.usage, call.served_by) for call in ingested.model_calls()] == calls
+    assert [(c.usage, c.served_by) for c in ingested.turn_calls(ingested.turns[0])] == calls
+    assert ingested.turns[0].usage == record.turns[0].usage and ingested.usage == record.usage
+    assert ingested.turns[0].output_message.model == "gpt-4o-mini"
+    pricer = Pricer()
+    assert pricer.session(back).usd == pricer.session(session).usd > 1.6

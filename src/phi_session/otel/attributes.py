@@ -82,6 +82,9 @@ PHI_TURN_INDEX = "phi.turn.index"
 PHI_TURN_TRIGGER = "phi.turn.triggered_by"
 PHI_TURN_UNFINISHED = "phi.turn.unfinished"  # a turn cut off before its TurnEnd (loop aborted)
 PHI_TURN_REPLAYED = "phi.turn.replayed"  # a turn a replay served from its recording: no model call
+# A turn of several model calls (an errored reply, then a fallback's), without content capture:
+# each reply's provider, model, stop reason, time (ms) and usage (phi-core JSON), in order.
+PHI_TURN_REPLIES = "phi.turn.replies"
 PHI_TOOL_IS_ERROR = "phi.tool.is_error"
 PHI_CHILD_LOOP_ID = "phi.child_loop.id"
 PHI_CHILD_SESSION_ID = "phi.child_session.id"

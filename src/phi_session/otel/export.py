@@ -199,10 +199,14 @@ class _Placements:
         return _hash_id(16, "trace", loop_id), None
 
 
-def _usage_attributes(usage: Usage, calls: Iterable[Usage | ModelCall]) -> dict[str, Any]:
+def _usage_attributes(
+    usage: Usage, calls: Iterable[Usage | ModelCall], *, exact: bool = False
+) -> dict[str, Any]:
     """The conventions' usage attributes of `usage`, the sum of model `calls`. Their
     input_tokens count cached tokens inside; phi-core's providers count them inside ``input``
-    or apart, which only each call's counts tell (`prompt_tokens`), never their sum."""
+    or apart, which only each call's counts tell (`prompt_tokens`), never their sum. The
+    exact counts go apart too when clamped, or `exact` (a turn whose replies the ingest
+    reads back one by one, and its loop: their sum must be theirs)."""
     counts = {
         attr.USAGE_INPUT_TOKENS: sum(map(prompt_tokens, calls)),
         attr.USAGE_OUTPUT_TOKENS: usage.output,
@@ -211,7 +215,7 @@ def _usage_attributes(usage: Usage, calls: Iterable[Usage | ModelCall]) -> dict[
         attr.USAGE_REASONING_TOKENS: usage.reasoning,
     }
     attributes: dict[str, Any] = {name: min(count, _LAST_INT64) for name, count in counts.items()}
-    if attributes != counts:  # clamped: the exact counts apart, which the ingest reads first
+    if exact or attributes != counts:  # the exact counts apart, which the ingest reads first
         attributes[attr.PHI_USAGE] = encode_record(usage).decode()
     return attributes
 
@@ -268,6 +272,20 @@ def genai_message(message: AgentMessage) -> dict[str, Any]:
 
 def _events_attribute(events: list[tuple[int, AgentEvent]]) -> str:
     return json_text([[seq, msgspec.Raw(encode_event(event))] for seq, event in events])
+
+
+def _replies_attribute(events: list[tuple[int, AgentEvent]]) -> str:
+    """`attr.PHI_TURN_REPLIES` of a turn whose span covers `events`: its assistant replies
+    without their content, each priced apart once ingested (`LoopRecord.turn_calls`)."""
+    replies = [
+        event.message
+        for _, event in events
+        if type(event) is MessageEnd and type(event.message) is AssistantMessage
+    ]
+    listed = [
+        [r.provider, r.model, r.stop_reason, r.timestamp, encode_record(r.usage).decode()] for r in replies
+    ]
+    return json_text(listed)
 
 
 def _otlp_time(ns: int) -> int:
@@ -494,7 +512,11 @@ class _LoopExport:
             attr.PHI_CONTINUATION_KIND: record.kind.kind,
             # What the loop's calls billed: phi-core's usage, but for a loop cut off before
             # AgentEnd, whose usage phi-core leaves at zero, its finished and cut-off turns'.
-            **_usage_attributes(record.billed_as_reported(), record.model_calls()),
+            **_usage_attributes(
+                record.billed_as_reported(),
+                record.model_calls(),
+                exact=not self.capture and any(len(record.turn_calls(turn)) > 1 for turn in record.turns),
+            ),
         }
         if self.capture and record.ended_at is None:
             # What an AgentEnd closing it reports: every reply's usage, a replay's served ones
@@ -573,7 +595,11 @@ class _LoopExport:
         if is_replayed(output):  # its recorded usage was billed where it was recorded
             span.attributes[attr.PHI_TURN_REPLAYED] = True
         else:
-            span.attributes.update(_usage_attributes(turn.usage, self.record.turn_calls(turn)))
+            calls = self.record.turn_calls(turn)
+            listed = len(calls) > 1 and not self.capture  # with capture, phi.events hold the replies
+            span.attributes.update(_usage_attributes(turn.usage, calls, exact=listed))
+            if listed:
+                span.attributes[attr.PHI_TURN_REPLIES] = _replies_attribute(span.phi_events)
         if isinstance(output, AssistantMessage):
             span.attributes[attr.RESPONSE_MODEL] = output.model
             span.attributes[attr.RESPONSE_FINISH_REASONS] = (output.stop_reason,)

@@ -80,6 +80,7 @@ from ..messages import (
     AgentMessage,
     AssistantMessage,
     Content,
+    StopReason,
     TextContent,
     ThinkingContent,
     ToolCall,
@@ -1146,6 +1147,33 @@ def _group(attributes: dict[str, Any]) -> tuple[str, ...] | None:
     return None
 
 
+def _turn_replies(value: Any, usage: Usage) -> list[AssistantMessage] | None:
+    """The replies of a turn of several calls our export listed (`attr.PHI_TURN_REPLIES`),
+    without content; None unless it is ours (two replies or more, each as phi-core holds
+    it) and they add up to the turn's `usage`."""
+    if not isinstance(value, str):
+        return None
+    try:
+        listed = msgspec.json.decode(value, type=list[tuple[str, str, str, int, str]])
+    except msgspec.DecodeError:
+        return None
+    replies = [
+        AssistantMessage(
+            content=(),
+            stop_reason=msgspec.convert(stop, StopReason),
+            model=model,
+            provider=provider,
+            usage=_stored_usage(counts),
+            timestamp=timestamp,
+        )
+        for provider, model, stop, timestamp, counts in listed
+        if 0 <= timestamp <= _LAST_U64 and stop in get_args(StopReason)
+    ]
+    if len(replies) != len(listed) or len(replies) < 2:
+        return None
+    return replies if sum((reply.usage for reply in replies), ZERO_USAGE) == usage else None
+
+
 def _stored_usage(value: Any) -> Usage:
     """A usage we exported as phi-core JSON; zero when it is missing or not ours (a count
     past u64, which phi-core cannot hold, is not)."""
@@ -1699,6 +1727,13 @@ class _Rebuild:
             usage=usage,
             timestamp=chat.end // 1_000_000,
         )
+        replies = _turn_replies(attributes.get(attr.PHI_TURN_REPLIES), usage)
+        if replies:  # each a call of its own, as the recorder had them (`LoopRecord.turn_calls`)
+            *earlier, last = replies
+            named = {"model": last.model, "provider": last.provider, "stop_reason": last.stop_reason}
+            reply = msgspec.structs.replace(reply, usage=last.usage, **named)
+            for message in (*earlier, reply):
+                emit(MessageEnd(loop_id=loop.loop_id, message=message))
         emit(
             TurnEnd(
                 loop_id=loop.loop_id,
