@@ -1462,8 +1462,10 @@ def _decode(
     if check is not None:
         try:
             scan = _strict.Scan(data)
-        except (ValueError, RecursionError) as error:
+        except ValueError as error:
             raise DecodeError(str(error)) from None
+        except RecursionError:
+            raise _too_deep() from None
         if scan.numbers_differ:  # read numbers as phi-core does, then convert again
             tree, lenient = scan.tree, True
         # What the typed decoder took, decoding keeps whole; else it may drop what phi-core ignores.
