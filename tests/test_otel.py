@@ -442,6 +442,17 @@ def test_export_errors_reach_flush_and_close_never_the_agent(demo_sessions: list
     assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
 
 
+def test_a_retry_for_longer_than_a_float_holds_exports_after_a_failure(demo_sessions: list[Session]) -> None:
+    """retry_for=10**400 was kept as the int: the first failed export's deadline raised
+    OverflowError in the worker and close's (retry_for + CLOSE_GRACE) in close."""
+    exporter = _DownAtFirst(2, ConnectionRefusedError("collector down"))
+    sink = OtelExportSink(exporter, retry_for=10**400)
+    _feed(sink, demo_sessions[0])
+    sink.close()
+    assert sink.failed_sessions() == []
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+
+
 def test_sessions_a_failed_close_kept_are_exported_by_a_later_close_or_flush(
     demo_sessions: list[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -63,6 +63,7 @@ from phi_session.journal import (
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig, SpawnGap
+from phi_session.saver import SessionSaver
 from phi_session.stores.base import SessionStore
 from phi_session.stores.conformance import spawned_apart
 from phi_session.stores.json_dir import JsonDirStore
@@ -194,6 +195,21 @@ def test_a_timeout_longer_than_a_thread_can_wait_is_no_limit(
             persisting.wait_saved(wrong)
     with pytest.raises(InvalidArgument, match="group_end_timeout must be a finite number"):
         SessionRecorderConfig(group_end_timeout=10**400)
+
+
+@pytest.mark.parametrize("huge", [10**400, math.inf], ids=["int", "inf"])
+def test_a_retry_for_longer_than_a_float_holds_is_no_limit(tmp_path: Path, huge: float) -> None:
+    """retry_for=10**400 passed its check (as infinity) but was kept as the int: close's
+    deadline (retry_for + CLOSE_GRACE) and a failed save's (now + retry_for) raised
+    OverflowError, the writer died on the first failure and the session was lost."""
+    evs = single_loop_sessions(2)
+    store = FlakyStore(tmp_path / "s", failures=2)
+    persisting = AutoPersistingRecorder(store, retry_for=huge, warn_after=huge, checkpoint_interval=huge)
+    persisting.record_all(evs)
+    persisting.close()
+    assert stored(store) == recorded(evs)
+    saver = SessionSaver(FlakyStore(tmp_path / "t", failures=2), retry_for=huge)
+    assert saver.save(store.load(next(iter(stored(store))))).saved
 
 
 class FlakyStore(JsonDirStore):

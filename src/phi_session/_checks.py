@@ -149,6 +149,32 @@ def check_index(name: str, value: object, described: str = "int") -> int:
         raise _wrong_type(name, described, value) from None
 
 
+@overload
+def check_seconds(
+    name: str,
+    value: object,
+    *,
+    optional: Literal[False] = False,
+    positive: bool = False,
+    duration: bool = False,
+    maximum: float | None = None,
+    finite: bool = False,
+) -> float: ...
+
+
+@overload
+def check_seconds(
+    name: str,
+    value: object,
+    *,
+    optional: Literal[True],
+    positive: bool = False,
+    duration: bool = False,
+    maximum: float | None = None,
+    finite: bool = False,
+) -> float | None: ...
+
+
 def check_seconds(
     name: str,
     value: object,
@@ -158,12 +184,14 @@ def check_seconds(
     duration: bool = False,
     maximum: float | None = None,
     finite: bool = False,
-) -> None:
-    """`TypeError` unless `value` is a real number (a NumPy one too; with `duration`, a
-    `timedelta` too), or None when `optional`; `InvalidArgument` if it is negative (or
-    zero, when `positive`), NaN, (given a `maximum`) above it or (when `finite`) infinite."""
+) -> float | None:
+    """`value` as a float of seconds (an int too large for one, 10**400, as infinity): the
+    value to keep, as arithmetic with the int itself overflows. `TypeError` unless `value`
+    is a real number (a NumPy one too; with `duration`, a `timedelta` too), or None when
+    `optional`; `InvalidArgument` if it is negative (or zero, when `positive`), NaN, (given
+    a `maximum`) above it or (when `finite`) infinite."""
     if value is None and optional:
-        return
+        return None
     if duration and isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -180,6 +208,7 @@ def check_seconds(
             bound += f" and <= {maximum}"
         number = "a finite number" if finite else "a number"
         raise InvalidArgument(f"{name} must be {number} of seconds {bound}, got {value!r}")
+    return seconds
 
 
 def _seconds(value: numbers.Real) -> float:
@@ -200,8 +229,7 @@ def wait_limit(seconds: float | None) -> float | None:
 def deadline_of(name: str, timeout: object) -> float | None:
     """The `time.monotonic()` instant an optional `timeout` (`check_seconds`) ends at, or
     None for no limit (`wait_limit`)."""
-    check_seconds(name, timeout, optional=True)
-    limit = None if timeout is None else wait_limit(_seconds(cast(numbers.Real, timeout)))
+    limit = wait_limit(check_seconds(name, timeout, optional=True))
     return None if limit is None else time.monotonic() + limit
 
 

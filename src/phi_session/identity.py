@@ -370,8 +370,7 @@ class AgentSession:
         recorded with formation ``InactivityTimeout`` (``threshold_secs`` is the
         threshold in whole seconds, ``previous_session_id`` the idle session).
         """
-        check_seconds("threshold", threshold, duration=True)
-        seconds = threshold.total_seconds() if isinstance(threshold, timedelta) else float(threshold)
+        seconds = check_seconds("threshold", threshold, duration=True)
         self._follow_fork()
         with self._lock:
             last = self._last_started_ns

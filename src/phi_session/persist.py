@@ -299,15 +299,16 @@ class AutoPersistingRecorder:
         max_pending_bytes = int(float(budget))
         if checkpoint_every < 1 or max_pending_bytes < 1:
             raise InvalidArgument("checkpoint_every and max_pending_bytes must be at least 1")
-        check_seconds("checkpoint_interval", checkpoint_interval, optional=True, positive=True)
-        check_seconds("retry_for", retry_for)
-        check_seconds("warn_after", warn_after)
+        checkpoint_interval = check_seconds(
+            "checkpoint_interval", checkpoint_interval, optional=True, positive=True
+        )
+        retry_for = check_seconds("retry_for", retry_for)
         self.store = store
         self.recorder = SessionRecorder(config)
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.max_pending_bytes = max_pending_bytes
-        self.warn_after = warn_after
+        self.warn_after = check_seconds("warn_after", warn_after)
         self._orphan_sink = orphans
         self.recovery_report: RecoveryReport | None = None
         if isinstance(journal, Journal) or journal is None:

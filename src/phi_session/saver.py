@@ -253,9 +253,8 @@ class SessionSaver:
     ) -> None:
         check_save_target(store)
         check_callable("orphans", orphans, optional=True)
-        check_seconds("retry_for", retry_for)
         self.store = store
-        self.retry_for = retry_for
+        self.retry_for = check_seconds("retry_for", retry_for)
         self._orphans = orphans
         self._on_saved = on_saved
         self._lock = threading.Lock()  # guards the counters, `_unsaved` and `_store_down`

@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from .._checks import check_type, check_unsigned, deadline_of, seconds_left
+from .._checks import check_seconds, check_type, check_unsigned, deadline_of, seconds_left
 from .._float32 import Float32
 from ..codec import encode_event, encode_record, escape_surrogates, json_text, without_lone_surrogates
 from ..errors import ExportError, StoreError
@@ -973,12 +973,12 @@ class OtelExportSink:
         self.exporter = exporter
         self.capture_content = capture_content
         self.resource = resource
-        self.retry_for = retry_for
+        self.retry_for = check_seconds("retry_for", retry_for)
         self._worker = AutoPersistingRecorder(
             _ExportTarget(exporter, capture_content, resource, max_pending_bytes),
             config=config,
             max_pending_bytes=max_pending_bytes,
-            retry_for=retry_for,
+            retry_for=self.retry_for,
         )
         self.recorder = self._worker.recorder
 

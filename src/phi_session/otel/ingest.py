@@ -608,7 +608,7 @@ class SpanIngestor:
         self._emit: Callable[[AgentEvent], Any] = on_event if callable(on_event) else target
         if not callable(self._emit):
             raise TypeError(f"not an event target: {target!r}")
-        check_seconds("trace_timeout", trace_timeout, positive=True)
+        trace_timeout = check_seconds("trace_timeout", trace_timeout, positive=True)
         for name, limit in (
             ("max_buffered_spans", max_buffered_spans),
             ("max_buffered_bytes", max_buffered_bytes),
