@@ -8,6 +8,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from phi_session.cli import main
 from phi_session.codec import encode_event
 from phi_session.journal import Journal, JournaledRecorder, recover
 from phi_session.recorder import SessionRecorder
-from phi_session.saver import SavedSpawners, SaveStats, SessionSaver
+from phi_session.saver import SavedSpawners, SaveOutcome, SaveStats, SessionSaver
 from phi_session.stores.base import SessionStore, merge_sessions
 from phi_session.stores.conformance import spawned_apart
 from phi_session.stores.json_dir import JsonDirStore
@@ -414,6 +415,60 @@ def test_a_deadline_for_one_block_of_calls_leaves_the_later_ones_trying(clock: F
     memory.trouble = None
     assert saver.retry_unsaved() == 0
     assert sorted(memory.sessions) == sorted([first.session_id, second.session_id])
+
+
+def test_overlapping_deadlines_in_two_threads_each_keep_their_own() -> None:
+    """trying_for set one deadline for the whole saver and cleared it on exit: a retry
+    bounded to 0.6 s in one thread ran unbounded (8 attempts of 0.2 s each, and more) once
+    a retry bounded to 0.05 s in another thread had ended."""
+
+    def slow_down(session: ps.Session) -> None:
+        time.sleep(0.2)
+        raise ps.StoreError("down")
+
+    saver = saver_for(MemoryStore(slow_down), retry_for=0)
+    down, *kept = sessions(9)
+    assert saver.save(down).unsaved  # given up: the store is down
+    saver.keep_unsaved(kept, ps.StoreError("down"))
+    took: dict[str, float] = {}
+
+    def retry(name: str, seconds: float) -> None:
+        started = time.monotonic()
+        with saver.trying_for(seconds):
+            saver.retry_unsaved()
+        took[name] = time.monotonic() - started
+
+    first = threading.Thread(target=retry, args=("first", 0.6))
+    first.start()
+    time.sleep(0.1)
+    retry("second", 0.05)
+    first.join()
+    assert took["second"] < 0.5  # its attempt under way, then nothing more
+    assert took["first"] < 1.2  # its own 0.6 s and the attempt under way, not 9 attempts
+    assert len(saver.unsaved) == 9
+
+
+def test_a_deadline_in_one_thread_leaves_another_threads_retries_alone() -> None:
+    """A retry_failed(within=0) in one thread cut short the retries of a save in another
+    (the writer's): given up after one attempt, though its store was back at the third."""
+    first_failure, bounded = threading.Event(), threading.Event()
+    trouble = failing(2, ps.StoreError("busy"))
+
+    def busy_twice(session: ps.Session) -> None:
+        if not first_failure.is_set():
+            first_failure.set()
+            bounded.wait(5)
+        trouble(session)
+
+    saver = saver_for(MemoryStore(busy_twice), retry_for=5)
+    outcome: list[SaveOutcome] = []
+    writer = threading.Thread(target=lambda: outcome.append(saver.save(sessions(1)[0])))
+    writer.start()
+    assert first_failure.wait(5)
+    with saver.trying_for(0):
+        bounded.set()
+        writer.join()
+    assert outcome[0].saved
 
 
 def test_a_store_down_is_said_once_and_the_sessions_kept_meanwhile_counted_when_it_saves_again(

@@ -1065,7 +1065,7 @@ class AutoPersistingRecorder:
             # Bounded even on a dead store whose every attempt waits for a timeout: past this,
             # what is left is kept (failed_sessions, the journal) without being tried; by this
             # close only, `retry_failed` tries them again.
-            with self._saver.trying_for(self._saver.retry_for + CLOSE_GRACE):
+            with self._saver.trying_for(self._saver.retry_for + CLOSE_GRACE, every_thread=True):
                 orphans_error = None
                 try:
                     self._hand_over(self.recorder.flush, last=True)

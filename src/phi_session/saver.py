@@ -13,7 +13,7 @@ command line use to save sessions, so all of them fail the same way. The policy:
   again at each checkpoint (the ingest worker) gives each one attempt (``once``): one
   the store keeps failing must not hold up the others every time. An owner that must
   end in bounded time (`AutoPersistingRecorder.close`) sets a deadline
-  (`stop_trying_after`, or `trying_for` for the calls of one block): past it, a session
+  (`stop_trying_after`, or `trying_for` for one thread's calls within a block): past it, a session
   being retried stops, and one is not even tried while the store is down, since each
   attempt on a dead server can itself take seconds (a connect or lock timeout); it is
   kept unsaved.
@@ -268,6 +268,9 @@ class SessionSaver:
         self._last_error: Exception | None = None  # the error that kept the last session unsaved
         self._closed_said = False  # the store's `StoreClosed` was logged, and no save succeeded since
         self._no_attempts_after: float | None = None  # `stop_trying_after`'s monotonic instant
+        # `trying_for`'s, one per block under way: (the thread it bounds, None for every one;
+        # its monotonic instant). Each block removes only its own: overlapping ones keep theirs.
+        self._bounds: list[tuple[int | None, float]] = []
         self._drained: deque[Session] = deque()  # drained, not yet through `save`
         self._gaps: deque[SpawnGap] = deque()  # drained with them, not yet linked
         self._link_interrupts: dict[int, int] = {}  # id of a link put back -> interrupts so far
@@ -284,15 +287,28 @@ class SessionSaver:
             self._no_attempts_after = time.monotonic() + seconds
 
     @contextmanager
-    def trying_for(self, seconds: float) -> Iterator[None]:
-        """`stop_trying_after(seconds)` for the calls within only: the sessions they keep
-        are tried again by later calls (`retry_unsaved`), as their owners promise."""
-        self.stop_trying_after(seconds)
+    def trying_for(self, seconds: float, *, every_thread: bool = False) -> Iterator[None]:
+        """`stop_trying_after(seconds)` for the calls this thread makes within only (with
+        `every_thread`, every call while it lasts: an owner's close bounding its worker's
+        saves too). Another thread's calls, and its own block, keep their own bounds; the
+        sessions kept are tried again by later calls (`retry_unsaved`), as their owners promise."""
+        bound = (None if every_thread else threading.get_ident(), time.monotonic() + seconds)
+        with self._lock:
+            self._bounds.append(bound)
         try:
             yield
         finally:
             with self._lock:
-                self._no_attempts_after = None
+                self._bounds.remove(bound)  # an equal one left by another block bounds as this did
+
+    def _stop_at(self) -> float | None:
+        """The instant past which this thread's calls stop trying a down store, if any
+        (`stop_trying_after`, `trying_for`); the caller holds `_lock`."""
+        me = threading.get_ident()
+        instants = [at for thread, at in self._bounds if thread is None or thread == me]
+        if self._no_attempts_after is not None:
+            instants.append(self._no_attempts_after)
+        return min(instants, default=None)
 
     # -- one session -----------------------------------------------------------------------
 
@@ -445,11 +461,10 @@ class SessionSaver:
 
     def _past_deadline_while_down(self) -> bool:
         with self._lock:
-            return (
-                self._store_down
-                and self._no_attempts_after is not None
-                and time.monotonic() >= self._no_attempts_after
-            )
+            if not self._store_down:
+                return False
+            stop_at = self._stop_at()
+            return stop_at is not None and time.monotonic() >= stop_at
 
     def _kept_untried(self, session: Session) -> SaveOutcome | None:
         """The outcome of keeping `session` without an attempt, if `stop_trying_after`'s
@@ -481,7 +496,7 @@ class SessionSaver:
         last = error
         while _may_pass(error):
             with self._lock:  # read at every retry: `stop_trying_after` may come during one
-                stop_at = self._no_attempts_after
+                stop_at = self._stop_at()
             if deadline is not None and stop_at is not None:
                 deadline = min(deadline, stop_at)
             if deadline is None or time.monotonic() + pause > deadline:
