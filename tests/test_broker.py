@@ -1875,6 +1875,19 @@ def test_a_sink_left_open_at_exit_keeps_its_events(names: Names) -> None:
     assert kept == workload.EVENTS_PER_SESSION
 
 
+def test_a_flush_timeout_longer_than_a_float_holds_is_no_limit(tmp_path: Path) -> None:
+    """flush(timeout=10**400) raised OverflowError adding it to the clock."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        unreachable = f"nats://127.0.0.1:{free.getsockname()[1]}"
+    sink = JetStreamSink(unreachable, spill_dir=tmp_path, publish_timeout=0.2)
+    try:
+        assert sink.flush(10**400)  # nothing queued
+        assert sink.flush(math.inf)
+    finally:
+        sink.close(timeout=0)
+
+
 @needs_fork
 def test_a_sink_is_refused_in_a_forked_child_and_a_tracer_says_so_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

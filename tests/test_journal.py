@@ -7,6 +7,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -403,6 +404,25 @@ def test_interval_acknowledges_in_the_background(tmp_path: Path) -> None:
         assert journal.sync() == seq == journal.acknowledged_seq
         with pytest.raises(InvalidArgument, match="never appended"):
             journal.wait_acknowledged(seq + 1)
+
+
+def test_timeouts_longer_than_a_thread_can_wait(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """interval_ms=1e13 killed the flusher at its first wait (OverflowError past
+    threading.TIMEOUT_MAX), interval_ms=inf too, so records were never acknowledged; and
+    wait_acknowledged(timeout=10**400) raised OverflowError."""
+    with caplog.at_level(logging.ERROR):
+        with Journal(tmp_path / "long", durability="interval", interval_ms=1e13) as journal:
+            seq = journal.append(events(1)[0])
+            time.sleep(0.05)  # the flusher's first wait
+            assert [t for t in threading.enumerate() if str(journal.directory) in t.name and t.is_alive()]
+            assert journal.sync() == seq
+            for timeout in (1e10, 10**400, math.inf):
+                assert journal.wait_acknowledged(seq, timeout=timeout)
+    assert "Traceback" not in caplog.text and "OverflowError" not in caplog.text
+    assert journal.acknowledged_seq == seq
+    for never in (math.inf, 10**400, math.nan, 0, -1):
+        with pytest.raises(InvalidArgument, match="interval_ms must be a finite number of milliseconds > 0"):
+            Journal(tmp_path / "never", durability="interval", interval_ms=never)
 
 
 @pytest.mark.parametrize("durability", ["always", "interval", "os"])

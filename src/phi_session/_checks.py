@@ -159,6 +159,7 @@ def check_seconds(
     duration: bool = False,
     maximum: float | None = None,
     finite: bool = False,
+    unit: str = "seconds",
 ) -> float: ...
 
 
@@ -172,6 +173,7 @@ def check_seconds(
     duration: bool = False,
     maximum: float | None = None,
     finite: bool = False,
+    unit: str = "seconds",
 ) -> float | None: ...
 
 
@@ -184,12 +186,14 @@ def check_seconds(
     duration: bool = False,
     maximum: float | None = None,
     finite: bool = False,
+    unit: str = "seconds",
 ) -> float | None:
     """`value` as a float of seconds (an int too large for one, 10**400, as infinity): the
     value to keep, as arithmetic with the int itself overflows. `TypeError` unless `value`
     is a real number (a NumPy one too; with `duration`, a `timedelta` too), or None when
     `optional`; `InvalidArgument` if it is negative (or zero, when `positive`), NaN, (given
-    a `maximum`) above it or (when `finite`) infinite."""
+    a `maximum`) above it or (when `finite`) infinite. `unit` names what it counts, for
+    the message (``"milliseconds"``: returned as given, not converted)."""
     if value is None and optional:
         return None
     if duration and isinstance(value, timedelta):
@@ -207,7 +211,7 @@ def check_seconds(
         if maximum is not None:
             bound += f" and <= {maximum}"
         number = "a finite number" if finite else "a number"
-        raise InvalidArgument(f"{name} must be {number} of seconds {bound}, got {value!r}")
+        raise InvalidArgument(f"{name} must be {number} of {unit} {bound}, got {value!r}")
     return seconds
 
 

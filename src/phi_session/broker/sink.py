@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
-from .._checks import check_type
+from .._checks import check_type, deadline_of, seconds_left
 from .._daemon import DaemonThread
 from .._exit import ExitHook
 from .._fork import in_forked_child
@@ -449,11 +449,11 @@ class JetStreamSink:
         """Wait until JetStream acknowledged every event given so far; False if `timeout`
         seconds passed first (the rest stays queued or spilled, and is sent later). With
         `fail_fast`, False as soon as NATS is `unreachable` too, rather than waiting for it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of("timeout", timeout)
         with self._idle:
             while self._queue or self._sending is not None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if (remaining is not None and remaining <= 0) or not self._thread.is_alive():
+                remaining = seconds_left(deadline)
+                if remaining == 0 or not self._thread.is_alive():
                     return False
                 if fail_fast and self._unreachable is not None:
                     return False

@@ -23,13 +23,13 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias, get_args
 
 from .. import codec
+from .._checks import check_seconds, deadline_of, seconds_left, wait_limit
 from .._daemon import DaemonThread
 from .._exit import ExitHook
 from .._fork import in_forked_child
@@ -115,13 +115,12 @@ class Journal:
     ) -> None:
         if durability not in get_args(Durability):
             raise InvalidArgument(f"durability must be one of {get_args(Durability)}, got {durability!r}")
-        if interval_ms <= 0:
-            raise InvalidArgument(f"interval_ms must be positive, got {interval_ms!r}")
+        interval = check_seconds("interval_ms", interval_ms, positive=True, finite=True, unit="milliseconds")
         if segment_bytes <= len(MAGIC):
             raise InvalidArgument(f"segment_bytes must exceed {len(MAGIC)}, got {segment_bytes!r}")
         self.directory = Path(directory)
         self.durability: Durability = durability
-        self.interval = interval_ms / 1000
+        self.interval = interval / 1000
         self.segment_bytes = segment_bytes
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -368,7 +367,7 @@ class Journal:
         (or if the journal is closed before)."""
         if seq >= self._next_seq:
             raise InvalidArgument(f"sequence number {seq} was never appended (last: {self.last_seq})")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_of("timeout", timeout)
         with self._acked_cond:
             self._waiting += 1
             try:
@@ -377,8 +376,8 @@ class Journal:
                         raise StoreError(f"journal {self.directory} failed: {self._failure}")
                     if self._closed:
                         return False
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
+                    remaining = seconds_left(deadline)
+                    if remaining == 0:
                         return False
                     self._acked_cond.wait(remaining)
                 return True
@@ -628,7 +627,8 @@ class Journal:
 
     def _flush_loop(self) -> None:
         while not self._stopping:
-            self._wake.wait(self.interval)  # the interval, or earlier if a backlog builds up
+            # The interval (an infinite one: until a backlog or a waiter), or earlier if a backlog builds up.
+            self._wake.wait(wait_limit(self.interval))
             self._wake.clear()
             if self._stopping:
                 return
