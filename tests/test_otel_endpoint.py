@@ -322,6 +322,17 @@ def test_a_loopback_address_not_spelled_127_0_0_1_still_refuses_foreign_host_hea
         endpoint.close()
 
 
+def test_a_loopback_url_in_the_request_line_reaches_the_traces_path(receiver: Receiver) -> None:
+    """An absolute-form target naming this loopback server passed the Host check, then
+    got 404: the path was compared with the whole URL."""
+    url = f"http://127.0.0.1:{receiver.port}/v1/traces"
+    for target in (url, url + "?x=1"):
+        response = receiver.post(b'{"resourceSpans":[]}', "application/json", path=target)
+        assert response.status == 200, response.read_body  # type: ignore[attr-defined]
+    elsewhere = receiver.post(b"{}", "application/json", path=f"http://127.0.0.1:{receiver.port}/v1/metrics")
+    assert elsewhere.status == 404
+
+
 def test_refusals(receiver: Receiver) -> None:
     assert receiver.post(b"{}", "text/plain").status == 415
     assert receiver.post(b"{}", "application/json", path="/v1/metrics").status == 404

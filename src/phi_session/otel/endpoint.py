@@ -41,7 +41,7 @@ from ..journal.format import fsync_directory
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
-from ..web.server import CHUNKED, HostGuard, HttpError, body_length
+from ..web.server import CHUNKED, HostGuard, HttpError, body_length, target_path
 from .ingest import DEFAULT_MAX_BUFFERED_BYTES, IngestResult, SpanIngestor, span_bytes
 from .spans import MEDIA_JSON, MEDIA_PROTOBUF, MEDIA_PROTOBUFS, SpanData, read_otlp
 
@@ -361,7 +361,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
                 HTTPStatus.FORBIDDEN,
                 "this endpoint answers only to one loopback Host header (and a path or loopback URL)",
             )
-        if self.path.split("?", 1)[0] != TRACES_PATH:
+        if target_path(self.path) != TRACES_PATH:
             raise OtlpRefused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";", 1)[0].strip().lower() not in (*MEDIA_PROTOBUFS, MEDIA_JSON):

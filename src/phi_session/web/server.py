@@ -237,6 +237,13 @@ class HostGuard:
         return name is not None and (is_loopback(name) or name.lower() in self._names)
 
 
+def target_path(target: str) -> str:
+    """The path a request target names, in origin form (``/v1/traces?x``) or absolute form
+    (``http://127.0.0.1:4318/v1/traces``, as sent to a proxy, RFC 9112 3.2.2), still
+    quoted: the caller splits it first. A target `HostGuard.allows` let through parses."""
+    return urlsplit(target).path
+
+
 CHUNKED = -1  # `body_length` of a chunked body
 
 
@@ -512,7 +519,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self._check_host()
         if body_length(self):  # never read: the next request would be read from it
             self.close_connection = True
-        url = urlsplit(self.path)
+        url = urlsplit(self.path)  # `target_path`'s parse, the query too
         # Split before unquoting: an id holding an encoded "/" stays one segment
         # (and is then refused by validate_session_id).
         try:
@@ -568,7 +575,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         if rest[1:] == ["events"]:
             with self._named(session_id):
                 return HTTPStatus.OK, _events_json(store.load(session_id)), _JSON
-        raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {target_path(self.path)}")
 
     def _session_page(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         # As on the other paged views: a blank limit is the default, and a page of no rows
@@ -618,7 +625,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
             index = self._index("loop index", rest[1], len(entry.outline.loops))
             return HTTPStatus.OK, entry.loop(index), _JSON
         if len(rest) != 1:
-            raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {target_path(self.path)}")
         if view == "overview":
             self._only(query, {"cost"})
             # Pricing takes about a millisecond a loop: a huge session's page skips it (cost=0).
