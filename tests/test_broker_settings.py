@@ -62,6 +62,9 @@ def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest
         ("PARTITIONS", "4_0", "expected an integer, got '4_0'"),
         ("PARTITIONS", " 40", "expected an integer, got ' 40'"),
         ("PARTITIONS", "\u0664", "expected an integer, got '\u0664'"),
+        # past int()'s digit limit: a bare ValueError, naming no variable
+        ("MAX_BYTES", "9" * 5_000, "expected an integer, got one of 5000 characters"),
+        ("MAX_AGE", "9" * 5_000, "expected a number from"),
         ("DUPLICATE_WINDOW", "1e7", "expected a number from 1 to 604800"),
         # float() reads these as 3600, 60, 60 and 60: the same typos in a number
         ("MAX_AGE", "3_600", "expected a number, got '3_600'"),

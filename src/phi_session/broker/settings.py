@@ -180,11 +180,16 @@ def _parse_env(name: str, raw: str, kind: object) -> Any:
     if kind in ("str", str):
         return raw
     integer = kind in ("int", int)
+    expected = "an integer" if integer else "a number"
     # int() and float() also read '4_0', ' 40', 'inf' and other scripts' digits: a typo taken for a number
     if not (_ENV_INTEGER if integer else _ENV_NUMBER).fullmatch(raw):
-        expected = "an integer" if integer else "a number"
         raise InvalidArgument(f"{ENV_PREFIX}{name.upper()}: expected {expected}, got {raw!r}")
-    return int(raw) if integer else float(raw)
+    try:
+        return int(raw) if integer else float(raw)
+    except ValueError:  # past int()'s digit limit (4,300 by default): far out of any range
+        raise InvalidArgument(
+            f"{ENV_PREFIX}{name.upper()}: expected {expected}, got one of {len(raw)} characters"
+        ) from None
 
 
 def event_session_id(event: AgentEvent, loop_sessions: Routes | None = None) -> str:
