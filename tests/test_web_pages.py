@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,6 +242,39 @@ def test_a_session_saved_again_with_the_same_loop_ids_is_read_again_as_stored_no
         assert _paged_events(running, f"{base}/event-log?type=", 4) == stored
         assert get_json(running, f"{base}/overview?cost=0")["event_count"] == 25
         assert [row["event_count"] for row in get_json(running, f"{base}/loops")["loops"]] == [18, 7]
+
+
+def test_parallel_requests_after_a_change_load_the_outline_once(tmp_path: Path) -> None:
+    """8 parallel requests after one save each found the cached outline stale and each
+    loaded the whole outline again (8 loads); a request could also drop the fresh entry
+    another had just loaded."""
+    first = [line for line in example_lines() if f'{BASIC_LOOPS[0]}"' in line][:5]
+    basic = [line for line in example_lines() if BASIC_ID in line]
+    base = f"/api/sessions/{BASIC_ID}"
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as running:
+        record_into(store, first)
+        assert get_json(running, f"{base}/event-log")["total"] == 5
+        record_into(store, basic)
+        loads: list[str] = []
+        load_outline = store.load_outline
+
+        def counted(session_id: str) -> Any:
+            loads.append(session_id)
+            time.sleep(0.05)  # long enough for the others to find the entry stale meanwhile
+            return load_outline(session_id)
+
+        store.load_outline = counted  # type: ignore[method-assign]
+        answers: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: answers.append(get_json(running, f"{base}/event-log")["total"]))
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers == [25] * 8
+        assert len(loads) == 1
 
 
 @pytest.mark.parametrize("found_gone", ["", "/events", "/timeline", "/loops/0", "/event-log", "/cost"])

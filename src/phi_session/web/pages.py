@@ -584,23 +584,46 @@ class SessionCache:
         self.ttl = ttl
         self._entries: OrderedDict[str, CachedSession] = OrderedDict()
         self._lock = threading.Lock()
+        # Per session being loaded: its lock and the requests holding or awaiting it.
+        self._loading: dict[str, tuple[threading.Lock, list[int]]] = {}
 
-    def forget(self, session_id: str) -> None:
-        """Drop the session's entry: the next `get` reads its outline again."""
+    def forget(self, session_id: str, entry: CachedSession | None = None) -> None:
+        """Drop the session's entry (only if it is still `entry`, when given: one another
+        request loaded since is fresher): the next `get` reads its outline again."""
         with self._lock:
-            self._entries.pop(session_id, None)
+            if entry is None or self._entries.get(session_id) is entry:
+                self._entries.pop(session_id, None)
+
+    def _fresh(self, session_id: str) -> CachedSession | None:
+        entry = self._entries.get(session_id)
+        if entry is None or time.monotonic() - entry.loaded_at >= self.ttl:
+            return None
+        self._entries.move_to_end(session_id)
+        return entry
 
     def get(self, session_id: str) -> CachedSession:
-        """The session's entry (`SessionNotFound` and store errors as `load_outline` raises them)."""
+        """The session's entry (`SessionNotFound` and store errors as `load_outline` raises
+        them). One outline load per session at a time: requests arriving during it (a page's
+        parallel requests after a change) take the entry it loads."""
         with self._lock:
-            entry = self._entries.get(session_id)
-            if entry is not None and time.monotonic() - entry.loaded_at < self.ttl:
-                self._entries.move_to_end(session_id)
+            if (entry := self._fresh(session_id)) is not None:
                 return entry
-        entry = CachedSession(self.store.load_outline(session_id), self.store)
-        with self._lock:
-            self._entries[session_id] = entry
-            self._entries.move_to_end(session_id)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-        return entry
+            lock, users = self._loading.setdefault(session_id, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                with self._lock:
+                    if (entry := self._fresh(session_id)) is not None:
+                        return entry
+                entry = CachedSession(self.store.load_outline(session_id), self.store)
+                with self._lock:
+                    self._entries[session_id] = entry
+                    self._entries.move_to_end(session_id)
+                    while len(self._entries) > self.size:
+                        self._entries.popitem(last=False)
+                return entry
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if not users[0]:
+                    del self._loading[session_id]

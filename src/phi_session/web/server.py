@@ -604,14 +604,16 @@ class ViewerHandler(BaseHTTPRequestHandler):
         the entry describes, once more from the session as it is now."""
         sessions = self.server.sessions
         with self._named(session_id):
+            entry = sessions.get(session_id)
             try:
-                return read(sessions.get(session_id))
+                return read(entry)
             except StaleOutline:
-                sessions.forget(session_id)
+                sessions.forget(session_id, entry)  # not one another request loaded since
+            entry = sessions.get(session_id)
             try:
-                return read(sessions.get(session_id))
+                return read(entry)
             except StaleOutline:
-                sessions.forget(session_id)
+                sessions.forget(session_id, entry)
                 raise HttpError(
                     HTTPStatus.CONFLICT, "the session changed while it was read: ask again"
                 ) from None
