@@ -244,6 +244,29 @@ def test_a_session_saved_again_with_the_same_loop_ids_is_read_again_as_stored_no
         assert [row["event_count"] for row in get_json(running, f"{base}/loops")["loops"]] == [18, 7]
 
 
+def test_a_loop_saved_again_while_its_outline_loads_is_served_not_a_conflict(tmp_path: Path) -> None:
+    """A running agent saving faster than the outline loads: the outline read afresh after
+    a stale one was stale again by the time its loop was read, and the page answered 409."""
+    loop = [line for line in example_lines() if f'{BASIC_LOOPS[0]}"' in line]
+    base = f"/api/sessions/{BASIC_ID}"
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as running:
+        record_into(store, loop[:5])
+        assert get_json(running, f"{base}/event-log")["total"] == 5
+        record_into(store, loop[:8])  # the cached outline is stale
+        load_outline = store.load_outline
+
+        def saved_meanwhile(session_id: str) -> Any:
+            outline = load_outline(session_id)
+            store.load_outline = load_outline  # type: ignore[method-assign]
+            record_into(store, loop[:11])  # the agent saves again before the page reads the loop
+            return outline
+
+        store.load_outline = saved_meanwhile  # type: ignore[method-assign]
+        total = get_json(running, f"{base}/event-log")["total"]
+        assert total == len(_events_of(store.load(BASIC_ID))) == 9  # the 11th save, merged
+        assert get_json(running, f"{base}/overview?cost=0")["event_count"] == total
+
+
 def test_parallel_requests_after_a_change_load_the_outline_once(tmp_path: Path) -> None:
     """8 parallel requests after one save each found the cached outline stale and each
     loaded the whole outline again (8 loads); a request could also drop the fresh entry

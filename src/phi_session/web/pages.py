@@ -42,7 +42,7 @@ from ..diff import PlacedLoop, loop_position
 from ..errors import LoopNotFound
 from ..model import LoopEvent, LoopRecord, Session
 from ..stores.base import SessionStore, summarize_outline, to_builtins
-from ..stores.outline import LoopOutline, SessionOutline
+from ..stores.outline import LoopOutline, SessionOutline, loop_outline
 from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
 
 __all__ = [
@@ -234,7 +234,14 @@ def _escaped(key: str) -> str:
 class StaleOutline(Exception):
     """The stored session is no longer the one a cached outline describes (deleted and
     saved anew meanwhile, or a loop saved again with more events: `_as_outlined`): its
-    entry is dropped and the request served again."""
+    entry is dropped and the request served again. `changed`: the loops read, by index,
+    when each is only its outlined loop saved again (same id, more events): the entry then
+    takes their outlines (`CachedSession.patched`) instead of reading the whole outline,
+    which a running agent saving faster than it loads would keep stale."""
+
+    def __init__(self, session_id: str, changed: dict[int, LoopRecord] | None = None) -> None:
+        super().__init__(session_id)
+        self.changed = changed
 
 
 def _as_outlined(record: LoopRecord, outline: LoopOutline) -> bool:
@@ -264,18 +271,35 @@ class CachedSession:
         """The stored loops `start` to `stop`, which must be those the outline lists, as it
         lists them (`_as_outlined`; else `StaleOutline`)."""
         records = self.store.load_loops(self.session_id, start, stop)
-        outlines = self.outline.loops[start:stop]
-        if len(records) != len(outlines) or not all(map(_as_outlined, records, outlines)):
+        if len(records) != len(self.outline.loops[start:stop]):
             raise StaleOutline(self.session_id)
+        self._check(dict(enumerate(records, start)))
         return records
+
+    def _check(self, records: dict[int, LoopRecord]) -> None:
+        """`StaleOutline` unless each of `records` (by index) is as outlined."""
+        outlines = self.outline.loops
+        if all(_as_outlined(record, outlines[index]) for index, record in records.items()):
+            return
+        same_ids = all(record.loop_id == outlines[index].loop_id for index, record in records.items())
+        raise StaleOutline(self.session_id, records if same_ids else None)
+
+    def patched(self, changed: dict[int, LoopRecord]) -> CachedSession:
+        """This entry with the outlines of the `changed` loops (`StaleOutline.changed`)
+        taken from them, as loaded when this one was: its other loops are checked as read."""
+        loops = list(self.outline.loops)
+        for index, record in changed.items():
+            loops[index] = loop_outline(record)
+        entry = CachedSession(msgspec.structs.replace(self.outline, loops=tuple(loops)), self.store)
+        entry.loaded_at = self.loaded_at
+        return entry
 
     def _loops_at(self, indexes: Iterable[int]) -> dict[int, LoopRecord]:
         try:
             records = read_loops(self.store, self.session_id, indexes)
         except ValueError:  # fewer loops stored than asked for
             raise StaleOutline(self.session_id) from None
-        if not all(_as_outlined(record, self.outline.loops[index]) for index, record in records.items()):
-            raise StaleOutline(self.session_id)
+        self._check(records)
         return records
 
     @cached_property
@@ -593,6 +617,14 @@ class SessionCache:
         with self._lock:
             if entry is None or self._entries.get(session_id) is entry:
                 self._entries.pop(session_id, None)
+
+    def patch(self, entry: CachedSession, changed: dict[int, LoopRecord]) -> CachedSession:
+        """`entry.patched(changed)`, kept in its place if it is still the session's entry."""
+        patched = entry.patched(changed)
+        with self._lock:
+            if self._entries.get(entry.session_id) is entry:
+                self._entries[entry.session_id] = patched
+        return patched
 
     def _fresh(self, session_id: str) -> CachedSession | None:
         entry = self._entries.get(session_id)

@@ -601,7 +601,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _from_cache(self, session_id: str, read: Callable[[CachedSession], _Read]) -> _Read:
         """`read` of the session's cached entry; if the stored session is no longer the one
-        the entry describes, once more from the session as it is now."""
+        the entry describes, once more from the session as it is now; if its loops were saved
+        again meanwhile (a running agent saving faster than its outline loads), once more
+        with their outlines taken from what that read found."""
         sessions = self.server.sessions
         with self._named(session_id):
             entry = sessions.get(session_id)
@@ -609,7 +611,16 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 return read(entry)
             except StaleOutline:
                 sessions.forget(session_id, entry)  # not one another request loaded since
-            entry = sessions.get(session_id)
+            entry = sessions.get(session_id)  # read afresh: loops added since are in it
+            try:
+                return read(entry)
+            except StaleOutline as stale:
+                if stale.changed is None:
+                    sessions.forget(session_id, entry)
+                    raise HttpError(
+                        HTTPStatus.CONFLICT, "the session changed while it was read: ask again"
+                    ) from None
+                entry = sessions.patch(entry, stale.changed)  # no third outline read to race
             try:
                 return read(entry)
             except StaleOutline:
