@@ -401,6 +401,8 @@ def test_interval_acknowledges_in_the_background(tmp_path: Path) -> None:
         seq = journal.append(events(1)[0])
         assert journal.acknowledged_seq == -1
         assert not journal.wait_acknowledged(seq, timeout=0.02)
+        # what is left of a caller's deadline already past: no wait, not an error
+        assert not journal.wait_acknowledged(seq, timeout=-0.001)
         assert journal.sync() == seq == journal.acknowledged_seq
         with pytest.raises(InvalidArgument, match="never appended"):
             journal.wait_acknowledged(seq + 1)
@@ -423,6 +425,8 @@ def test_timeouts_longer_than_a_thread_can_wait(tmp_path: Path, caplog: pytest.L
     for never in (math.inf, 10**400, math.nan, 0, -1):
         with pytest.raises(InvalidArgument, match="interval_ms must be a finite number of milliseconds > 0"):
             Journal(tmp_path / "never", durability="interval", interval_ms=never)
+    with pytest.raises(TypeError, match="interval_ms must be a number of milliseconds"):
+        Journal(tmp_path / "never", durability="interval", interval_ms="5")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("durability", ["always", "interval", "os"])

@@ -569,7 +569,7 @@ def test_flush_checks_its_timeout_and_waits_forever_for_an_infinite_one(demo_ses
     exporter = _Unanswered(patience=0.2)
     sink = OtelExportSink(exporter)
     _feed(sink, demo_sessions[0])
-    wrongs = (("5", TypeError), (True, TypeError), (-1, InvalidArgument), (math.nan, InvalidArgument))
+    wrongs = (("5", TypeError), (True, TypeError), (math.nan, InvalidArgument))
     for wrong, error in wrongs:
         with pytest.raises(error, match="timeout"):
             sink.flush(wrong)  # type: ignore[arg-type]

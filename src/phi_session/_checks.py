@@ -199,7 +199,7 @@ def check_seconds(
     if duration and isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        described = "a number of seconds" + (" or a timedelta" if duration else "")
+        described = f"a number of {unit}" + (" or a timedelta" if duration else "")
         raise _wrong_type(name, described + (" or None" if optional else ""), value)
     seconds = _seconds(value)
     if (
@@ -232,7 +232,10 @@ def wait_limit(seconds: float | None) -> float | None:
 
 def deadline_of(name: str, timeout: object) -> float | None:
     """The `time.monotonic()` instant an optional `timeout` (`check_seconds`) ends at, or
-    None for no limit (`wait_limit`)."""
+    None for no limit (`wait_limit`). A negative number is a time already past (what is
+    left of a caller's own deadline): no wait, as `threading`'s waits take it."""
+    if type(timeout) in (int, float) and timeout < 0:  # type: ignore[operator]
+        timeout = 0.0
     limit = wait_limit(check_seconds(name, timeout, optional=True))
     return None if limit is None else time.monotonic() + limit
 
