@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from phi_session.codec import decode_loop, decode_session, encode_event, encode_loop, encode_session
+from phi_session.errors import StoreError
 from phi_session.events import TurnStart
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
@@ -298,6 +299,37 @@ def test_parallel_requests_after_a_change_load_the_outline_once(tmp_path: Path) 
             thread.join()
         assert answers == [25] * 8
         assert len(loads) == 1
+
+
+def test_requests_waiting_for_an_outline_load_that_fails_share_its_error(tmp_path: Path) -> None:
+    """Requests waiting for a failing outline load each loaded again after it, one after
+    another (6 requests of a load failing after 0.3 s: the last answered after 1.8 s)."""
+    with SqliteStore(tmp_path / "s.db") as store:
+        store.save(huge_session(1, "s-1"))
+        cache = pages.SessionCache(store)
+        loads: list[str] = []
+
+        def failing(session_id: str) -> Any:
+            loads.append(session_id)
+            time.sleep(0.3)
+            raise StoreError("the store timed out")
+
+        store.load_outline = failing  # type: ignore[method-assign]
+        took: list[float] = []
+
+        def request() -> None:
+            start = time.monotonic()
+            with pytest.raises(StoreError, match="timed out"):
+                cache.get("s-1")
+            took.append(time.monotonic() - start)
+
+        threads = [threading.Thread(target=request) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(took) == 6 and max(took) < 1.0
+        assert len(loads) <= 2  # one load, another only for a request arriving after it ended
 
 
 @pytest.mark.parametrize("found_gone", ["", "/events", "/timeline", "/loops/0", "/event-log", "/cost"])

@@ -592,6 +592,18 @@ def _bar_json(bar: TimelineBar, first: Timestamp, last: Timestamp) -> dict[str, 
     }
 
 
+class _Load:
+    """One outline load under way (`SessionCache.get`): what it ends with, for the
+    requests that waited for it."""
+
+    __slots__ = ("done", "entry", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.entry: CachedSession | None = None
+        self.error: Exception | None = None
+
+
 class SessionCache:
     """The last few sessions the viewer loaded, each kept `ttl` seconds.
 
@@ -609,7 +621,7 @@ class SessionCache:
         self._entries: OrderedDict[str, CachedSession] = OrderedDict()
         self._lock = threading.Lock()
         # Per session being loaded: its lock and the requests holding or awaiting it.
-        self._loading: dict[str, tuple[threading.Lock, list[int]]] = {}
+        self._loading: dict[str, _Load] = {}  # outline loads under way, by session
 
     def forget(self, session_id: str, entry: CachedSession | None = None) -> None:
         """Drop the session's entry (only if it is still `entry`, when given: one another
@@ -636,26 +648,37 @@ class SessionCache:
     def get(self, session_id: str) -> CachedSession:
         """The session's entry (`SessionNotFound` and store errors as `load_outline` raises
         them). One outline load per session at a time: requests arriving during it (a page's
-        parallel requests after a change) take the entry it loads."""
+        parallel requests after a change) take what it ends with, its entry or its error."""
         with self._lock:
             if (entry := self._fresh(session_id)) is not None:
                 return entry
-            lock, users = self._loading.setdefault(session_id, (threading.Lock(), [0]))
-            users[0] += 1
+            load = self._loading.get(session_id)
+            if load is None:
+                load = self._loading[session_id] = _Load()
+                loading = True
+            else:
+                loading = False
+        if not loading:
+            load.done.wait()
+            if load.entry is not None:
+                return load.entry
+            if load.error is not None:
+                raise load.error
+            return self.get(session_id)  # its loader was interrupted (a BaseException): load anew
         try:
-            with lock:
-                with self._lock:
-                    if (entry := self._fresh(session_id)) is not None:
-                        return entry
-                entry = CachedSession(self.store.load_outline(session_id), self.store)
-                with self._lock:
-                    self._entries[session_id] = entry
-                    self._entries.move_to_end(session_id)
-                    while len(self._entries) > self.size:
-                        self._entries.popitem(last=False)
-                return entry
+            entry = CachedSession(self.store.load_outline(session_id), self.store)
+        except Exception as error:
+            load.error = error
+            raise
+        else:
+            with self._lock:
+                self._entries[session_id] = entry
+                self._entries.move_to_end(session_id)
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+            load.entry = entry
+            return entry
         finally:
             with self._lock:
-                users[0] -= 1
-                if not users[0]:
-                    del self._loading[session_id]
+                del self._loading[session_id]
+            load.done.set()
