@@ -1288,20 +1288,15 @@ def _contents(directory: Path) -> dict[str, bytes]:
     }
 
 
-def test_a_spill_journal_is_refused_by_recover_and_the_recorders_journal_and_sent_later(
-    names: Names, tmp_path: Path
-) -> None:
-    """`recover` on a spill journal (``record --to`` with the broker down) took its
-    [msg_id, session, key, event] records for undecodable events: it wrote them all to
-    orphans.jsonl and deleted the segments, and the next sink sent 0 of 60."""
-    events = list(workload.events(1, seed=6))
-    _spilled_offline(names, events)
+def _refused_untouched_and_sent_later(names: Names, tmp_path: Path, events: list[Any], refusal: str) -> None:
+    """Each spilled episode is refused by recovery and the recorder's journal (`refusal`
+    naming why), nothing is touched or stored, and a sink sends every event after."""
     before = _contents(names.spill)
     store = ps.JsonDirStore(tmp_path / "store")
     for episode in names.spill.iterdir():
-        with pytest.raises(ps.NotAJournal, match=r"is a broker spill journal.*nothing was touched"):
+        with pytest.raises(ps.NotAJournal, match=refusal + r".*nothing was touched"):
             recover(episode, store)
-        with pytest.raises(ps.NotAJournal, match=r"is a broker spill journal"):
+        with pytest.raises(ps.NotAJournal, match=refusal):
             AutoPersistingRecorder(store, journal=episode)
         with pytest.raises(ps.NotAJournal):
             Journal(episode)
@@ -1310,6 +1305,18 @@ def test_a_spill_journal_is_refused_by_recover_and_the_recorders_journal_and_sen
     with names.sink() as resender:
         assert resender.flush(30)
         assert resender.stats().published == len(events)
+    assert not any(names.spill.iterdir())
+
+
+def test_a_spill_journal_is_refused_by_recover_and_the_recorders_journal_and_sent_later(
+    names: Names, tmp_path: Path
+) -> None:
+    """`recover` on a spill journal (``record --to`` with the broker down) took its
+    [msg_id, session, key, event] records for undecodable events: it wrote them all to
+    orphans.jsonl and deleted the segments, and the next sink sent 0 of 60."""
+    events = list(workload.events(1, seed=6))
+    _spilled_offline(names, events)
+    _refused_untouched_and_sent_later(names, tmp_path, events, r"is a broker spill journal")
 
 
 def test_a_spill_journal_an_earlier_version_wrote_is_refused_by_recover_and_sent_later(
@@ -1322,22 +1329,7 @@ def test_a_spill_journal_an_earlier_version_wrote_is_refused_by_recover_and_sent
     for segment in names.spill.glob("*/*.wal"):
         data = segment.read_bytes()
         segment.write_bytes(MAGIC + data[len(MAGIC) :])  # the header an earlier version wrote
-    before = _contents(names.spill)
-    for episode in names.spill.iterdir():
-        with pytest.raises(
-            ps.NotAJournal, match=r"is a broker spill journal.*earlier version.*nothing was touched"
-        ):
-            recover(episode, ps.JsonDirStore(tmp_path / "store"))
-        with pytest.raises(ps.NotAJournal, match=r"is a broker spill journal.*earlier version"):
-            AutoPersistingRecorder(ps.JsonDirStore(tmp_path / "store"), journal=episode)
-        with pytest.raises(ps.NotAJournal):
-            Journal(episode)
-    assert _contents(names.spill) == before
-    assert not (tmp_path / "store").exists()
-    with names.sink() as resender:
-        assert resender.flush(30)
-        assert resender.stats().published == len(events)
-    assert not any(names.spill.iterdir())
+    _refused_untouched_and_sent_later(names, tmp_path, events, r"is a broker spill journal.*earlier version")
 
 
 def test_large_events_are_spilled_once_buffer_bytes_wait(names: Names) -> None:
